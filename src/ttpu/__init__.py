@@ -1,0 +1,33 @@
+"""ttpu: run Hugging Face transformers models compiled on XLA accelerators (TPU, GPU, CPU).
+
+Public API (imported lazily so that ``import ttpu`` loads no backend)::
+
+    from ttpu import AutoModelForTPU
+    model = AutoModelForTPU.from_pretrained("gemma-3-270m")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "AutoModelForTPU": "ttpu.auto",
+    "TPUModel": "ttpu.model",
+    "BucketPolicy": "ttpu.buckets",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from ttpu.auto import AutoModelForTPU
+    from ttpu.buckets import BucketPolicy
+    from ttpu.model import TPUModel
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ttpu' has no attribute {name!r}")

@@ -1,0 +1,148 @@
+"""AutoModelForTPU: resolve -> load -> backend -> patches -> compile-ready TPUModel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedModel
+
+from ttpu import models
+from ttpu.backends import get_backend
+from ttpu.buckets import BucketPolicy
+from ttpu.dtypes import resolve_dtype
+from ttpu.errors import InvalidArgumentError, ModelNotFoundError
+from ttpu.model import TPUModel
+from ttpu.patches import apply_patches
+from ttpu.tasks import auto_class, check_task, task_from_config
+
+ATTENTION_CHOICES = ("auto", "ttpu", "sdpa", "eager")
+
+
+class AutoModelForTPU:
+    """Load any transformers model and run it compiled on an XLA backend."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str | Path,
+        *,
+        backend: str = "jax",
+        task: str | None = None,
+        dtype: Any = "auto",
+        attn_implementation: str = "auto",
+        trust_remote_code: bool = False,
+        buckets: BucketPolicy | None = None,
+        **hf_kwargs: Any,
+    ) -> TPUModel:
+        """Load ``name``: an offline alias (e.g. "gemma-3-270m"), a local directory or a hub id.
+
+        ``task`` picks the AutoModelFor* class (default: from ``config.architectures``);
+        ``dtype`` is "auto" (float32 on CPU, bfloat16 on TPU/GPU) or an explicit dtype;
+        extra keyword arguments go to transformers' ``from_pretrained``.
+        """
+        runtime = get_backend(backend)
+        torch_dtype = resolve_dtype(dtype, runtime.platform())
+        _check_attention_choice(attn_implementation)
+        if task is not None:
+            check_task(task)
+        source = models.resolve(name)
+        try:
+            config = AutoConfig.from_pretrained(
+                source, trust_remote_code=trust_remote_code, **_config_kwargs(hf_kwargs)
+            )
+        except OSError as exc:
+            raise ModelNotFoundError(models.not_found_message(str(name), exc)) from exc
+        task = task or task_from_config(config)
+        hf_kwargs.setdefault("use_safetensors", None if "gguf_file" in hf_kwargs else True)
+        module = auto_class(task).from_pretrained(
+            source,
+            config=config,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            **hf_kwargs,
+        )
+        tokenizer = _load_tokenizer(source, trust_remote_code)
+        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets)
+
+    @classmethod
+    def from_model(
+        cls,
+        module: PreTrainedModel,
+        *,
+        backend: str = "jax",
+        task: str | None = None,
+        dtype: Any = "auto",
+        attn_implementation: str = "auto",
+        tokenizer: Any = None,
+        buckets: BucketPolicy | None = None,
+    ) -> TPUModel:
+        """Wrap an already-built transformers torch module (it is converted in place)."""
+        if not isinstance(module, PreTrainedModel):
+            raise InvalidArgumentError(
+                f"from_model expects a transformers PreTrainedModel, got {type(module).__name__}."
+            )
+        runtime = get_backend(backend)
+        torch_dtype = resolve_dtype(dtype, runtime.platform())
+        _check_attention_choice(attn_implementation)
+        task = check_task(task) if task else task_from_config(module.config, type(module).__name__)
+        module = module.to(torch_dtype)
+        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets)
+
+    @staticmethod
+    def _wrap(module, runtime, task, dtype, attn_implementation, tokenizer, buckets) -> TPUModel:
+        module.eval()
+        _set_attention(module, runtime.attention_implementation(), attn_implementation)
+        applied = apply_patches(module)
+        return TPUModel(
+            module,
+            runtime,
+            task=task,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            patches=applied,
+            buckets=buckets,
+        )
+
+
+def _check_attention_choice(choice: str) -> None:
+    if choice not in ATTENTION_CHOICES:
+        raise InvalidArgumentError(
+            f"unknown attn_implementation {choice!r}; valid: {', '.join(ATTENTION_CHOICES)}."
+        )
+
+
+def _set_attention(module: PreTrainedModel, backend_attention: str, choice: str) -> None:
+    """Use the backend's attention where the model supports AttentionInterface."""
+    wanted = backend_attention if choice in ("auto", "ttpu") else choice
+    if wanted == module.config._attn_implementation:
+        return
+    supports_interface = module._can_set_attn_implementation() and all(
+        getattr(m, "_supports_attention_backend", False)
+        for m in module.modules()
+        if isinstance(m, PreTrainedModel)
+    )
+    if wanted == backend_attention and not supports_interface:
+        if choice != "auto":
+            raise InvalidArgumentError(
+                f"{type(module).__name__} does not support custom attention implementations "
+                "(transformers' AttentionInterface); use attn_implementation='auto' or 'eager'."
+            )
+        return  # keep the model's own attention (sdpa or eager), which torchax lowers
+    module.set_attn_implementation(wanted)
+
+
+def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("revision", "cache_dir", "local_files_only", "token", "gguf_file", "subfolder")
+    return {k: hf_kwargs[k] for k in keys if k in hf_kwargs}
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    """The tokenizer stored with the weights, or None when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+

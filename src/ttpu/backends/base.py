@@ -1,0 +1,61 @@
+"""The small interface every backend implements (JAX now, torch_xla next)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+class CompiledForward(ABC):
+    """A torch module turned into compiled, backend-native forward calls."""
+
+    @property
+    @abstractmethod
+    def params(self) -> Any:
+        """The weights, in the backend's native form (a pytree of jax arrays for JAX)."""
+
+    @property
+    @abstractmethod
+    def compile_count(self) -> int:
+        """How many executables have been compiled so far."""
+
+    @abstractmethod
+    def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
+        """Run forward with array inputs (traced) and constants (compile-time static).
+
+        Array inputs arrive already padded to their buckets; returns the model's output
+        with backend-native arrays.
+        """
+
+    @abstractmethod
+    def output_shapes(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
+        """The output's structure with shapes only, without compiling or running."""
+
+    @abstractmethod
+    def to_array(self, value: Any) -> Any:
+        """Convert a numpy / torch / backend value to the backend's array type."""
+
+
+class Backend(ABC):
+    """Turns torch modules into compiled forwards on one kind of XLA runtime."""
+
+    name: str
+
+    @abstractmethod
+    def platform(self) -> str:
+        """Device platform of the default device: "cpu", "gpu" or "tpu"."""
+
+    @abstractmethod
+    def device_summary(self) -> list[str]:
+        """One line per visible device."""
+
+    @abstractmethod
+    def attention_implementation(self) -> str:
+        """Name of the attention implementation this backend registers with transformers."""
+
+    @abstractmethod
+    def compile(self, module: torch.nn.Module) -> CompiledForward:
+        """Wrap an eval-mode torch module (already in its final dtype)."""

@@ -1,0 +1,134 @@
+"""The "ttpu" attention implementation: attention computed in JAX.
+
+Registered with transformers through its official seams: ``AttentionInterface`` for the
+attention itself and ``AttentionMaskInterface`` for the mask. Both are needed: a custom
+attention registered without a mask function receives ``attention_mask=None`` and would
+silently lose causal and padding masking.
+
+The mask function always materialises a boolean mask (no "is_causal" shortcut), so the
+mask carries causality, padding, sliding windows and chunking, exactly as transformers
+builds them for the model. The kernel handles GQA/MQA without repeating KV heads, logit
+soft-capping, attention sinks and additive float masks from older modeling code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ttpu.backends.jax.torchax_compat import import_torchax
+
+ATTENTION_NAME = "ttpu"
+
+torchax = import_torchax()
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    sinks: jax.Array | None = None,
+) -> jax.Array:
+    """Attention over [batch, heads, seq, dim] inputs; returns [batch, q_seq, heads, dim].
+
+    ``key``/``value`` may have fewer heads than ``query`` (GQA/MQA). ``mask`` is boolean
+    (True = attend) or additive, broadcastable to [batch, q_heads, q_seq, kv_seq].
+    Scores and softmax are computed in float32.
+    """
+    batch, q_heads, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    q = query.reshape(batch, kv_heads, groups, q_len, query.shape[-1])
+    scores = jnp.einsum("bkgqd,bktd->bkgqt", q, key, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    if mask is not None:
+        mask = _group_heads(mask, kv_heads, groups)
+        if mask.dtype == jnp.bool_:
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        else:
+            scores = scores + mask.astype(jnp.float32)
+    if sinks is not None:
+        sink_logits = sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1)
+        sink_logits = jnp.broadcast_to(sink_logits, scores.shape[:-1] + (1,))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink_logits], axis=-1), axis=-1)
+        probs = probs[..., :-1]
+    else:
+        probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgqt,bktd->bqkgd", probs.astype(value.dtype), value)
+    return out.reshape(batch, q_len, q_heads, value.shape[-1])
+
+
+def _group_heads(mask: jax.Array, kv_heads: int, groups: int) -> jax.Array:
+    """Reshape a [b, 1|heads, q, kv] mask to broadcast against [b, kv_heads, groups, q, kv]."""
+    while mask.ndim < 4:
+        mask = mask[None]
+    if mask.shape[1] == 1:
+        return mask[:, :, None]
+    return mask.reshape(mask.shape[0], kv_heads, groups, *mask.shape[2:])
+
+
+def ttpu_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function (see ``AttentionInterface``) computed in JAX."""
+    if not isinstance(query, torchax.tensor.Tensor):
+        # Plain torch tensors: the module is being run eagerly outside ttpu.
+        if softcap is not None or s_aux is not None:
+            raise NotImplementedError(
+                "ttpu attention on plain torch tensors supports neither softcap nor sinks; "
+                "run the model through ttpu or set attn_implementation='eager'."
+            )
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if dropout and module.training:
+        raise NotImplementedError(
+            "attention dropout during training is not supported by the ttpu attention yet; "
+            "set the model's attention dropout to 0."
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    view = torchax.interop.jax_view
+    out = dot_product_attention(
+        view(query),
+        view(key),
+        view(value),
+        None if attention_mask is None else view(attention_mask),
+        scale=scale,
+        softcap=softcap,
+        sinks=None if s_aux is None else view(s_aux),
+    )
+    return torchax.interop.torch_view(out), None
+
+
+def ttpu_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """Boolean [batch, 1, q, kv] mask, always materialised (callers pass skip flags)."""
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_attention() -> None:
+    """Register the "ttpu" attention and mask implementations with transformers."""
+    AttentionInterface.register(ATTENTION_NAME, ttpu_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, ttpu_mask)

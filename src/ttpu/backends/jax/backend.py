@@ -1,0 +1,179 @@
+"""JAX backend: a torch module becomes (params pytree, pure jitted function) via torchax."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.utils._pytree as torch_pytree
+
+from ttpu.backends.base import Backend, CompiledForward
+from ttpu.backends.jax import attention, compile_cache, pytrees
+from ttpu.backends.jax.torchax_compat import import_torchax
+from ttpu.errors import CompilationError
+
+torchax = import_torchax()
+
+Constants = tuple[tuple[str, Any], ...]
+
+
+class JaxBackend(Backend):
+    """Runs transformers modules as jitted JAX functions (XLA on TPU, GPU or CPU)."""
+
+    name = "jax"
+
+    def __init__(self) -> None:
+        attention.register_attention()
+        compile_cache.enable_persistent_cache()
+
+    def platform(self) -> str:
+        return jax.default_backend()
+
+    def device_summary(self) -> list[str]:
+        return [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()]
+
+    def attention_implementation(self) -> str:
+        return attention.ATTENTION_NAME
+
+    def compile(self, module: torch.nn.Module) -> JaxForward:
+        return JaxForward(module)
+
+
+class JaxForward(CompiledForward):
+    """The module's forward as ahead-of-time compiled XLA executables, one per signature.
+
+    Array inputs are traced; constants (Python bools, ints, strings, None) are baked in.
+    An executable is compiled once per (constants, input structure, shapes, dtypes).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        pytrees.register_transformers_pytrees()
+        self._env = torchax.default_env()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # extraction touches deprecated properties
+            self._jittable = torchax.interop.JittableModule(module)
+        weights = {**self._jittable.params, **self._jittable.buffers}
+        self._params = {name: _to_jax(t) for name, t in weights.items()}
+        self._jitted = jax.jit(self._forward, static_argnums=2)
+        self._executables: dict[Any, Any] = {}
+
+    @property
+    def params(self) -> dict[str, jax.Array]:
+        return self._params
+
+    @property
+    def compile_count(self) -> int:
+        return len(self._executables)
+
+    def to_array(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return jnp.asarray(value.detach().cpu().numpy())
+        if isinstance(value, (np.ndarray, jax.Array, np.generic)):
+            return jnp.asarray(value)
+        return jax.tree.map(self.to_array, value)
+
+    def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
+        frozen = _freeze(constants)
+        leaves, structure = jax.tree.flatten(arrays)
+        key = (frozen, structure, tuple((x.shape, x.dtype) for x in leaves))
+        executable = self._executables.get(key)
+        if executable is None:
+            with _compile_errors():
+                executable = self._jitted.lower(self._params, dict(arrays), frozen).compile()
+            self._executables[key] = executable
+        return executable(self._params, dict(arrays))
+
+    def output_shapes(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
+        with _compile_errors():
+            return jax.eval_shape(self._jitted, self._params, dict(arrays), _freeze(constants))
+
+    def _forward(self, params: dict[str, jax.Array], arrays: dict[str, Any], constants: Constants):
+        env = self._env
+        weights = env.j2t_iso(params)
+        inputs = env.j2t_iso(arrays)
+        buffers = {k: weights.pop(k) for k in self._jittable.buffers}
+        with env, torch.no_grad(), _module_tracker() as tracker:
+            try:
+                out = self._jittable.functional_call(
+                    "forward", weights, buffers, **inputs, **dict(constants)
+                )
+            except Exception as exc:
+                raise CompilationError(_describe_failure(exc, tracker)) from exc
+        pytrees.register_transformers_pytrees()  # output classes defined since __init__
+        return torch_pytree.tree_map_only(torch.Tensor, _to_jax, out)
+
+
+def _to_jax(t: torch.Tensor) -> jax.Array:
+    if hasattr(t, "jax"):  # torchax Tensor or View
+        return t.jax()
+    return jnp.asarray(t.detach().cpu().numpy())
+
+
+def _freeze(constants: Mapping[str, Any]) -> Constants:
+    return tuple(sorted((k, _hashable(v)) for k, v in constants.items()))
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    hash(value)
+    return value
+
+
+class _ModuleStack:
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+
+@contextlib.contextmanager
+def _module_tracker() -> Iterator[_ModuleStack]:
+    """Track which module is running, so a tracing failure can name it."""
+    tracker = _ModuleStack()
+
+    def enter(module: torch.nn.Module, *args: Any) -> None:
+        tracker.stack.append(type(module).__name__)
+
+    def leave(module: torch.nn.Module, *args: Any) -> None:
+        if tracker.stack:
+            tracker.stack.pop()
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    post = torch.nn.modules.module.register_module_forward_hook(leave)
+    try:
+        yield tracker
+    except BaseException:
+        raise
+    finally:
+        pre.remove()
+        post.remove()
+
+
+def _describe_failure(exc: Exception, tracker: _ModuleStack) -> str:
+    where = " > ".join(tracker.stack) or "the model's forward"
+    return (
+        f"could not trace the model for XLA: {type(exc).__name__}: {exc}\n"
+        f"  failing module: {where}\n"
+        "  run `ttpu doctor MODEL` for the backend, attention and patches in use."
+    )
+
+
+@contextlib.contextmanager
+def _compile_errors() -> Iterator[None]:
+    try:
+        yield
+    except CompilationError:
+        raise
+    except Exception as exc:
+        raise CompilationError(
+            f"XLA compilation failed: {type(exc).__name__}: {exc}\n"
+            "  run `ttpu doctor MODEL` for the backend, attention and patches in use."
+        ) from exc

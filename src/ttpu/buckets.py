@@ -1,0 +1,162 @@
+"""Shape buckets: pad batch and sequence so that nearby shapes share one executable.
+
+Sequence inputs are padded on the right (causal models never look right; padding is
+masked out for the rest) and the batch is padded by repeating its last row. After the
+call, outputs are cut back to the real batch and sequence.
+
+Which output axes follow the batch and the sequence is learned, not guessed from names:
+the forward's output shapes are evaluated (traced, not compiled) once for a batch one
+larger and a sequence one shorter, and the axes whose sizes move accordingly are the
+ones that get cut. Output axes that depend on the padded shapes in any other way (for
+example a flattened batch*sequence axis) are returned padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# input name -> pad value along the sequence axis (None: repeat the last position)
+SEQUENCE_PAD_VALUES: dict[str, int | None] = {
+    "input_ids": 0,  # replaced by the model's pad token id when it has one
+    "attention_mask": 0,
+    "token_type_ids": 0,
+    "position_ids": None,
+    "labels": -100,
+    "inputs_embeds": 0,
+}
+# batch padding: padded rows repeat the last row, except these values
+BATCH_PAD_VALUES: dict[str, int] = {"labels": -100}
+
+
+def powers_of_two(start: int, stop: int) -> tuple[int, ...]:
+    sizes, size = [], start
+    while size <= stop:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    """Sizes that batch and sequence lengths are rounded up to (None disables)."""
+
+    sequence: Sequence[int] | None = field(default_factory=lambda: powers_of_two(16, 1 << 20))
+    batch: Sequence[int] | None = field(default_factory=lambda: powers_of_two(1, 1 << 16))
+
+    def round_up(self, size: int, sizes: Sequence[int] | None, limit: int | None = None) -> int:
+        if not sizes:
+            return size
+        padded = next((s for s in sorted(sizes) if s >= size), size)
+        return size if limit is not None and padded > limit else padded
+
+
+@dataclass(frozen=True)
+class PaddedInputs:
+    arrays: dict[str, Any]
+    batch: int
+    padded_batch: int
+    sequence: int | None
+    padded_sequence: int | None
+
+    @property
+    def is_padded(self) -> bool:
+        return self.batch != self.padded_batch or self.sequence != self.padded_sequence
+
+
+def pad_inputs(
+    arrays: Mapping[str, Any],
+    policy: BucketPolicy,
+    *,
+    pad_token_id: int | None,
+    pad_sequence: bool,
+    max_sequence: int | None,
+) -> PaddedInputs:
+    """Pad array inputs to their buckets (pad_sequence: the model takes a padding mask)."""
+    arrays = dict(arrays)
+    plain = {k: v for k, v in arrays.items() if isinstance(v, jax.Array)}
+    batch_sizes = {v.shape[0] for v in plain.values() if v.ndim > 0}
+    if len(batch_sizes) != 1 or len(plain) != len(arrays):
+        return PaddedInputs(arrays, 0, 0, None, None)
+    batch = batch_sizes.pop()
+    sequence = padded_sequence = None
+    main = plain.get("input_ids", plain.get("inputs_embeds"))
+    if pad_sequence and main is not None:
+        sequence = main.shape[1]
+        padded_sequence = policy.round_up(sequence, policy.sequence, max_sequence)
+        if "attention_mask" not in arrays:
+            arrays["attention_mask"] = jnp.ones((batch, sequence), jnp.int32)
+        for name, fill in SEQUENCE_PAD_VALUES.items():
+            value = arrays.get(name)
+            if value is not None and value.ndim >= 2 and value.shape[1] == sequence:
+                if name == "input_ids" and pad_token_id is not None:
+                    fill = pad_token_id
+                arrays[name] = _pad_axis(value, 1, padded_sequence, fill)
+    padded_batch = policy.round_up(batch, policy.batch)
+    if padded_batch != batch:
+        for name, value in arrays.items():
+            arrays[name] = _pad_axis(value, 0, padded_batch, BATCH_PAD_VALUES.get(name))
+    return PaddedInputs(arrays, batch, padded_batch, sequence, padded_sequence)
+
+
+def _pad_axis(value: jax.Array, axis: int, size: int, fill: int | None) -> jax.Array:
+    extra = size - value.shape[axis]
+    if extra <= 0:
+        return value
+    widths = [(0, 0)] * value.ndim
+    widths[axis] = (0, extra)
+    if fill is None:
+        return jnp.pad(value, widths, mode="edge")
+    return jnp.pad(value, widths, constant_values=jnp.asarray(fill, value.dtype))
+
+
+SEQUENCE_PROBE_DELTA = -1
+BATCH_PROBE_DELTA = 1
+
+
+def probe_shapes(padded: PaddedInputs) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract inputs with a batch one larger and a sequence one shorter."""
+    shapes = {}
+    for name, value in padded.arrays.items():
+        shape = list(value.shape)
+        shape[0] += BATCH_PROBE_DELTA
+        if padded.padded_sequence and value.ndim >= 2 and shape[1] == padded.padded_sequence:
+            if name in SEQUENCE_PAD_VALUES:
+                shape[1] += SEQUENCE_PROBE_DELTA
+        shapes[name] = jax.ShapeDtypeStruct(tuple(shape), value.dtype)
+    return shapes
+
+
+def padded_axes(
+    padded: PaddedInputs, actual: Any, probe: Any
+) -> list[tuple[tuple[int, int], ...]]:
+    """For each output leaf, the (axis, kind) pairs to cut: kind 0 batch, 1 sequence."""
+    result = []
+    for real, moved in zip(jax.tree.leaves(actual), jax.tree.leaves(probe)):
+        axes = []
+        if real.ndim == moved.ndim:
+            for axis, (a, b) in enumerate(zip(real.shape, moved.shape)):
+                if a == padded.padded_batch and b == a + BATCH_PROBE_DELTA:
+                    axes.append((axis, 0))
+                elif a == padded.padded_sequence and b == a + SEQUENCE_PROBE_DELTA:
+                    axes.append((axis, 1))
+        result.append(tuple(axes))
+    return result
+
+
+def unpad_outputs(padded: PaddedInputs, output: Any, axes: list[tuple[tuple[int, int], ...]]) -> Any:
+    """Cut every padded output axis back to the real batch and sequence."""
+    leaves, treedef = jax.tree.flatten(output)
+    sizes = (padded.batch, padded.sequence)
+    cut = []
+    for leaf, leaf_axes in zip(leaves, axes):
+        index = [slice(None)] * leaf.ndim
+        for axis, kind in leaf_axes:
+            index[axis] = slice(0, sizes[kind])
+        cut.append(leaf[tuple(index)] if leaf_axes else leaf)
+    return jax.tree.unflatten(treedef, cut)
+

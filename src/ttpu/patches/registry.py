@@ -1,0 +1,51 @@
+"""Declarative registry of adaptations applied to models before they are traced.
+
+Each patch states why it exists, which test fails without it, which transformers
+versions it applies to, and a predicate choosing the models it touches. Patches act on
+the loaded torch module (or on the backend's op table) and never at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    reason: str
+    test: str  # the test that fails without this patch
+    applies_to: Callable[[torch.nn.Module], bool]
+    apply: Callable[[torch.nn.Module], None]
+    transformers_versions: str = ""  # PEP 440 specifier; empty = all versions
+
+    def is_applicable(self, module: torch.nn.Module) -> bool:
+        version = Version(transformers.__version__)
+        in_range = version in SpecifierSet(self.transformers_versions, prereleases=True)
+        return in_range and self.applies_to(module)
+
+
+PATCHES: list[Patch] = []
+
+
+def register(patch: Patch) -> Patch:
+    if any(p.name == patch.name for p in PATCHES):
+        raise ValueError(f"a patch named {patch.name!r} is already registered")
+    PATCHES.append(patch)
+    return patch
+
+
+def apply_patches(module: torch.nn.Module) -> list[Patch]:
+    """Apply every applicable patch to ``module``; returns those applied, in order."""
+    from ttpu import patches as _load_builtin_patches  # noqa: F401  (registers them)
+
+    applied = [p for p in PATCHES if p.is_applicable(module)]
+    for patch in applied:
+        patch.apply(module)
+    return applied

@@ -1,0 +1,16 @@
+"""ttpu's cache directory (converted models, compiled executables)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "TTPU_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """``$TTPU_CACHE_DIR``, else ``$XDG_CACHE_HOME/ttpu``, else ``~/.cache/ttpu``."""
+    if explicit := os.environ.get(CACHE_ENV):
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ttpu"
