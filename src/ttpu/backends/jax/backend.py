@@ -14,7 +14,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 
 from ttpu.backends.base import Backend, CompiledForward
-from ttpu.backends.jax import attention, compile_cache, pytrees
+from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import CompilationError
 
@@ -31,6 +31,7 @@ class JaxBackend(Backend):
     def __init__(self) -> None:
         attention.register_attention()
         compile_cache.enable_persistent_cache()
+        self.lowerings = lowerings.install_lowerings(torchax.default_env())
 
     def platform(self) -> str:
         return jax.default_backend()

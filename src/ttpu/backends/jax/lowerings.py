@@ -1,0 +1,85 @@
+"""JAX lowerings for torch ops that torchax 0.0.13 cannot run under jit.
+
+Each entry names the op, why it is needed and the test that fails without it. They are
+installed into ttpu's torchax environment when the JAX backend starts (never globally at
+import time) and are listed by ``ttpu doctor``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import torch
+
+from ttpu.backends.jax.torchax_compat import import_torchax
+
+torchax = import_torchax()
+
+
+@dataclass(frozen=True)
+class OpLowering:
+    op: Any  # a torch OpOverload / OpOverloadPacket
+    reason: str
+    test: str
+    jax_impl: Callable[..., Any]  # takes and returns jax arrays
+
+    @property
+    def name(self) -> str:
+        return str(self.op)
+
+
+def grouped_mm(
+    mat_a: jax.Array,
+    mat_b: jax.Array,
+    offs: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    out_dtype: Any = None,
+) -> jax.Array:
+    """``torch._grouped_mm``: rows of ``mat_a`` grouped by cumulative ``offs``.
+
+    The 2D x 3D form (token rows against per-expert weights) is ``lax.ragged_dot``; rows
+    past ``offs[-1]`` come out as zeros, as in torch. 3D x 3D is a batched matmul.
+    """
+    if bias is not None:
+        raise NotImplementedError("torch._grouped_mm with bias is not supported by ttpu")
+    dtype = out_dtype and torchax.interop.jax_view(out_dtype) or mat_a.dtype
+    if mat_a.ndim == 2 and mat_b.ndim == 3 and offs is not None:
+        group_sizes = jnp.diff(offs.astype(jnp.int32), prepend=0)
+        return jax.lax.ragged_dot(mat_a, mat_b, group_sizes, preferred_element_type=dtype)
+    if mat_a.ndim == 3 and mat_b.ndim == 3 and offs is None:
+        return jnp.matmul(mat_a, mat_b, preferred_element_type=dtype)
+    raise NotImplementedError(
+        f"torch._grouped_mm with shapes {mat_a.shape} x {mat_b.shape} "
+        f"(offs={'given' if offs is not None else 'none'}) is not supported by ttpu"
+    )
+
+
+LOWERINGS: list[OpLowering] = [
+    OpLowering(
+        torch.ops.aten._grouped_mm.default,
+        "transformers' MoE experts (grouped_mm implementation) call torch._grouped_mm, "
+        "which torchax does not lower",
+        "tests/test_parity.py::test_matches_eager_pytorch[mixtral]",
+        grouped_mm,
+    ),
+]
+
+
+def _as_torch_op(jax_impl: Callable[..., Any]) -> Callable[..., Any]:
+    view_jax, view_torch = torchax.interop.jax_view, torchax.interop.torch_view
+
+    def impl(*args: Any, **kwargs: Any) -> Any:
+        return view_torch(jax_impl(*view_jax(args), **view_jax(kwargs)))
+
+    return impl
+
+
+def install_lowerings(env: Any) -> list[OpLowering]:
+    """Register every lowering in the torchax environment ``env`` (idempotent)."""
+    for lowering in LOWERINGS:
+        env.override_op_definition(lowering.op, _as_torch_op(lowering.jax_impl))
+    return LOWERINGS
