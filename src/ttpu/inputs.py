@@ -7,6 +7,7 @@ strings and None become compile-time constants.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,14 +68,30 @@ def bind_arguments(forward: Callable, args: tuple, kwargs: Mapping[str, Any]) ->
         if name in bound:
             raise InvalidArgumentError(f"input {name!r} was given both by position and by name.")
         bound[name] = value
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
-    unknown = [n for n in bound if n not in parameters]
-    if unknown and not accepts_any:
+    accepted = _accepted_names(parameters)
+    unknown = [n for n in bound if accepted is not None and n not in accepted]
+    if unknown:
         raise InvalidArgumentError(
             f"unknown input(s) {', '.join(map(repr, unknown))}; this model's forward accepts: "
-            f"{', '.join(n for n in parameters if n not in ('args', 'kwargs'))}."
+            f"{', '.join(sorted(accepted))}."
         )
     return bound
+
+
+def _accepted_names(parameters: Mapping[str, inspect.Parameter]) -> set[str] | None:
+    """Names forward accepts; None when its ``**kwargs`` takes anything.
+
+    transformers types ``**kwargs`` as ``Unpack[SomeTypedDict]``; its keys are accepted.
+    """
+    names = {n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    for p in parameters.values():
+        if p.kind != p.VAR_KEYWORD:
+            continue
+        typed = typing.get_args(p.annotation)
+        if typing.get_origin(p.annotation) is not typing.Unpack or not typed:
+            return None
+        names |= typed[0].__required_keys__ | typed[0].__optional_keys__
+    return names
 
 
 def split_inputs(

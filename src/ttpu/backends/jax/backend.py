@@ -60,7 +60,7 @@ class JaxForward(CompiledForward):
             warnings.simplefilter("ignore")  # extraction touches deprecated properties
             self._jittable = torchax.interop.JittableModule(module)
         weights = {**self._jittable.params, **self._jittable.buffers}
-        self._params = {name: _to_jax(t) for name, t in weights.items()}
+        self._params = {name: _to_jax(t.detach()) for name, t in weights.items()}
         self._jitted = jax.jit(self._forward, static_argnums=2)
         self._executables: dict[Any, Any] = {}
 
@@ -74,7 +74,7 @@ class JaxForward(CompiledForward):
 
     def to_array(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return jnp.asarray(value.detach().cpu().numpy())
+            return _to_jax(value.detach())
         if isinstance(value, (np.ndarray, jax.Array, np.generic)):
             return jnp.asarray(value)
         return jax.tree.map(self.to_array, value)
@@ -111,9 +111,10 @@ class JaxForward(CompiledForward):
 
 
 def _to_jax(t: torch.Tensor) -> jax.Array:
+    """A torchax tensor's array, or a copy of a CPU tensor (any dtype, bf16 included)."""
     if hasattr(t, "jax"):  # torchax Tensor or View
         return t.jax()
-    return jnp.asarray(t.detach().cpu().numpy())
+    return torchax.ops.mappings.t2j(t.cpu(), use_dlpack=False)
 
 
 def _freeze(constants: Mapping[str, Any]) -> Constants:

@@ -58,6 +58,11 @@ def grouped_mm(
     )
 
 
+def all_true(values: jax.Array) -> jax.Array:
+    """``aten._is_all_true``: the value behind ``torch._assert_async``-style checks."""
+    return jnp.all(values)
+
+
 LOWERINGS: list[OpLowering] = [
     OpLowering(
         torch.ops.aten._grouped_mm.default,
@@ -65,6 +70,13 @@ LOWERINGS: list[OpLowering] = [
         "which torchax does not lower",
         "tests/test_parity.py::test_matches_eager_pytorch[mixtral]",
         grouped_mm,
+    ),
+    OpLowering(
+        torch.ops.aten._is_all_true.default,
+        "`tensor.all()` checks on bool tensors dispatch to aten._is_all_true, which "
+        "torchax does not lower",
+        "tests/test_lowerings.py::test_is_all_true",
+        all_true,
     ),
 ]
 

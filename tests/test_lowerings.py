@@ -1,0 +1,56 @@
+"""ttpu's JAX lowerings of ops torchax lacks match torch's own kernels."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import torch
+
+from ttpu.backends import get_backend
+from ttpu.backends.jax import lowerings
+from ttpu.backends.jax.torchax_compat import import_torchax
+
+torchax = import_torchax()
+get_backend("jax")  # installs the lowerings
+
+
+def run_traced(fn, *arrays: np.ndarray) -> np.ndarray:
+    env = torchax.default_env()
+
+    def traced(*jax_arrays):
+        with env:
+            return torchax.interop.jax_view(fn(*torchax.interop.torch_view(jax_arrays)))
+
+    return np.asarray(jax.jit(traced)(*arrays))
+
+
+def test_grouped_mm_matches_torch_including_rows_past_the_last_offset() -> None:
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((10, 8), np.float32)
+    experts = rng.standard_normal((3, 8, 5), np.float32)
+    offsets = np.array([2, 2, 7], np.int32)  # an empty group, and 3 trailing rows
+    expected = np.zeros((10, 5), np.float32)
+    start = 0
+    for group, end in enumerate(offsets):
+        expected[start:end] = tokens[start:end] @ experts[group]
+        start = end
+    actual = run_traced(torch._grouped_mm, tokens, experts, offsets)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_batched_form() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((3, 4, 8), np.float32)
+    b = rng.standard_normal((3, 8, 5), np.float32)
+    np.testing.assert_allclose(run_traced(torch._grouped_mm, a, b), a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_is_all_true() -> None:
+    for values in ([True, True], [True, False]):
+        actual = run_traced(torch.ops.aten._is_all_true, np.array(values))
+        assert bool(actual) is all(values)
+
+
+def test_every_lowering_names_its_reason_and_test() -> None:
+    for lowering in lowerings.LOWERINGS:
+        assert lowering.reason and lowering.test.startswith("tests/")
