@@ -1,0 +1,179 @@
+"""The ``ttpu`` command: doctor, predict, coverage."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+@contextlib.contextmanager
+def step(message: str) -> Iterator[None]:
+    """Print a long step's name, then how long it took."""
+    print(f"{message} ...", end="", flush=True, file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr)
+        raise
+    print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from ttpu import AutoModelForTPU
+
+    with step(f"loading {args.model} (backend {args.backend})"):
+        return AutoModelForTPU.from_pretrained(
+            args.model, backend=args.backend, dtype=args.dtype, task=args.task
+        )
+
+
+def _versions() -> str:
+    names = ("ttpu", "transformers", "torch", "jax", "torchax")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def sample_inputs(model: Any) -> dict[str, Any]:
+    """Small dummy inputs for a compile check, built from the model's config."""
+    import numpy as np
+
+    module, config = model.torch_module, model.config
+    name = module.main_input_name
+    if name == "input_ids":
+        inputs: dict[str, Any] = {"input_ids": np.ones((1, 8), np.int64)}
+    elif name == "pixel_values":
+        vision = getattr(config, "vision_config", config)
+        size, channels = vision.image_size, getattr(vision, "num_channels", 3)
+        inputs = {name: np.zeros((1, channels, size, size), np.float32)}
+    else:
+        raise ValueError(f"no generic sample input for {name!r}")
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = np.ones((1, 4), np.int64)
+    return inputs
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Explain how ttpu runs a model: backend, devices, dtype, attention, patches, compile."""
+    from ttpu.backends import get_backend
+    from ttpu.backends.jax import compile_cache, torchax_compat
+
+    backend = get_backend(args.backend)
+    print(f"versions:    {_versions()}")
+    fix = "applied" if torchax_compat.needs_named_overload_fix() else "not needed"
+    print(f"torchax fix: torch 2.13 named-overload import fix {fix}")
+    print(f"backend:     {backend.name} on {backend.platform()}")
+    for line in backend.device_summary():
+        print(f"  device     {line}")
+    print(f"xla cache:   {compile_cache.compile_cache_dir() or 'off'}")
+    model = _load(args)
+    params = sum(p.numel() for p in model.torch_module.parameters())
+    print(f"model:       {type(model.torch_module).__name__} ({params / 1e6:.1f}M parameters)")
+    print(f"task:        {model.task}")
+    print(f"dtype:       {str(model.dtype).removeprefix('torch.')}")
+    print(f"attention:   {model.attn_implementation}")
+    print(f"tokenizer:   {type(model.tokenizer).__name__ if model.tokenizer else 'none found'}")
+    print(f"patches:     {len(model.patches)} applied")
+    for patch in model.patches:
+        print(f"  - {patch.name}: {patch.reason}")
+    lowerings = getattr(backend, "lowerings", [])
+    print(f"lowerings:   {len(lowerings)} ops lowered by ttpu")
+    for lowering in lowerings:
+        print(f"  - {lowering.name}: {lowering.reason}")
+    try:
+        inputs = sample_inputs(model)
+    except ValueError as exc:
+        print(f"compiles:    not checked ({exc})")
+        return 0
+    start = time.perf_counter()
+    try:
+        model(**inputs)
+    except Exception as exc:  # report, don't crash: this is a diagnosis
+        print(f"compiles:    NO\n{exc}")
+        return 1
+    print(f"compiles:    yes ({time.perf_counter() - start:.1f} s, {model.compile_count} executable)")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Print the most likely next tokens after a prompt."""
+    import jax
+    import numpy as np
+
+    model = _load(args)
+    if model.tokenizer is None:
+        print(f"error: no tokenizer was found next to {args.model!r}", file=sys.stderr)
+        return 2
+    if not args.prompt.strip():
+        print("error: the prompt is empty", file=sys.stderr)
+        return 2
+    ids = np.asarray([model.tokenizer(args.prompt)["input_ids"]])
+    with step("compiling and running"):
+        logits = model(input_ids=ids, use_cache=False).logits[0, -1]
+    probs = np.asarray(jax.nn.softmax(logits))
+    print(f"prompt: {args.prompt!r}")
+    for token in np.argsort(-probs)[: args.top]:
+        print(f"  {probs[token]:6.1%}  {model.tokenizer.decode([int(token)])!r}")
+    return 0
+
+
+def coverage(args: argparse.Namespace) -> int:
+    """Sweep every installed model type and write docs/COVERAGE.md."""
+    from ttpu import coverage as sweep
+
+    return sweep.main(args.rest)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="jax", help="backend (default: jax)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--task", default=None, help="task (default: from the config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttpu", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("doctor", help=doctor.__doc__)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_model_options(p)
+    p.set_defaults(run=doctor)
+
+    p = commands.add_parser("predict", help=predict.__doc__)
+    p.add_argument("prompt")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--top", type=int, default=5, help="how many tokens to show")
+    _add_model_options(p)
+    p.set_defaults(run=predict)
+
+    p = commands.add_parser("coverage", help=coverage.__doc__, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=coverage)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ttpu.errors import TTPUError
+
+    try:
+        return args.run(args)
+    except TTPUError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
