@@ -21,14 +21,25 @@ DECODER = dict(
     pad_token_id=0,
 )
 MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
-ENCODER = dict(
+ENCODER = {k: v for k, v in DECODER.items() if k != "num_key_value_heads"}
+
+ENCODER_DECODER = dict(
     vocab_size=VOCAB,
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=96,
+    decoder_ffn_dim=96,
+)
+VISION = dict(
     hidden_size=64,
     intermediate_size=96,
     num_hidden_layers=2,
     num_attention_heads=4,
-    max_position_embeddings=256,
-    pad_token_id=0,
+    image_size=32,
+    patch_size=8,
 )
 
 
@@ -170,31 +181,14 @@ ARCHITECTURES: list[Arch] = [
     Arch(
         "bart",
         "BartForConditionalGeneration",
-        dict(
-            vocab_size=VOCAB,
-            d_model=64,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=96,
-            decoder_ffn_dim=96,
-            max_position_embeddings=256,
-        ),
+        {**ENCODER_DECODER, "max_position_embeddings": 256},
         inputs="seq2seq",
     ),
     Arch(
         "whisper",
         "WhisperForConditionalGeneration",
         dict(
-            vocab_size=VOCAB,
-            d_model=64,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=96,
-            decoder_ffn_dim=96,
+            **ENCODER_DECODER,
             pad_token_id=0,
             bos_token_id=1,
             eos_token_id=2,
@@ -205,33 +199,8 @@ ARCHITECTURES: list[Arch] = [
         ),
         inputs="audio",
     ),
-    Arch(
-        "vit",
-        "ViTForImageClassification",
-        dict(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            num_labels=5,
-        ),
-        inputs="pixels",
-    ),
-    Arch(
-        "clip_vision",
-        "CLIPVisionModel",
-        dict(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-        inputs="pixels",
-    ),
+    Arch("vit", "ViTForImageClassification", {**VISION, "num_labels": 5}, inputs="pixels"),
+    Arch("clip_vision", "CLIPVisionModel", VISION, inputs="pixels"),
 ]
 
 
