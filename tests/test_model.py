@@ -179,3 +179,22 @@ def test_untraceable_model_names_the_op_and_module(monkeypatch) -> None:
     model = AutoModelForTPU.from_model(module)
     with pytest.raises(CompilationError, match=r"(?s)aten::segment_reduce.*LlamaDecoderLayer.*ttpu doctor"):
         model(input_ids=np.ones((1, 4), np.int64))
+
+
+def test_tensors_created_in_forward_without_a_device_are_traced(monkeypatch) -> None:
+    def add_position_ramp(module: torch.nn.Module) -> None:
+        mlp = module.model.layers[0].mlp
+        original = mlp.forward
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            ramp = torch.arange(hidden_states.shape[-1]) / 100  # no device given
+            return original(hidden_states) + ramp + torch.tensor(0.5)
+
+        monkeypatch.setattr(mlp, "forward", forward)
+
+    reference, module = llama(), llama()
+    add_position_ramp(reference)
+    add_position_ramp(module)
+    ids = np.arange(1, 9)[None]
+    actual = AutoModelForTPU.from_model(module)(input_ids=ids).logits
+    assert rel(actual, eager_logits(reference, ids)) < 1e-5

@@ -99,7 +99,10 @@ class JaxForward(CompiledForward):
         weights = env.j2t_iso(params)
         inputs = env.j2t_iso(arrays)
         buffers = {k: weights.pop(k) for k in self._jittable.buffers}
-        with env, torch.no_grad(), _module_tracker() as tracker:
+        # Default device "jax": tensors a forward creates without naming a device
+        # (torch.arange(n), torch.tensor([...])) are traced values, not CPU tensors that
+        # cannot mix with the traced ones.
+        with env, torch.device("jax"), torch.no_grad(), _module_tracker() as tracker:
             try:
                 out = self._jittable.functional_call(
                     "forward", weights, buffers, **inputs, **dict(constants)
