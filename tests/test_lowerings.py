@@ -8,6 +8,7 @@ import torch
 
 from ttpu.backends import get_backend
 from ttpu.backends.jax import lowerings
+from ttpu.backends.jax.environment import to_traced, tracing_environment
 from ttpu.backends.jax.torchax_compat import import_torchax
 
 torchax = import_torchax()
@@ -15,11 +16,11 @@ get_backend("jax")  # installs the lowerings
 
 
 def run_traced(fn, *arrays: np.ndarray) -> np.ndarray:
-    env = torchax.default_env()
+    env = tracing_environment()
 
     def traced(*jax_arrays):
         with env:
-            return torchax.interop.jax_view(fn(*torchax.interop.torch_view(jax_arrays)))
+            return torchax.interop.jax_view(fn(*to_traced(jax_arrays)))
 
     return np.asarray(jax.jit(traced)(*arrays))
 
@@ -54,3 +55,20 @@ def test_is_all_true() -> None:
 def test_every_lowering_names_its_reason_and_test() -> None:
     for lowering in lowerings.LOWERINGS:
         assert lowering.reason and lowering.test.startswith("tests/")
+
+
+def test_arange_calling_forms() -> None:
+    forms = [
+        ((5,), {}),
+        ((2, 9), {}),
+        ((2, 9, 3), {}),
+        ((), {"end": 4}),
+        ((1,), {"end": 4}),
+        ((), {"start": 1, "end": 7, "step": 2}),
+        ((0.0, 1.0, 0.25), {}),
+    ]
+    for args, kwargs in forms:
+        expected = torch.arange(*args, **kwargs).numpy()
+        actual = run_traced(lambda x: torch.arange(*args, **kwargs, device="jax") + 0 * x.sum(), np.zeros(1, np.float32))
+        np.testing.assert_allclose(actual, expected, err_msg=f"arange{args, kwargs}")
+

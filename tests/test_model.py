@@ -181,20 +181,47 @@ def test_untraceable_model_names_the_op_and_module(monkeypatch) -> None:
         model(input_ids=np.ones((1, 4), np.int64))
 
 
-def test_tensors_created_in_forward_without_a_device_are_traced(monkeypatch) -> None:
-    def add_position_ramp(module: torch.nn.Module) -> None:
-        mlp = module.model.layers[0].mlp
-        original = mlp.forward
+def patch_first_mlp(module: torch.nn.Module, monkeypatch, extra) -> None:
+    mlp = module.model.layers[0].mlp
+    original = mlp.forward
+    monkeypatch.setattr(mlp, "forward", lambda hidden_states: extra(original(hidden_states)))
 
-        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-            ramp = torch.arange(hidden_states.shape[-1]) / 100  # no device given
-            return original(hidden_states) + ramp + torch.tensor(0.5)
 
-        monkeypatch.setattr(mlp, "forward", forward)
+def test_cpu_tensors_built_in_forward_mix_with_traced_values(monkeypatch) -> None:
+    def add_constants(hidden: torch.Tensor) -> torch.Tensor:
+        sizes = torch.tensor([3, 5])  # CPU tensors used in Python control flow ...
+        step = int(max(sizes[0], sizes[1]))
+        ramp = torch.arange(hidden.shape[-1]) / 100  # ... and in math with traced values
+        return hidden + ramp * step + torch.ones(hidden.shape[-1])
 
     reference, module = llama(), llama()
-    add_position_ramp(reference)
-    add_position_ramp(module)
+    patch_first_mlp(reference, monkeypatch, add_constants)
+    patch_first_mlp(module, monkeypatch, add_constants)
     ids = np.arange(1, 9)[None]
     actual = AutoModelForTPU.from_model(module)(input_ids=ids).logits
     assert rel(actual, eager_logits(reference, ids)) < 1e-5
+
+
+def test_writing_traced_values_into_a_cpu_tensor_is_a_clear_error(monkeypatch) -> None:
+    def write_into_cpu_buffer(hidden: torch.Tensor) -> torch.Tensor:
+        buffer = torch.zeros(hidden.shape)
+        buffer.copy_(hidden)
+        return buffer
+
+    module = llama()
+    patch_first_mlp(module, monkeypatch, write_into_cpu_buffer)
+    with pytest.raises(CompilationError, match="writes traced values into a CPU tensor"):
+        AutoModelForTPU.from_model(module)(input_ids=np.arange(1, 9)[None])
+
+
+def test_value_assertions_are_skipped_while_tracing(monkeypatch) -> None:
+    from transformers.utils.import_utils import torch_compilable_check
+
+    def checked(hidden: torch.Tensor) -> torch.Tensor:
+        torch_compilable_check(torch.isfinite(hidden).all(), "hidden states must be finite")
+        return hidden
+
+    module = llama()
+    patch_first_mlp(module, monkeypatch, checked)
+    ids = np.arange(1, 9)[None]
+    assert rel(AutoModelForTPU.from_model(module)(input_ids=ids).logits, eager_logits(llama(), ids)) < 1e-5

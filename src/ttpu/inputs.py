@@ -37,7 +37,7 @@ KNOWN_INPUTS: dict[str, InputSpec] = {
     "inputs_embeds": InputSpec("float", (3,), "[batch, sequence, hidden]"),
     "pixel_values": InputSpec("float", (4, 5), "[batch, channels, height, width]"),
     "input_features": InputSpec("float", (3,), "[batch, features, frames]"),
-    "input_values": InputSpec("float", (2,), "[batch, samples]"),
+    "input_values": InputSpec("float", (2, 3), "[batch, samples] or [batch, channels, samples]"),
 }
 
 CONSTANT_TYPES = (bool, int, float, str, type(None))

@@ -22,6 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.torchax_compat import import_torchax
 
 ATTENTION_NAME = "ttpu"
@@ -118,7 +119,7 @@ def ttpu_attention_forward(
         softcap=softcap,
         sinks=None if s_aux is None else view(s_aux),
     )
-    return torchax.interop.torch_view(out), None
+    return to_traced(out), None
 
 
 def ttpu_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,6 +19,7 @@ from transformers.utils import logging as transformers_logging
 
 from ttpu.backends.base import Backend, CompiledForward
 from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees
+from ttpu.backends.jax.environment import tracing_environment
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import CompilationError
 
@@ -32,7 +36,7 @@ class JaxBackend(Backend):
     def __init__(self) -> None:
         attention.register_attention()
         compile_cache.enable_persistent_cache()
-        self.lowerings = lowerings.install_lowerings(torchax.default_env())
+        self.lowerings = lowerings.install_lowerings(tracing_environment())
 
     def platform(self) -> str:
         return jax.default_backend()
@@ -56,9 +60,10 @@ class JaxForward(CompiledForward):
 
     def __init__(self, module: torch.nn.Module) -> None:
         pytrees.register_transformers_pytrees()
-        self._env = torchax.default_env()
+        self._env = tracing_environment()
         with _quiet_attribute_scan():
             self._jittable = torchax.interop.JittableModule(module)
+        _drop_computed_tensors(self._jittable.buffers, module)
         weights = {**self._jittable.params, **self._jittable.buffers}
         self._params = {name: _to_jax(t.detach()) for name, t in weights.items()}
         self._jitted = jax.jit(self._forward, static_argnums=2)
@@ -99,10 +104,7 @@ class JaxForward(CompiledForward):
         weights = env.j2t_iso(params)
         inputs = env.j2t_iso(arrays)
         buffers = {k: weights.pop(k) for k in self._jittable.buffers}
-        # Default device "jax": tensors a forward creates without naming a device
-        # (torch.arange(n), torch.tensor([...])) are traced values, not CPU tensors that
-        # cannot mix with the traced ones.
-        with env, torch.device("jax"), torch.no_grad(), _module_tracker() as tracker:
+        with env, torch.no_grad(), _value_checks_off(), _module_tracker() as tracker:
             try:
                 out = self._jittable.functional_call(
                     "forward", weights, buffers, **inputs, **dict(constants)
@@ -111,6 +113,18 @@ class JaxForward(CompiledForward):
                 raise CompilationError(_describe_failure(exc, tracker)) from exc
         pytrees.register_transformers_pytrees()  # output classes defined since __init__
         return torch_pytree.tree_map_only(torch.Tensor, _to_jax, out)
+
+
+def _drop_computed_tensors(buffers: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
+    """Forget tensors that torchax's attribute scan found behind read-only properties.
+
+    They are computed from real weights, and cannot be swapped in for tracing.
+    """
+    for name in list(buffers):
+        owner_path, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        if isinstance(getattr(type(owner), attribute, None), property):
+            del buffers[name]
 
 
 @contextlib.contextmanager
@@ -147,6 +161,25 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+# transformers' switch for its value assertions (torch_compilable_check): a compiled
+# program cannot raise on a traced value, so they are skipped while tracing, as under
+# torch.compile.
+DISABLE_VALUE_CHECKS_ENV = "TRANSFORMERS_DISABLE_TORCH_CHECK"
+
+
+@contextlib.contextmanager
+def _value_checks_off() -> Iterator[None]:
+    previous = os.environ.get(DISABLE_VALUE_CHECKS_ENV)
+    os.environ[DISABLE_VALUE_CHECKS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[DISABLE_VALUE_CHECKS_ENV]
+        else:
+            os.environ[DISABLE_VALUE_CHECKS_ENV] = previous
+
+
 class _ModuleStack:
     def __init__(self) -> None:
         self.stack: list[str] = []
@@ -181,8 +214,20 @@ def _describe_failure(exc: Exception, tracker: _ModuleStack) -> str:
     return (
         f"could not trace the model for XLA: {type(exc).__name__}: {exc}\n"
         f"  failing module: {where}\n"
+        f"  failing line: {_model_source_line(exc)}\n"
         "  run `ttpu doctor MODEL` for the backend, attention and patches in use."
     )
+
+
+def _model_source_line(exc: Exception) -> str:
+    """The innermost frame of transformers' code in the traceback, as file:line: code."""
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if "/transformers/" in f.filename
+    ]
+    if not frames:
+        return "unknown"
+    frame = frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}: {(frame.line or '').strip()}"
 
 
 @contextlib.contextmanager

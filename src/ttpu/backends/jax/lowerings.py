@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import torch
 
+from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.torchax_compat import import_torchax
 
 torchax = import_torchax()
@@ -63,6 +64,25 @@ def all_true(values: jax.Array) -> jax.Array:
     return jnp.all(values)
 
 
+def arange(
+    *args: Any,
+    start: Any = None,
+    end: Any = None,
+    step: Any = None,
+    dtype: Any = None,
+    **placement: Any,  # device, layout, pin_memory, requires_grad: meaningless here
+) -> jax.Array:
+    """``torch.arange`` with every torch calling form, ``arange(end=n)`` included."""
+    given = list(args)
+    if start is None and end is None and len(given) == 1:
+        start, end = 0, given[0]
+    else:
+        start = given.pop(0) if start is None and given else start
+        end = given.pop(0) if end is None and given else end
+        step = given.pop(0) if step is None and given else step
+    return jnp.arange(0 if start is None else start, end, 1 if step is None else step, dtype=dtype)
+
+
 LOWERINGS: list[OpLowering] = [
     OpLowering(
         torch.ops.aten._grouped_mm.default,
@@ -78,14 +98,21 @@ LOWERINGS: list[OpLowering] = [
         "tests/test_lowerings.py::test_is_all_true",
         all_true,
     ),
+    OpLowering(
+        torch.arange,
+        "torchax's torch.arange requires `start` positionally, so `torch.arange(end=n)` "
+        "(used by detection models' anchor generators) fails",
+        "tests/test_lowerings.py::test_arange_calling_forms",
+        arange,
+    ),
 ]
 
 
 def _as_torch_op(jax_impl: Callable[..., Any]) -> Callable[..., Any]:
-    view_jax, view_torch = torchax.interop.jax_view, torchax.interop.torch_view
+    view_jax = torchax.interop.jax_view
 
     def impl(*args: Any, **kwargs: Any) -> Any:
-        return view_torch(jax_impl(*view_jax(args), **view_jax(kwargs)))
+        return to_traced(jax_impl(*view_jax(args), **view_jax(kwargs)))
 
     return impl
 
