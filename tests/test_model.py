@@ -225,3 +225,18 @@ def test_value_assertions_are_skipped_while_tracing(monkeypatch) -> None:
     patch_first_mlp(module, monkeypatch, checked)
     ids = np.arange(1, 9)[None]
     assert rel(AutoModelForTPU.from_model(module)(input_ids=ids).logits, eager_logits(llama(), ids)) < 1e-5
+
+
+def test_integer_scalar_buffers_are_compile_time_constants(monkeypatch) -> None:
+    def with_shape_buffer(module: torch.nn.Module) -> None:
+        mlp = module.model.layers[0].mlp
+        mlp.register_buffer("repeats", torch.tensor(2), persistent=False)
+        patch_first_mlp(module, monkeypatch, lambda h: h * max(mlp.repeats, 1))  # Python max
+
+    reference, module = llama(), llama()
+    with_shape_buffer(reference)
+    with_shape_buffer(module)
+    model = AutoModelForTPU.from_model(module)
+    assert "model.layers.0.mlp.repeats" not in model.params
+    ids = np.arange(1, 9)[None]
+    assert rel(model(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5
