@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from ttpu.backends import get_backend
@@ -72,3 +73,40 @@ def test_arange_calling_forms() -> None:
         actual = run_traced(lambda x: torch.arange(*args, **kwargs, device="jax") + 0 * x.sum(), np.zeros(1, np.float32))
         np.testing.assert_allclose(actual, expected, err_msg=f"arange{args, kwargs}")
 
+
+
+@pytest.mark.parametrize(
+    ("is_causal", "mask_kind"),
+    [(False, "none"), (True, "none"), (False, "bool"), (False, "additive")],
+)
+def test_sdpa_matches_torch(is_causal: bool, mask_kind: str) -> None:
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((2, 4, 5, 8), np.float32)
+    k = rng.standard_normal((2, 4, 5, 8), np.float32)
+    v = rng.standard_normal((2, 4, 5, 6), np.float32)
+    masks = {
+        "none": None,
+        "bool": rng.random((2, 1, 5, 5)) > 0.3,
+        "additive": np.where(rng.random((2, 1, 5, 5)) > 0.3, 0, -1e4).astype(np.float32),
+    }
+    mask = masks[mask_kind]
+    if mask is not None:
+        mask[..., 0] = 0 if mask.dtype != bool else True  # keep every row attending somewhere
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def call(q, k, v, *m):
+        return sdpa(q, k, v, attn_mask=m[0] if m else None, is_causal=is_causal)
+
+    arrays = (q, k, v) if mask is None else (q, k, v, mask)
+    expected = call(*map(torch.from_numpy, arrays)).numpy()
+    np.testing.assert_allclose(run_traced(call, *arrays), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_with_padding_rows_stays_finite() -> None:
+    q = np.ones((1, 2, 3, 4), np.float32)
+    mask = np.zeros((1, 1, 3, 3), np.float32)
+    mask[..., 0, :] = -np.inf  # a padding row that attends to nothing
+    out = run_traced(
+        lambda q, m: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=m), q, mask
+    )
+    assert np.isfinite(out).all()

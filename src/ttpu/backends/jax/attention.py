@@ -59,7 +59,9 @@ def dot_product_attention(
         if mask.dtype == jnp.bool_:
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         else:
-            scores = scores + mask.astype(jnp.float32)
+            # Clamped, so a row masked everywhere (padding) stays finite instead of NaN,
+            # which would leak into real positions through 0 * NaN in later layers.
+            scores = jnp.maximum(scores + mask.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     if sinks is not None:
         sink_logits = sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1)
         sink_logits = jnp.broadcast_to(sink_logits, scores.shape[:-1] + (1,))
@@ -69,6 +71,36 @@ def dot_product_attention(
         probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgqt,bktd->bqkgd", probs.astype(value.dtype), value)
     return out.reshape(batch, q_len, q_heads, value.shape[-1])
+
+
+def scaled_dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    attn_mask: jax.Array | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> jax.Array:
+    """``torch.nn.functional.scaled_dot_product_attention`` on ttpu's kernel.
+
+    Inputs are [..., heads, seq, dim] as in torch; returns [..., heads, q_seq, dim].
+    """
+    if dropout_p:
+        raise NotImplementedError("scaled_dot_product_attention with dropout is not supported")
+    lead = query.shape[:-3]
+    q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
+    mask = attn_mask
+    if is_causal:
+        if mask is not None:
+            raise ValueError("scaled_dot_product_attention: attn_mask with is_causal=True")
+        mask = jnp.tril(jnp.ones((q.shape[-2], k.shape[-2]), jnp.bool_))
+    if mask is not None and mask.ndim > 4:
+        mask = mask.reshape(-1, *mask.shape[-3:])
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    out = dot_product_attention(q, k, v, mask, scale=scale)  # [b, q_seq, heads, dim]
+    return jnp.swapaxes(out, 1, 2).reshape(*lead, *query.shape[-3:-1], value.shape[-1])
 
 
 def _group_heads(mask: jax.Array, kv_heads: int, groups: int) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import torch
 
+from ttpu.backends.jax.attention import scaled_dot_product_attention
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.torchax_compat import import_torchax
 
@@ -104,6 +105,20 @@ LOWERINGS: list[OpLowering] = [
         "(used by detection models' anchor generators) fails",
         "tests/test_lowerings.py::test_arange_calling_forms",
         arange,
+    ),
+    *(
+        OpLowering(
+            sdpa,
+            "models that keep torch's SDPA (no AttentionInterface support) get ttpu's "
+            "attention kernel; torchax's reference SDPA turns fully masked padding rows "
+            "into NaN, which leaks into real positions in later layers",
+            "tests/test_lowerings.py::test_sdpa_with_padding_rows_stays_finite",
+            scaled_dot_product_attention,
+        )
+        for sdpa in (
+            torch.nn.functional.scaled_dot_product_attention,
+            torch.ops.aten.scaled_dot_product_attention,
+        )
     ),
 ]
 
