@@ -240,3 +240,21 @@ def test_integer_scalar_buffers_are_compile_time_constants(monkeypatch) -> None:
     assert "model.layers.0.mlp.repeats" not in model.params
     ids = np.arange(1, 9)[None]
     assert rel(model(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5
+
+
+def test_moe_experts_use_the_static_shape_implementation() -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+    )
+    torch.manual_seed(0)
+    reference = MixtralForCausalLM(config).eval()
+    module = MixtralForCausalLM(config).eval()
+    module.load_state_dict(reference.state_dict())
+    module.set_experts_implementation("eager")  # a data-dependent loop over experts
+    model = AutoModelForTPU.from_model(module)
+    assert model.config._experts_implementation == "grouped_mm"
+    ids = np.arange(1, 9)[None]
+    assert rel(model(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5

@@ -17,6 +17,7 @@ from ttpu.patches import apply_patches
 from ttpu.tasks import auto_class, check_task, task_from_config
 
 ATTENTION_CHOICES = ("auto", "ttpu", "sdpa", "eager")
+STATIC_SHAPE_EXPERTS = "grouped_mm"
 
 
 class AutoModelForTPU:
@@ -96,6 +97,7 @@ class AutoModelForTPU:
     def _wrap(module, runtime, task, dtype, attn_implementation, tokenizer, buckets) -> TPUModel:
         module.eval()
         _set_attention(module, runtime.attention_implementation(), attn_implementation)
+        _set_static_shape_experts(module)
         applied = apply_patches(module)
         return TPUModel(
             module,
@@ -144,6 +146,16 @@ def _set_attention(module: PreTrainedModel, backend_attention: str, choice: str)
             )
         return  # keep the model's own attention (sdpa or eager), which torchax lowers
     module.set_attn_implementation(wanted)
+
+
+def _set_static_shape_experts(module: PreTrainedModel) -> None:
+    """MoE experts: prefer grouped_mm (static shapes; ttpu lowers it to a ragged dot) over
+    the eager per-expert loop, whose shapes depend on the routing."""
+    config = module.config
+    if getattr(config, "_experts_implementation", None) != "eager":
+        return
+    if module._can_set_experts_implementation():
+        module.set_experts_implementation(STATIC_SHAPE_EXPERTS)
 
 
 def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:

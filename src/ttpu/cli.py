@@ -84,6 +84,9 @@ def doctor(args: argparse.Namespace) -> int:
     print(f"task:        {model.task}")
     print(f"dtype:       {str(model.dtype).removeprefix('torch.')}")
     print(f"attention:   {model.attn_implementation}")
+    experts = getattr(model.config, "_experts_implementation", None)
+    if experts:
+        print(f"moe experts: {experts}")
     print(f"tokenizer:   {type(model.tokenizer).__name__ if model.tokenizer else 'none found'}")
     print(f"patches:     {len(model.patches)} applied")
     for patch in model.patches:
