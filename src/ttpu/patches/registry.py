@@ -34,6 +34,14 @@ class Patch:
 PATCHES: list[Patch] = []
 
 
+def instances_of(module: torch.nn.Module, qualified_class: str) -> list[torch.nn.Module]:
+    """Submodules whose class is ``module.path.ClassName`` (without importing that module)."""
+    return [
+        m for m in module.modules()
+        if f"{type(m).__module__}.{type(m).__qualname__}" == qualified_class
+    ]
+
+
 def register(patch: Patch) -> Patch:
     if any(p.name == patch.name for p in PATCHES):
         raise ValueError(f"a patch named {patch.name!r} is already registered")
@@ -43,8 +51,6 @@ def register(patch: Patch) -> Patch:
 
 def apply_patches(module: torch.nn.Module) -> list[Patch]:
     """Apply every applicable patch to ``module``; returns those applied, in order."""
-    from ttpu import patches as _load_builtin_patches  # noqa: F401  (registers them)
-
     applied = [p for p in PATCHES if p.is_applicable(module)]
     for patch in applied:
         patch.apply(module)
