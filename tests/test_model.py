@@ -258,3 +258,53 @@ def test_moe_experts_use_the_static_shape_implementation() -> None:
     assert model.config._experts_implementation == "grouped_mm"
     ids = np.arange(1, 9)[None]
     assert rel(model(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5
+
+
+def encoder_pair(config_class, model_class, **sizes):
+    config = config_class(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128, **sizes,
+    )
+    torch.manual_seed(0)
+    reference = model_class(config).eval()
+    module = model_class(config).eval()
+    module.load_state_dict(reference.state_dict())
+    return reference, AutoModelForTPU.from_model(module)
+
+
+def encoder_outputs(reference, model, ids):
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+    return np.asarray(model(input_ids=ids).last_hidden_state), expected
+
+
+def test_causal_lms_pad_sequences_without_checking(pair) -> None:
+    assert pair[1].sequence_padding == "on"
+
+
+def test_padding_invariant_encoder_is_verified_once_then_bucketed() -> None:
+    from transformers import BertConfig, BertModel
+
+    reference, model = encoder_pair(BertConfig, BertModel)
+    assert model.sequence_padding == "verify"
+    rng = np.random.default_rng(5)
+    actual, expected = encoder_outputs(reference, model, rng.integers(1, 128, (2, 10)))
+    assert rel(actual, expected) < 1e-5
+    assert model.sequence_padding == "on" and model.compile_count == 2  # bucket + exact check
+    for length in (11, 12, 13):
+        actual, expected = encoder_outputs(reference, model, rng.integers(1, 128, (2, length)))
+        assert rel(actual, expected) < 1e-5
+    assert model.compile_count == 2
+
+
+def test_padding_sensitive_encoder_turns_sequence_buckets_off() -> None:
+    from transformers import ConvBertConfig, ConvBertModel
+
+    reference, model = encoder_pair(ConvBertConfig, ConvBertModel, embedding_size=32)
+    ids = np.random.default_rng(6).integers(1, 128, (2, 10))
+    with pytest.warns(UserWarning, match="sequence buckets are off"):
+        actual, expected = encoder_outputs(reference, model, ids)
+    assert model.sequence_padding == "off"
+    assert rel(actual, expected) < 1e-5
+    actual, expected = encoder_outputs(reference, model, ids[:, :7])
+    assert rel(actual, expected) < 1e-5

@@ -88,6 +88,7 @@ def doctor(args: argparse.Namespace) -> int:
     if experts:
         print(f"moe experts: {experts}")
     print(f"tokenizer:   {type(model.tokenizer).__name__ if model.tokenizer else 'none found'}")
+    print(f"seq buckets: {model.sequence_padding} (on | verify: checked on first padded call | off)")
     print(f"patches:     {len(model.patches)} applied")
     for patch in model.patches:
         print(f"  - {patch.name}: {patch.reason}")

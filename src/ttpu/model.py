@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -44,6 +45,10 @@ class TPUModel:
         self._forward: CompiledForward = backend.compile(torch_module)
         self._padded_axes_cache: dict[Any, list] = {}
         self._accepts_padding_mask = "attention_mask" in _forward_parameters(torch_module)
+        # Right-padding the sequence is invisible to causal LMs (no position looks right).
+        # Other models (1-D convolutions, pooling, landmarks over the sequence ...) may
+        # see it: their first padded call is checked against the exact shape, once.
+        self.sequence_padding = "on" if task == "causal-lm" else "verify"
 
     @property
     def config(self) -> PretrainedConfig:
@@ -69,27 +74,44 @@ class TPUModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         bound = bind_arguments(self.torch_module.forward, args, kwargs)
-        float_dtype = np.dtype(str(self.dtype).removeprefix("torch."))
-        if self.dtype == torch.bfloat16:
-            float_dtype = jax.numpy.bfloat16
+        float_dtype = jax.numpy.bfloat16 if self.dtype == torch.bfloat16 else np.dtype(
+            str(self.dtype).removeprefix("torch.")
+        )
         arrays, constants = split_inputs(bound, self._forward.to_array, float_dtype)
+        output, padded = self._run(arrays, constants, self.sequence_padding != "off")
+        if self.sequence_padding == "verify" and padded.sequence != padded.padded_sequence:
+            self.sequence_padding = "on" if self._padding_is_invisible(arrays, constants) else "off"
+            if self.sequence_padding == "off":
+                warnings.warn(
+                    f"{type(self.torch_module).__name__}'s outputs change when its sequence is "
+                    "padded to a bucket; sequence buckets are off for this model (each new "
+                    "length compiles).",
+                    stacklevel=2,
+                )
+                output, _ = self._run(arrays, constants, pad_sequence=False)
+        return output
+
+    def _padding_is_invisible(self, arrays: dict, constants: dict) -> bool:
+        """Compare bucket-padded and exact-shape outputs on these inputs, every position
+        real (positions the caller padded hold arbitrary values in both)."""
+        if "attention_mask" in arrays:
+            arrays = {**arrays, "attention_mask": jax.numpy.ones_like(arrays["attention_mask"])}
+        padded, _ = self._run(arrays, constants, pad_sequence=True)
+        exact, _ = self._run(arrays, constants, pad_sequence=False)
+        return _outputs_agree(padded, exact, self.dtype)
+
+    def _run(self, arrays: dict, constants: dict, pad_sequence: bool) -> tuple[Any, PaddedInputs]:
         padded = pad_inputs(
             arrays,
             self.buckets,
             pad_token_id=_pad_token_id(self.config),
-            pad_sequence=self._accepts_padding_mask and self._sequence_padding_is_safe(),
+            pad_sequence=pad_sequence and self._accepts_padding_mask,
             max_sequence=getattr(self.config, "max_position_embeddings", None),
         )
         output = self._forward(padded.arrays, constants)
-        if not padded.is_padded:
-            return output
-        return unpad_outputs(padded, output, self._axes_to_cut(padded, constants, output))
-
-    def _sequence_padding_is_safe(self) -> bool:
-        # Decoder sequence classifiers pick the last non-pad token, which needs a pad id.
-        return not (
-            self.task == "sequence-classification" and _pad_token_id(self.config) is None
-        )
+        if padded.is_padded:
+            output = unpad_outputs(padded, output, self._axes_to_cut(padded, constants, output))
+        return output, padded
 
     def _axes_to_cut(self, padded: PaddedInputs, constants: dict, output: Any) -> list:
         key = (
@@ -111,6 +133,24 @@ class TPUModel:
             f"task={self.task!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
             f"attention={self.attn_implementation!r})"
         )
+
+
+PADDING_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def _outputs_agree(padded: Any, exact: Any, dtype: torch.dtype) -> bool:
+    """Do two outputs match leaf by leaf (relative error within the dtype's tolerance)?"""
+    a, b = jax.tree.leaves(padded), jax.tree.leaves(exact)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return False
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = np.linalg.norm(y)
+        if not np.isfinite(x).all() or np.linalg.norm(x - y) > PADDING_TOLERANCE[dtype] * max(scale, 1e-30):
+            return False
+    return True
 
 
 def _pad_token_id(config: PretrainedConfig) -> int | None:
