@@ -6,9 +6,10 @@ call, outputs are cut back to the real batch and sequence.
 
 Which output axes follow the batch and the sequence is learned, not guessed from names:
 the forward's output shapes are evaluated (traced, not compiled) once for a batch one
-larger and a sequence one shorter, and the axes whose sizes move accordingly are the
-ones that get cut. Output axes that depend on the padded shapes in any other way (for
-example a flattened batch*sequence axis) are returned padded.
+larger and a sequence one shorter, and the axes whose sizes move by exactly that much
+are the ones that get cut (keeping any constant offset, such as a prepended class
+token). Output axes that depend on the padded shapes in any other way (for example a
+flattened batch*sequence axis) are returned padded.
 """
 
 from __future__ import annotations
@@ -133,30 +134,35 @@ def probe_shapes(padded: PaddedInputs) -> dict[str, jax.ShapeDtypeStruct]:
 
 def padded_axes(
     padded: PaddedInputs, actual: Any, probe: Any
-) -> list[tuple[tuple[int, int], ...]]:
-    """For each output leaf, the (axis, kind) pairs to cut: kind 0 batch, 1 sequence."""
+) -> list[tuple[tuple[int, int, int], ...]]:
+    """For each output leaf, the (axis, kind, offset) triples to cut.
+
+    kind 0 follows the batch, kind 1 the sequence; ``offset`` is the axis size minus the
+    padded size (e.g. +1 for a prepended class token), kept when cutting.
+    """
     result = []
     for real, moved in zip(jax.tree.leaves(actual), jax.tree.leaves(probe)):
         axes = []
         if real.ndim == moved.ndim:
             for axis, (a, b) in enumerate(zip(real.shape, moved.shape)):
-                if a == padded.padded_batch and b == a + BATCH_PROBE_DELTA:
-                    axes.append((axis, 0))
-                elif a == padded.padded_sequence and b == a + SEQUENCE_PROBE_DELTA:
-                    axes.append((axis, 1))
+                if b - a == BATCH_PROBE_DELTA:
+                    axes.append((axis, 0, a - padded.padded_batch))
+                elif b - a == SEQUENCE_PROBE_DELTA and padded.padded_sequence:
+                    axes.append((axis, 1, a - padded.padded_sequence))
         result.append(tuple(axes))
     return result
 
 
-def unpad_outputs(padded: PaddedInputs, output: Any, axes: list[tuple[tuple[int, int], ...]]) -> Any:
+def unpad_outputs(
+    padded: PaddedInputs, output: Any, axes: list[tuple[tuple[int, int, int], ...]]
+) -> Any:
     """Cut every padded output axis back to the real batch and sequence."""
     leaves, treedef = jax.tree.flatten(output)
     sizes = (padded.batch, padded.sequence)
     cut = []
     for leaf, leaf_axes in zip(leaves, axes):
         index = [slice(None)] * leaf.ndim
-        for axis, kind in leaf_axes:
-            index[axis] = slice(0, sizes[kind])
+        for axis, kind, offset in leaf_axes:
+            index[axis] = slice(0, sizes[kind] + offset)
         cut.append(leaf[tuple(index)] if leaf_axes else leaf)
     return jax.tree.unflatten(treedef, cut)
-
