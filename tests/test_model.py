@@ -227,7 +227,7 @@ def test_value_assertions_are_skipped_while_tracing(monkeypatch) -> None:
     assert rel(AutoModelForTPU.from_model(module)(input_ids=ids).logits, eager_logits(llama(), ids)) < 1e-5
 
 
-def test_integer_scalar_buffers_are_compile_time_constants(monkeypatch) -> None:
+def test_small_buffers_are_compile_time_constants(monkeypatch) -> None:
     def with_shape_buffer(module: torch.nn.Module) -> None:
         mlp = module.model.layers[0].mlp
         mlp.register_buffer("repeats", torch.tensor(2), persistent=False)
@@ -238,6 +238,7 @@ def test_integer_scalar_buffers_are_compile_time_constants(monkeypatch) -> None:
     with_shape_buffer(module)
     model = AutoModelForTPU.from_model(module)
     assert "model.layers.0.mlp.repeats" not in model.params
+    assert "model.rotary_emb.inv_freq" not in model.params
     ids = np.arange(1, 9)[None]
     assert rel(model(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5
 

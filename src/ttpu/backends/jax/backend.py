@@ -64,7 +64,7 @@ class JaxForward(CompiledForward):
         with _quiet_attribute_scan():
             self._jittable = torchax.interop.JittableModule(module)
         _drop_computed_tensors(self._jittable.buffers, module)
-        _keep_integer_scalars_constant(self._jittable.buffers)
+        _keep_small_buffers_constant(self._jittable.buffers)
         weights = {**self._jittable.params, **self._jittable.buffers}
         self._params = {name: _to_jax(t.detach()) for name, t in weights.items()}
         self._jitted = jax.jit(self._forward, static_argnums=2)
@@ -128,11 +128,16 @@ def _drop_computed_tensors(buffers: dict[str, torch.Tensor], module: torch.nn.Mo
             del buffers[name]
 
 
-def _keep_integer_scalars_constant(buffers: dict[str, torch.Tensor]) -> None:
-    """Integer 0-d buffers (kernel padding, strides, counts) describe shapes, and models
-    use them in Python arithmetic and control flow. Left out of the traced inputs, they
-    stay concrete module attributes: compile-time constants."""
-    for name in [n for n, b in buffers.items() if b.ndim == 0 and not b.is_floating_point()]:
+# Buffers up to this many elements are compile-time constants; larger ones are traced.
+MAX_CONSTANT_BUFFER_ELEMENTS = 1 << 16
+
+
+def _keep_small_buffers_constant(buffers: dict[str, torch.Tensor]) -> None:
+    """Buffers (rotary frequencies, shape constants, schedules) are fixed at inference and
+    models use them in Python arithmetic and control flow. Left out of the traced inputs,
+    they stay concrete module attributes: compile-time constants, lifted into the program
+    where they meet traced values. Weights are always traced."""
+    for name in [n for n, b in buffers.items() if b.numel() <= MAX_CONSTANT_BUFFER_ELEMENTS]:
         del buffers[name]
 
 
