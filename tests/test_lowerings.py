@@ -110,3 +110,14 @@ def test_sdpa_with_padding_rows_stays_finite() -> None:
         lambda q, m: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=m), q, mask
     )
     assert np.isfinite(out).all()
+
+
+def test_linear_by_keyword() -> None:
+    rng = np.random.default_rng(3)
+    x, w, b = (rng.standard_normal(s, np.float32) for s in ((2, 3, 4), (5, 4), (5,)))
+    for call in (
+        lambda x, w, b: torch.nn.functional.linear(x, weight=w, bias=b),
+        lambda x, w, b: torch.nn.functional.linear(x, w),
+    ):
+        expected = call(*map(torch.from_numpy, (x, w, b))).numpy()
+        np.testing.assert_allclose(run_traced(call, x, w, b), expected, rtol=1e-5, atol=1e-5)

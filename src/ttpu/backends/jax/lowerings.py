@@ -84,6 +84,12 @@ def arange(
     return jnp.arange(0 if start is None else start, end, 1 if step is None else step, dtype=dtype)
 
 
+def linear(input: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """``torch.nn.functional.linear``, accepting its arguments by keyword too."""
+    out = jnp.einsum("...i,oi->...o", input, weight)
+    return out if bias is None else out + bias
+
+
 LOWERINGS: list[OpLowering] = [
     OpLowering(
         torch.ops.aten._grouped_mm.default,
@@ -105,6 +111,13 @@ LOWERINGS: list[OpLowering] = [
         "(used by detection models' anchor generators) fails",
         "tests/test_lowerings.py::test_arange_calling_forms",
         arange,
+    ),
+    OpLowering(
+        torch.nn.functional.linear,
+        "torchax's F.linear takes its weight positionally only, so "
+        "`F.linear(x, weight=w, bias=b)` (I-BERT's quantized linear) fails",
+        "tests/test_lowerings.py::test_linear_by_keyword",
+        linear,
     ),
     *(
         OpLowering(
