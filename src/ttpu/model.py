@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -161,6 +162,4 @@ def _pad_token_id(config: PretrainedConfig) -> int | None:
 
 
 def _forward_parameters(module: torch.nn.Module) -> set[str]:
-    import inspect
-
     return set(inspect.signature(module.forward).parameters)

@@ -47,7 +47,7 @@ def dot_product_attention(
     Scores and softmax are computed in float32.
     """
     batch, q_heads, q_len, _ = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     groups = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, groups, q_len, query.shape[-1])
     scores = jnp.einsum("bkgqd,bktd->bkgqt", q, key, preferred_element_type=jnp.float32)

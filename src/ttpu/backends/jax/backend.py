@@ -105,13 +105,13 @@ class JaxForward(CompiledForward):
         weights = env.j2t_iso(params)
         inputs = env.j2t_iso(arrays)
         buffers = {k: weights.pop(k) for k in self._jittable.buffers}
-        with env, torch.no_grad(), _value_checks_off(), _module_tracker() as tracker:
+        with env, torch.no_grad(), _value_checks_off(), _module_tracker() as modules:
             try:
                 out = self._jittable.functional_call(
                     "forward", weights, buffers, **inputs, **dict(constants)
                 )
             except Exception as exc:
-                raise CompilationError(_describe_failure(exc, tracker)) from exc
+                raise CompilationError(_describe_failure(exc, modules)) from exc
         pytrees.register_transformers_pytrees()  # output classes defined since __init__
         return torch_pytree.tree_map_only(torch.Tensor, _to_jax, out)
 
@@ -194,37 +194,29 @@ def _value_checks_off() -> Iterator[None]:
             os.environ[DISABLE_VALUE_CHECKS_ENV] = previous
 
 
-class _ModuleStack:
-    def __init__(self) -> None:
-        self.stack: list[str] = []
-        self.failed_in: str | None = None
-
-
 @contextlib.contextmanager
-def _module_tracker() -> Iterator[_ModuleStack]:
-    """Track which module is running, so a tracing failure can name it."""
-    tracker = _ModuleStack()
+def _module_tracker() -> Iterator[list[str]]:
+    """Track which modules are running (outermost first), so a failure can name them."""
+    stack: list[str] = []
 
     def enter(module: torch.nn.Module, *args: Any) -> None:
-        tracker.stack.append(type(module).__name__)
+        stack.append(type(module).__name__)
 
     def leave(module: torch.nn.Module, *args: Any) -> None:
-        if tracker.stack:
-            tracker.stack.pop()
+        if stack:
+            stack.pop()
 
     pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     post = torch.nn.modules.module.register_module_forward_hook(leave)
     try:
-        yield tracker
-    except BaseException:
-        raise
+        yield stack
     finally:
         pre.remove()
         post.remove()
 
 
-def _describe_failure(exc: Exception, tracker: _ModuleStack) -> str:
-    where = " > ".join(tracker.stack) or "the model's forward"
+def _describe_failure(exc: Exception, modules: list[str]) -> str:
+    where = " > ".join(modules) or "the model's forward"
     return (
         f"could not trace the model for XLA: {type(exc).__name__}: {exc}\n"
         f"  failing module: {where}\n"
