@@ -116,12 +116,12 @@ def predict(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
+    if not args.prompt.strip():
+        print("error: the prompt is empty", file=sys.stderr)
+        return 2
     model = _load(args)
     if model.tokenizer is None:
         print(f"error: no tokenizer was found next to {args.model!r}", file=sys.stderr)
-        return 2
-    if not args.prompt.strip():
-        print("error: the prompt is empty", file=sys.stderr)
         return 2
     ids = np.asarray([model.tokenizer(args.prompt)["input_ids"]])
     with step("compiling and running"):
@@ -137,7 +137,7 @@ def coverage(args: argparse.Namespace) -> int:
     """Sweep every installed model type and write docs/COVERAGE.md."""
     from ttpu import coverage as sweep
 
-    return sweep.main(args.rest)
+    return sweep.main(args.forwarded)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -163,13 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=predict)
 
     p = commands.add_parser("coverage", help=coverage.__doc__, add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(run=coverage)
+    p.set_defaults(run=coverage)  # its own options are parsed by ttpu.coverage
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, forwarded = build_parser().parse_known_args(argv)
+    if forwarded and args.command != "coverage":
+        build_parser().error(f"unrecognized arguments: {' '.join(forwarded)}")
+    args.forwarded = forwarded
     from ttpu.errors import TTPUError
 
     try:
