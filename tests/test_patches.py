@@ -5,23 +5,50 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
+from transformers import (
+    LongcatFlashConfig,
+    LongcatFlashForCausalLM,
+    SwitchTransformersConfig,
+    SwitchTransformersForConditionalGeneration,
+)
 
 from ttpu import AutoModelForTPU
 from ttpu.errors import CompilationError
 from ttpu.patches import PATCHES, registry
 
+PATCHED_MODELS = {
+    "longcat_flash": (
+        LongcatFlashForCausalLM,
+        LongcatFlashConfig(
+            vocab_size=128, hidden_size=64, ffn_hidden_size=64, expert_ffn_hidden_size=32,
+            num_layers=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+            zero_expert_num=2, moe_topk=2, kv_lora_rank=32, q_lora_rank=32,
+            qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+            max_position_embeddings=128,
+        ),
+    ),
+    "switch_transformers": (
+        SwitchTransformersForConditionalGeneration,
+        SwitchTransformersConfig(
+            vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+            num_heads=4, num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1,
+            decoder_start_token_id=0,
+        ),
+    ),
+}
 
-def longcat() -> LongcatFlashForCausalLM:
-    config = LongcatFlashConfig(
-        vocab_size=128, hidden_size=64, ffn_hidden_size=64, expert_ffn_hidden_size=32,
-        num_layers=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-        zero_expert_num=2, moe_topk=2, kv_lora_rank=32, q_lora_rank=32,
-        qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-        max_position_embeddings=128,
-    )
+
+def build(name: str) -> torch.nn.Module:
+    model_class, config = PATCHED_MODELS[name]
     torch.manual_seed(0)
-    return LongcatFlashForCausalLM(config).eval()
+    return model_class(config).eval()
+
+
+def inputs(name: str) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(0).integers(1, 128, (2, 9))
+    if name == "switch_transformers":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    return {"input_ids": ids}
 
 
 def test_every_patch_documents_itself() -> None:
@@ -30,25 +57,25 @@ def test_every_patch_documents_itself() -> None:
         assert patch.transformers_versions
 
 
-def test_longcat_flash_matches_eager() -> None:
-    reference = longcat()
-    model = AutoModelForTPU.from_model(longcat())
-    assert [p.name for p in model.patches] == ["longcat_flash.dense_experts"]
-    ids = np.random.default_rng(0).integers(1, 128, (2, 9))
+@pytest.mark.parametrize("name", PATCHED_MODELS)
+def test_patched_model_matches_eager(name: str) -> None:
+    reference = build(name)
+    model = AutoModelForTPU.from_model(build(name))
+    assert [p.name for p in model.patches] == [f"{name}.dense_experts"]
     with torch.no_grad():
-        expected = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
-    actual = np.asarray(model(input_ids=ids).logits)
-    assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 1e-5
+        expected = reference(**{k: torch.from_numpy(v) for k, v in inputs(name).items()}).logits
+    actual = np.asarray(model(**inputs(name)).logits)
+    assert np.linalg.norm(actual - expected.numpy()) / np.linalg.norm(expected.numpy()) < 1e-5
 
 
-def test_longcat_flash_fails_without_its_patch(monkeypatch) -> None:
+@pytest.mark.parametrize("name", PATCHED_MODELS)
+def test_model_fails_without_its_patch(name: str, monkeypatch) -> None:
     monkeypatch.setattr(registry, "PATCHES", [])
-    model = AutoModelForTPU.from_model(longcat())
-    with pytest.raises(CompilationError, match="LongcatFlashExperts"):
-        model(input_ids=np.ones((1, 4), np.int64))
+    model = AutoModelForTPU.from_model(build(name))
+    with pytest.raises(CompilationError, match="Experts"):
+        model(**inputs(name))
 
 
 def test_patches_outside_their_transformers_versions_are_not_applied(monkeypatch) -> None:
-    patch = PATCHES[0]
     monkeypatch.setattr(registry.transformers, "__version__", "4.57.0")
-    assert not patch.is_applicable(longcat())
+    assert not any(patch.is_applicable(build("longcat_flash")) for patch in PATCHES)

@@ -1,12 +1,21 @@
-"""Static-shape replacements for MoE expert loops whose shapes depend on the routing."""
+"""Static-shape replacements for MoE expert loops whose shapes depend on the routing.
+
+Each replacement runs every expert on every token and weights the results by the
+routing (zero for experts a token did not select): exact, with static shapes, at the cost
+of the experts' FLOPs for all tokens.
+"""
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from ttpu.patches.registry import Patch, instances_of, register
+from ttpu.patches.registry import forward_patch, register
+
+DATA_DEPENDENT_LOOP = (
+    "{} loops over the experts the routing hit (nonzero, torch.where), so its shapes "
+    "depend on the data; replaced by an exact static-shape computation (every expert on "
+    "every token, weighted by the routing)"
+)
 
 
 def dense_longcat_flash_experts(
@@ -15,11 +24,7 @@ def dense_longcat_flash_experts(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """``LongcatFlashExperts.forward`` without data-dependent shapes.
-
-    Every routed expert runs on every token and the results are weighted by the routing
-    (zero for unselected experts), which is exact; "zero experts" are identities.
-    """
+    """``LongcatFlashExperts.forward``; its "zero experts" are identities."""
     routed = self.num_routed_experts
     routing = torch.zeros(
         hidden_states.shape[0], self.total_experts,
@@ -33,22 +38,38 @@ def dense_longcat_flash_experts(
     return out.to(hidden_states.dtype)
 
 
-def _use_dense_longcat_experts(module: torch.nn.Module) -> None:
-    for experts in instances_of(module, LONGCAT_EXPERTS):
-        experts.forward = types.MethodType(dense_longcat_flash_experts, experts)
+def dense_switch_transformers_experts(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    selected_experts: torch.Tensor,
+    routing_weights: torch.Tensor,
+) -> torch.Tensor:
+    """``SwitchTransformersExperts.forward``: top-1 routing given as a one-hot mask."""
+    weights = selected_experts[:, 0, :].to(routing_weights.dtype) * routing_weights
+    out = torch.zeros_like(hidden_states)
+    for index in range(self.num_experts):
+        expert_out = self[f"expert_{index}"](hidden_states)
+        out = out + (expert_out * weights[:, index, None]).to(hidden_states.dtype)
+    return out
 
-
-LONGCAT_EXPERTS = "transformers.models.longcat_flash.modeling_longcat_flash.LongcatFlashExperts"
 
 register(
-    Patch(
-        name="longcat_flash.dense_experts",
-        reason="LongcatFlashExperts loops over the experts the routing hit (nonzero, .item()), "
-        "so shapes depend on the data; replaced by an exact static-shape computation "
-        "(every expert on every token, weighted by the routing)",
-        test="tests/test_patches.py::test_longcat_flash_matches_eager",
-        applies_to=lambda module: bool(instances_of(module, LONGCAT_EXPERTS)),
-        apply=_use_dense_longcat_experts,
+    forward_patch(
+        "longcat_flash.dense_experts",
+        "transformers.models.longcat_flash.modeling_longcat_flash.LongcatFlashExperts",
+        dense_longcat_flash_experts,
+        reason=DATA_DEPENDENT_LOOP.format("LongcatFlashExperts"),
+        test="tests/test_patches.py::test_patched_model_matches_eager[longcat_flash]",
+        transformers_versions=">=5.0,<6",
+    )
+)
+register(
+    forward_patch(
+        "switch_transformers.dense_experts",
+        "transformers.models.switch_transformers.modeling_switch_transformers.SwitchTransformersExperts",
+        dense_switch_transformers_experts,
+        reason=DATA_DEPENDENT_LOOP.format("SwitchTransformersExperts"),
+        test="tests/test_patches.py::test_patched_model_matches_eager[switch_transformers]",
         transformers_versions=">=5.0,<6",
     )
 )

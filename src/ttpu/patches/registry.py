@@ -7,8 +7,10 @@ the loaded torch module (or on the backend's op table) and never at import time.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -40,6 +42,31 @@ def instances_of(module: torch.nn.Module, qualified_class: str) -> list[torch.nn
         m for m in module.modules()
         if f"{type(m).__module__}.{type(m).__qualname__}" == qualified_class
     ]
+
+
+def forward_patch(
+    name: str,
+    qualified_class: str,
+    forward: Callable[..., Any],
+    *,
+    reason: str,
+    test: str,
+    transformers_versions: str,
+) -> Patch:
+    """A patch that gives every instance of ``qualified_class`` a replacement forward."""
+
+    def apply(module: torch.nn.Module) -> None:
+        for instance in instances_of(module, qualified_class):
+            instance.forward = types.MethodType(forward, instance)
+
+    return Patch(
+        name=name,
+        reason=reason,
+        test=test,
+        applies_to=lambda module: bool(instances_of(module, qualified_class)),
+        apply=apply,
+        transformers_versions=transformers_versions,
+    )
 
 
 def register(patch: Patch) -> Patch:
