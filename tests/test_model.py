@@ -239,6 +239,14 @@ def test_small_buffers_are_compile_time_constants(monkeypatch) -> None:
     model = AutoModelForTPU.from_model(module)
     assert "model.layers.0.mlp.repeats" not in model.params
     assert "model.rotary_emb.inv_freq" not in model.params
+
+
+def test_frozen_weights_are_traced_not_constants() -> None:
+    reference, module = llama(), llama().requires_grad_(False)
+    model = AutoModelForTPU.from_model(module)
+    assert "model.layers.0.input_layernorm.weight" in model.params  # 32 elements, frozen
+    ids = np.arange(1, 9)[None]
+    assert rel(model(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5
     ids = np.arange(1, 9)[None]
     assert rel(model(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5
 

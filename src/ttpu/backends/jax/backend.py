@@ -64,7 +64,7 @@ class JaxForward(CompiledForward):
         with _quiet_attribute_scan():
             self._jittable = torchax.interop.JittableModule(module)
         _drop_computed_tensors(self._jittable.buffers, module)
-        _keep_small_buffers_constant(self._jittable.buffers)
+        _keep_small_buffers_constant(self._jittable.buffers, module)
         weights = {**self._jittable.params, **self._jittable.buffers}
         self._params = {name: _to_jax(t.detach()) for name, t in weights.items()}
         self._jitted = jax.jit(self._forward, static_argnums=2)
@@ -132,13 +132,16 @@ def _drop_computed_tensors(buffers: dict[str, torch.Tensor], module: torch.nn.Mo
 MAX_CONSTANT_BUFFER_ELEMENTS = 1 << 16
 
 
-def _keep_small_buffers_constant(buffers: dict[str, torch.Tensor]) -> None:
+def _keep_small_buffers_constant(buffers: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
     """Buffers (rotary frequencies, shape constants, schedules) are fixed at inference and
     models use them in Python arithmetic and control flow. Left out of the traced inputs,
     they stay concrete module attributes: compile-time constants, lifted into the program
-    where they meet traced values. Weights are always traced."""
-    for name in [n for n, b in buffers.items() if b.numel() <= MAX_CONSTANT_BUFFER_ELEMENTS]:
-        del buffers[name]
+    where they meet traced values. Parameters are weights and always traced, frozen ones
+    too (torchax files parameters without requires_grad among its buffers)."""
+    parameters = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    for name, buffer in list(buffers.items()):
+        if name not in parameters and buffer.numel() <= MAX_CONSTANT_BUFFER_ELEMENTS:
+            del buffers[name]
 
 
 @contextlib.contextmanager
