@@ -1,0 +1,36 @@
+"""The coverage sweep's building blocks: tiny configs, one model end to end, the report."""
+
+from __future__ import annotations
+
+from ttpu import coverage
+
+
+def test_tiny_config_shrinks_a_model_generically() -> None:
+    config = coverage.tiny_config("llama")
+    assert config.hidden_size <= 64 and config.num_hidden_layers <= 2
+    assert config.hidden_size % config.num_attention_heads == 0
+
+
+def test_one_model_type_runs_eager_and_matches_under_ttpu() -> None:
+    result = coverage.run_one("bert")
+    assert result["eager"] and result["compiles"] and result["matches"], result
+    assert result["rel_err"] <= 1e-5
+
+
+def test_report_has_the_headline_table_and_causes(tmp_path) -> None:
+    results = [
+        {"model_type": "good", "class": "GoodModel", "eager": True, "compiles": True,
+         "matches": True, "rel_err": 1e-7},
+        {"model_type": "bad", "class": "BadModel", "eager": True, "compiles": False,
+         "matches": False, "stage": "ttpu",
+         "error": {"type": "OperatorNotFound",
+                   "message": "Operator with name aten::foo has no lowering"}},
+        {"model_type": "broken", "class": "BrokenModel", "eager": False, "stage": "eager",
+         "error": {"type": "RuntimeError", "message": "shape mismatch"}},
+    ]
+    summary = coverage.summarize(results)
+    assert (summary["eager"], summary["matches"], summary["headline"]) == (2, 1, 50.0)
+    path = tmp_path / "COVERAGE.md"
+    coverage.write_markdown(results, path, command="ttpu coverage")
+    text = path.read_text()
+    assert "1 / 2 = 50.0%" in text and "aten::foo" in text and "| bad |" in text
