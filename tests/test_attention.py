@@ -79,3 +79,16 @@ def test_mask_function_never_skips_the_causal_mask() -> None:
     mask = mask_fn(batch_size=1, q_length=4, kv_length=4, allow_is_causal_skip=True)
     assert mask is not None and mask.dtype == torch.bool
     assert torch.equal(mask[0, 0], torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+
+
+def test_sparse_key_indices_restrict_attention() -> None:
+    from ttpu.backends.jax.attention import _restrict_to_keys
+
+    q, k, v, mask = inputs(q_len=7, kv_len=7)
+    indices = np.stack([np.arange(7) // 2, np.arange(7)], axis=-1)[None].repeat(2, 0)  # [2, 7, 2]
+    allowed = np.zeros((2, 1, 7, 7), bool)
+    np.put_along_axis(allowed[:, 0], indices, True, axis=-1)
+    expected = eager_reference(q, k, v, mask & allowed, 0.25)
+    combined = _restrict_to_keys(jnp.asarray(mask), jnp.asarray(indices), 7)
+    actual = dot_product_attention(*map(jnp.asarray, (q, k, v)), combined, scale=0.25)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-5)

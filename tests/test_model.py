@@ -317,3 +317,21 @@ def test_padding_sensitive_encoder_turns_sequence_buckets_off() -> None:
     assert rel(actual, expected) < 1e-5
     actual, expected = encoder_outputs(reference, model, ids[:, :7])
     assert rel(actual, expected) < 1e-5
+
+
+def test_cpu_tensors_indexed_by_or_fed_to_traced_values(monkeypatch) -> None:
+    def mix(module: torch.nn.Module) -> None:
+        proj = module.model.layers[0].mlp.down_proj  # traced weights
+
+        def extra(hidden: torch.Tensor) -> torch.Tensor:
+            table = torch.linspace(0, 1, 4 * 32).reshape(4, 32)  # CPU, built in forward
+            index = (hidden[..., 0] > 0).long()  # traced
+            return hidden + table[index] + torch.nn.functional.linear(table[:1, :64 // 2].repeat(1, 2), proj.weight)
+
+        patch_first_mlp(module, monkeypatch, extra)
+
+    reference, module = llama(), llama()
+    mix(reference)
+    mix(module)
+    ids = np.arange(1, 9)[None]
+    assert rel(AutoModelForTPU.from_model(module)(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5

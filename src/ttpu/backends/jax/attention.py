@@ -103,6 +103,18 @@ def scaled_dot_product_attention(
     return jnp.swapaxes(out, 1, 2).reshape(*lead, *query.shape[-3:-1], value.shape[-1])
 
 
+def _restrict_to_keys(mask: jax.Array | None, indices: jax.Array, kv_len: int) -> jax.Array:
+    """Combine a mask with "each query attends only to these key positions"."""
+    allowed = jnp.zeros((*indices.shape[:-1], kv_len), jnp.bool_)
+    allowed = jnp.put_along_axis(allowed, indices.astype(jnp.int32), True, axis=-1, inplace=False)
+    allowed = allowed[:, None]  # [batch, 1 (heads), q_seq, kv_seq]
+    if mask is None:
+        return allowed
+    if mask.dtype == jnp.bool_:
+        return mask & allowed
+    return jnp.where(allowed, mask, jnp.finfo(jnp.float32).min)
+
+
 def _group_heads(mask: jax.Array, kv_heads: int, groups: int) -> jax.Array:
     """Reshape a [b, 1|heads, q, kv] mask to broadcast against [b, kv_heads, groups, q, kv]."""
     while mask.ndim < 4:
@@ -122,14 +134,19 @@ def ttpu_attention_forward(
     scaling: float | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function (see ``AttentionInterface``) computed in JAX."""
+    """transformers attention function (see ``AttentionInterface``) computed in JAX.
+
+    ``indices`` ([batch, q_seq, k], sparse attention as in DeepSeek's DSA) restricts each
+    query to those key positions.
+    """
     if not isinstance(query, torchax.tensor.Tensor):
         # Plain torch tensors: the module is being run eagerly outside ttpu.
-        if softcap is not None or s_aux is not None:
+        if softcap is not None or s_aux is not None or indices is not None:
             raise NotImplementedError(
-                "ttpu attention on plain torch tensors supports neither softcap nor sinks; "
+                "ttpu attention on plain torch tensors supports no softcap, sinks or indices; "
                 "run the model through ttpu or set attn_implementation='eager'."
             )
         return sdpa_attention_forward(
@@ -142,11 +159,14 @@ def ttpu_attention_forward(
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     view = torchax.interop.jax_view
+    mask = None if attention_mask is None else view(attention_mask)
+    if indices is not None:
+        mask = _restrict_to_keys(mask, view(indices), key.shape[2])
     out = dot_product_attention(
         view(query),
         view(key),
         view(value),
-        None if attention_mask is None else view(attention_mask),
+        mask,
         scale=scale,
         softcap=softcap,
         sinks=None if s_aux is None else view(s_aux),

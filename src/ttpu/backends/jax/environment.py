@@ -26,17 +26,23 @@ _TRACED_TYPES = (torchax.tensor.Tensor, torchax.view.View)
 class TracingEnvironment(torchax.tensor.Environment):
     """torchax environment that lifts CPU tensors into constants where they meet traced ones."""
 
-    def t2j_iso(self, torchtensors: Any) -> Any:
-        return super().t2j_iso(torch_pytree.tree_map_only(torch.Tensor, self._lift, torchtensors))
+    def dispatch(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        _refuse_inplace_into_cpu_tensor(func, args, kwargs)
+        args, kwargs = self._lift_where_mixed((args, kwargs or {}))
+        return super().dispatch(func, types, args, kwargs)
+
+    def _lift_where_mixed(self, operands: Any) -> Any:
+        """Plain CPU tensors among traced operands become constants of the program (an op
+        on CPU tensors alone still runs eagerly, so its result stays concrete)."""
+        leaves = torch_pytree.tree_leaves(operands)
+        if not any(isinstance(leaf, _TRACED_TYPES) for leaf in leaves):
+            return operands
+        return torch_pytree.tree_map_only(torch.Tensor, self._lift, operands)
 
     def _lift(self, value: torch.Tensor) -> torch.Tensor:
         if isinstance(value, _TRACED_TYPES) or value.ndim == 0:
             return value  # scalars become Python numbers in torchax already
         return torchax.tensor.Tensor(torchax.ops.mappings.t2j(value, use_dlpack=False), self)
-
-    def dispatch(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        _refuse_inplace_into_cpu_tensor(func, args, kwargs)
-        return super().dispatch(func, types, args, kwargs)
 
 
 def _refuse_inplace_into_cpu_tensor(func: Any, args: Any, kwargs: Any) -> None:
