@@ -36,8 +36,8 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,8 @@ _LAYER_COUNT_KEYS = re.compile(
 _INT_RULES: list[tuple[re.Pattern, int | str]] = [
     (re.compile(r"token_ids?$|token_index$|_id$|^(bos|eos|pad|sep|cls|unk|mask)_"), "keep"),
     (re.compile(r"(^|_)(type_vocab_size|num_labels|num_channels|in_channels|input_channels)$"), "keep"),
-    (re.compile(r"kernel|stride|dilation|padding|merge_size|temporal_patch|tubelet|ratio|factor|multiple_of|groups?_width"), "keep"),
+    (re.compile(r"kernel|stride|dilation|padding|merge_size|temporal_patch|tubelet|ratio|factor|"
+                r"multiple_of|groups?_width"), "keep"),
     (re.compile(r"vocab(_size)?$|vocab_size_per_layer_input$|^num_embeddings$|codebook_size$"), VOCAB),
     (re.compile(r"(max_position_embeddings|^n_positions|max_source_positions|max_target_positions|^n_ctx|"
                 r"max_seq_len|max_sequence_length|^seq_length|max_length|position_embeddings)$"), MAX_POSITIONS),
@@ -465,7 +466,7 @@ def _shrink_rope(o: dict, d: dict, mrope_default: list[int] | None = None) -> No
         # modeling code defaults the sections when the config has none
         rope = {**rope, "mrope_section": list(mrope_default)}
     limit = d.get("max_position_embeddings")
-    old_hd, new_hd = _head_dim_of(o), _head_dim_of(d)
+    new_hd = _head_dim_of(d)
 
     def fix(params: dict) -> dict:
         params = dict(params)
@@ -834,13 +835,15 @@ def _error_info(exc: BaseException) -> dict[str, Any]:
         root = root.__cause__
     message = str(root).strip().splitlines()[0] if str(root).strip() else ""
     outer = str(exc).strip().splitlines()
-    failing_module = next((l.split(":", 1)[1].strip() for l in outer if "failing module:" in l), "")
+    failing_module = next((x.split(":", 1)[1].strip() for x in outer if "failing module:" in x), "")
+    failing_line = next((x.split(":", 1)[1].strip() for x in outer if "failing line:" in x), "")
     frames = traceback.extract_tb(root.__traceback__)[-6:]
     return {
         "type": type(root).__name__,
         "message": message[:500],
         "wrapper": type(exc).__name__ if root is not exc else "",
         "failing_module": failing_module[-300:],
+        "failing_line": failing_line[:300],
         "where": [f"{_short_path(f.filename)}:{f.lineno} {f.name}" for f in frames],
     }
 
@@ -1113,7 +1116,9 @@ _CAUSES: list[tuple[str, re.Pattern]] = [
     ("mixed torch CPU tensor with jax tensor", re.compile(
         r"Expected all tensors to be on the same device|found at least two devices|"
         r"expected .*(jax|torchax).*(cpu|CPU)|(cpu|CPU).*(jax|torchax)|is not a torchax|"
-        r"unsupported operand type\(s\).*'(Tensor|View)'")),
+        r"unsupported operand type\(s\).*'(Tensor|View)'|"
+        r"AssertionError: <class 'torch\.(nn\.parameter\.Parameter|Tensor)'>|"
+        r"'Tensor' object has no attribute '_(env|elem)'")),
     ("ttpu input validation rejects the input ({0})", re.compile(
         r"InvalidArgumentError: input '(\w+)' must be")),
     ("torchax View object lacks a Tensor attribute", re.compile(r"'View' object has no attribute")),
@@ -1337,13 +1342,31 @@ def sweep(model_types: Sequence[str], workers: int = 2, timeout: float = DEFAULT
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
+    import ttpu
+
+    out = {"python": platform.python_version(), "ttpu": ttpu.__version__ + _revision()}
     for name in ("transformers", "torch", "jax", "jaxlib", "torchax"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def _revision() -> str:
+    """" (git abc1234)" for a source checkout, or $TTPU_COVERAGE_REVISION."""
+    rev = os.environ.get("TTPU_COVERAGE_REVISION")
+    if not rev:
+        import subprocess
+
+        try:
+            rev = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout.strip()
+        except Exception:  # noqa: BLE001
+            rev = ""
+    return f" (git {rev})" if rev else ""
 
 
 def _fmt_err(value: Any) -> str:
@@ -1426,6 +1449,8 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
         error = r.get("error") or {}
         if cause and error.get("message") and not r.get("not_attempted"):
             cause = f"{cause} — {error.get('type', '')}: {error['message'][:120]}"
+            if error.get("failing_line"):
+                cause += f" (at {error['failing_line'].split(': ', 1)[0]})"
         lines.append(
             f"| {r['model_type']} | {r.get('class', '')} | {r.get('inputs', '')} | "
             f"{_mark(r.get('eager'))} | {_mark(r.get('compiles'))} | {_mark(r.get('matches'))} | "
