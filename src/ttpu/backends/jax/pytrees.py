@@ -8,9 +8,9 @@ else is registered here by walking the class hierarchies, never class by class, 
 caches of transformers 5.x (built from layer objects such as ``StaticLayer``) and any
 model-specific cache defined in a modeling file are covered.
 
-Cache-like objects are flattened from their attributes: tensors, nested caches/layers and
-lists/tuples/dicts of those are children; everything else (ints, dtypes, flags) is static
-metadata that is part of the tree structure.
+Cache-like objects are flattened from their attributes: primitive values (ints, flags,
+dtypes, devices, and containers holding only those) are static metadata, part of the tree
+structure; everything else (tensors, nested caches and layers, lists of them) is a child.
 """
 
 from __future__ import annotations
