@@ -144,7 +144,7 @@ def _set_attention(module: PreTrainedModel, backend_attention: str, choice: str)
                 f"{type(module).__name__} does not support custom attention implementations "
                 "(transformers' AttentionInterface); use attn_implementation='auto' or 'eager'."
             )
-        return  # keep the model's own attention (sdpa or eager), which torchax lowers
+        return  # keep the model's own attention: eager, or sdpa (lowered to ttpu's kernel)
     module.set_attn_implementation(wanted)
 
 
