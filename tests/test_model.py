@@ -335,3 +335,16 @@ def test_cpu_tensors_indexed_by_or_fed_to_traced_values(monkeypatch) -> None:
     mix(module)
     ids = np.arange(1, 9)[None]
     assert rel(AutoModelForTPU.from_model(module)(input_ids=ids).logits, eager_logits(reference, ids)) < 1e-5
+
+
+def test_sequence_constants_are_hashable_through_the_padded_path() -> None:
+    from transformers import BertConfig, BertModel
+
+    from ttpu.inputs import split_inputs
+
+    _, constants = split_inputs({"indices": [1, 2]}, lambda v: v, np.float32)
+    assert constants == {"indices": (1, 2)}
+    _, model = encoder_pair(BertConfig, BertModel)
+    _, constants = split_inputs({"output_hidden_states": True, "extra": [3]}, lambda v: v, np.float32)
+    out, _ = model._run({"input_ids": jax.numpy.ones((1, 5), jax.numpy.int32)}, constants, True)
+    assert out.last_hidden_state.shape == (1, 5, 32)

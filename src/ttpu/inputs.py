@@ -97,7 +97,10 @@ def _accepted_names(parameters: Mapping[str, inspect.Parameter]) -> set[str] | N
 def split_inputs(
     bound: Mapping[str, Any], to_array: Callable[[Any], Any], float_dtype: np.dtype
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Validate inputs and split them into (arrays, constants)."""
+    """Validate inputs and split them into (arrays, constants).
+
+    Constants come back hashable (lists as tuples): they key compiled executables.
+    """
     arrays: dict[str, Any] = {}
     constants: dict[str, Any] = {}
     for name, value in bound.items():
@@ -115,7 +118,7 @@ def split_inputs(
                     f"got {type(value).__name__} {value!r}."
                 )
             if value is not None:
-                constants[name] = value
+                constants[name] = tuple(value) if isinstance(value, list) else value
         else:
             raise InvalidArgumentError(
                 f"input {name!r} has type {type(value).__name__}: pass arrays (numpy, jax or "

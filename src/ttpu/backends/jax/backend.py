@@ -19,7 +19,7 @@ from transformers.utils import logging as transformers_logging
 
 from ttpu.backends.base import Backend, CompiledForward
 from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees
-from ttpu.backends.jax.environment import tracing_environment
+from ttpu.backends.jax.environment import cpu_to_jax, tracing_environment
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import CompilationError
 
@@ -162,20 +162,11 @@ def _to_jax(t: torch.Tensor) -> jax.Array:
     """A torchax tensor's array, or a copy of a CPU tensor (any dtype, bf16 included)."""
     if hasattr(t, "jax"):  # torchax Tensor or View
         return t.jax()
-    return torchax.ops.mappings.t2j(t.cpu(), use_dlpack=False)
+    return cpu_to_jax(t)
 
 
 def _freeze(constants: Mapping[str, Any]) -> Constants:
-    return tuple(sorted((k, _hashable(v)) for k, v in constants.items()))
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    hash(value)
-    return value
+    return tuple(sorted(constants.items()))
 
 
 # transformers' switch for its value assertions (torch_compilable_check): a compiled

@@ -42,7 +42,12 @@ class TracingEnvironment(torchax.tensor.Environment):
     def _lift(self, value: torch.Tensor) -> torch.Tensor:
         if isinstance(value, _TRACED_TYPES) or value.ndim == 0:
             return value  # scalars become Python numbers in torchax already
-        return torchax.tensor.Tensor(torchax.ops.mappings.t2j(value, use_dlpack=False), self)
+        return torchax.tensor.Tensor(cpu_to_jax(value), self)
+
+
+def cpu_to_jax(tensor: torch.Tensor) -> Any:
+    """Copy a CPU torch tensor (any dtype, bf16 included) into a jax array."""
+    return torchax.ops.mappings.t2j(tensor.cpu(), use_dlpack=False)
 
 
 def _refuse_inplace_into_cpu_tensor(func: Any, args: Any, kwargs: Any) -> None:
