@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from ttpu.backends import Backend, CompiledForward
 from ttpu.buckets import BucketPolicy, PaddedInputs, pad_inputs, padded_axes, probe_shapes, unpad_outputs
@@ -44,6 +45,7 @@ class TPUModel:
         self.buckets = buckets or BucketPolicy()
         self._backend = backend
         self._forward: CompiledForward = backend.compile(torch_module)
+        self._decoder: Any = None
         self._padded_axes_cache: dict[Any, list] = {}
         self._accepts_padding_mask = "attention_mask" in _forward_parameters(torch_module)
         # Right-padding the sequence is invisible to causal LMs (no position looks right).
@@ -67,7 +69,8 @@ class TPUModel:
     @property
     def compile_count(self) -> int:
         """How many executables this model has compiled (one per bucket and options)."""
-        return self._forward.compile_count
+        decoder = self._decoder.compile_count if self._decoder is not None else 0
+        return self._forward.compile_count + decoder
 
     @property
     def attn_implementation(self) -> str:
@@ -91,6 +94,45 @@ class TPUModel:
                 )
                 output, _ = self._run(arrays, constants, pad_sequence=False)
         return output
+
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        generation_config: GenerationConfig | None = None,
+        seed: int | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Generate like ``transformers``' ``model.generate``, compiled end to end.
+
+        Takes left-padded ``input_ids`` (numpy, jax, torch or lists), the model's
+        ``generation_config`` as default, a ``GenerationConfig`` and/or its fields as
+        keyword arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ``min_p``, ``repetition_penalty``, ``eos_token_id``, ``stop_strings``,
+        ...), and ``seed`` for sampling. Returns int64 token ids [batch, prompt + new]
+        as numpy, rows that ended padded with ``pad_token_id``.
+        """
+        from ttpu.generation.generate import generate
+
+        return generate(
+            self, input_ids, attention_mask, generation_config=generation_config,
+            seed=seed, tokenizer=tokenizer, **kwargs,
+        )
+
+    def stream(self, prompt: str, *, tokenizer: Any = None, **kwargs: Any) -> Iterator[str]:
+        """Yield the text of ``prompt``'s continuation piece by piece as it is generated
+        (same options as :meth:`generate`)."""
+        from ttpu.generation.generate import stream
+
+        return stream(self, prompt, tokenizer=tokenizer, **kwargs)
+
+    def decoder(self) -> Any:
+        """The compiled prefill/decode loop (built on first use)."""
+        if self._decoder is None:
+            self._decoder = self._backend.decoder(self._forward, self.torch_module)
+        return self._decoder
 
     def _padding_is_invisible(self, arrays: dict, constants: dict) -> bool:
         """Compare bucket-padded and exact-shape outputs on these inputs, every position

@@ -59,3 +59,7 @@ class Backend(ABC):
     @abstractmethod
     def compile(self, module: torch.nn.Module) -> CompiledForward:
         """Wrap an eval-mode torch module (already in its final dtype)."""
+
+    @abstractmethod
+    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:
+        """The compiled prefill/decode loop of a causal LM (``ttpu.generation``)."""

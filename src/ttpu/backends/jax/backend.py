@@ -20,6 +20,7 @@ from transformers.utils import logging as transformers_logging
 from ttpu.backends.base import Backend, CompiledForward
 from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees
 from ttpu.backends.jax.environment import cpu_to_jax, tracing_environment
+from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import CompilationError
 
@@ -50,6 +51,11 @@ class JaxBackend(Backend):
     def compile(self, module: torch.nn.Module) -> JaxForward:
         return JaxForward(module)
 
+    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:
+        from ttpu.generation.decode import Decoder  # generation imports this module
+
+        return Decoder(forward, module)
+
 
 class JaxForward(CompiledForward):
     """The module's forward as ahead-of-time compiled XLA executables, one per signature.
@@ -61,14 +67,14 @@ class JaxForward(CompiledForward):
     def __init__(self, module: torch.nn.Module) -> None:
         pytrees.register_transformers_pytrees()
         self._env = tracing_environment()
+        self._module = module
         with _quiet_attribute_scan():
             self._jittable = torchax.interop.JittableModule(module)
         _drop_computed_tensors(self._jittable.buffers, module)
         _keep_small_buffers_constant(self._jittable.buffers, module)
         weights = {**self._jittable.params, **self._jittable.buffers}
         self._params = {name: _to_jax(t.detach()) for name, t in weights.items()}
-        self._jitted = jax.jit(self._forward, static_argnums=2)
-        self._executables: dict[Any, Any] = {}
+        self._executables = Executables(self._forward, static_argnums=(2,))
 
     @property
     def params(self) -> dict[str, jax.Array]:
@@ -86,34 +92,29 @@ class JaxForward(CompiledForward):
         return jax.tree.map(self.to_array, value)
 
     def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
-        frozen = _freeze(constants)
-        leaves, structure = jax.tree.flatten(arrays)
-        key = (frozen, structure, tuple((x.shape, x.dtype) for x in leaves))
-        executable = self._executables.get(key)
-        if executable is None:
-            with _compile_errors():
-                executable = self._jitted.lower(self._params, dict(arrays), frozen).compile()
-            self._executables[key] = executable
-        return executable(self._params, dict(arrays))
+        return self._executables(self._params, dict(arrays), _freeze(constants))
 
     def output_shapes(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
-        with _compile_errors():
-            return jax.eval_shape(self._jitted, self._params, dict(arrays), _freeze(constants))
+        return self._executables.output_shapes(self._params, dict(arrays), _freeze(constants))
 
     def _forward(self, params: dict[str, jax.Array], arrays: dict[str, Any], constants: Constants):
+        out = self.call_traced(params, {**self._env.j2t_iso(arrays), **dict(constants)})
+        return torch_pytree.tree_map_only(torch.Tensor, _to_jax, out)
+
+    def call_traced(self, params: dict[str, jax.Array], inputs: dict[str, Any]) -> Any:
+        """The module's forward on torch-side inputs (traced tensors, caches, constants),
+        inside a jax trace; returns the torch-side output. Building block of larger
+        compiled programs such as the generation loop."""
         env = self._env
         weights = env.j2t_iso(params)
-        inputs = env.j2t_iso(arrays)
         buffers = {k: weights.pop(k) for k in self._jittable.buffers}
-        with env, torch.no_grad(), _value_checks_off(), _module_tracker() as modules:
+        with env, torch.no_grad(), _value_checks_off(), _module_state_kept(self._module), _module_tracker() as modules:
             try:
-                out = self._jittable.functional_call(
-                    "forward", weights, buffers, **inputs, **dict(constants)
-                )
+                out = self._jittable.functional_call("forward", weights, buffers, **inputs)
             except Exception as exc:
                 raise CompilationError(_describe_failure(exc, modules)) from exc
         pytrees.register_transformers_pytrees()  # output classes defined since __init__
-        return torch_pytree.tree_map_only(torch.Tensor, _to_jax, out)
+        return out
 
 
 def _drop_computed_tensors(buffers: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
@@ -189,6 +190,27 @@ def _value_checks_off() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _module_state_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Undo tensors a forward caches on its modules (``self.table = self.table.to(device)``
+    in GPT-J, random masks ...): left in place they would be traced values of this trace,
+    leaking into every later one."""
+    saved = [(m, dict(m._buffers), _tensor_attributes(m)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, buffers, attributes in saved:
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            for name in _tensor_attributes(m).keys() - attributes.keys():
+                delattr(m, name)
+            m.__dict__.update(attributes)
+
+
+def _tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}
+
+
+@contextlib.contextmanager
 def _module_tracker() -> Iterator[list[str]]:
     """Track which modules are running (outermost first), so a failure can name them."""
     stack: list[str] = []
@@ -228,16 +250,3 @@ def _model_source_line(exc: Exception) -> str:
         return "unknown"
     frame = frames[-1]
     return f"{Path(frame.filename).name}:{frame.lineno}: {(frame.line or '').strip()}"
-
-
-@contextlib.contextmanager
-def _compile_errors() -> Iterator[None]:
-    try:
-        yield
-    except CompilationError:
-        raise
-    except Exception as exc:
-        raise CompilationError(
-            f"XLA compilation failed: {type(exc).__name__}: {exc}\n"
-            "  run `ttpu doctor MODEL` for the backend, attention and patches in use."
-        ) from exc

@@ -1,0 +1,142 @@
+"""The KV cache of compiled generation: fixed-size jax arrays, seen by the model as a
+transformers ``Cache``.
+
+The state that crosses ``jax.jit`` boundaries is :class:`KVState` (plain arrays: one
+key and one value array per layer plus the number of positions written). Inside a traced
+step it is wrapped as :class:`TracedStaticCache`, a transformers ``Cache`` built from
+``StaticLayer`` objects, and handed to the model as ``past_key_values``: the model writes
+its new keys and values through the cache's own ``update`` (an in-place ``index_copy_``
+that torchax turns into a functional update), and the updated arrays are read back out.
+
+Every layer holds the full length, sliding-window and chunked layers too: the write
+position is a traced value (one executable serves every step), and the masks
+transformers builds from the window size and absolute positions keep those layers exact.
+transformers' own sliding layers are ring buffers driven by a Python counter, which would
+compile once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
+
+from ttpu.backends.jax.environment import to_traced
+from ttpu.errors import InvalidArgumentError
+
+
+class KVState(NamedTuple):
+    """Keys and values of every layer, [batch, kv_heads, max_length, head_dim] each, and
+    how many positions have been written (a scalar shared by all rows: prompts are
+    left-padded to one length)."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    length: jax.Array
+
+
+class LayerShape(NamedTuple):
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+    sliding: bool
+
+
+class CacheLayout(NamedTuple):
+    """Per-layer cache shapes of a model and the cache dtype."""
+
+    layers: tuple[LayerShape, ...]
+    dtype: Any
+
+    @property
+    def sliding(self) -> tuple[bool, ...]:
+        return tuple(layer.sliding for layer in self.layers)
+
+    def empty(self, batch: int, max_length: int) -> KVState:
+        """A zeroed cache for ``batch`` sequences of up to ``max_length`` positions."""
+        keys = tuple(jnp.zeros((batch, l.kv_heads, max_length, l.key_dim), self.dtype) for l in self.layers)
+        values = tuple(jnp.zeros((batch, l.kv_heads, max_length, l.value_dim), self.dtype) for l in self.layers)
+        return KVState(keys, values, jnp.zeros((), jnp.int32))
+
+
+def probe_layout(call_traced: Callable[[Any, dict], Any], params: Any) -> CacheLayout:
+    """Learn the cache layout by tracing (not running) one token through the model with
+    transformers' default cache: heads, head sizes and dtype per layer as the model
+    really produces them (latent attention, shared heads and config quirks included).
+    ``call_traced(params, inputs)`` is the backend's traced forward."""
+    found: dict[str, Any] = {}
+
+    def one_token(params: Any, ids: jax.Array) -> Any:
+        out = call_traced(params, {"input_ids": to_traced(ids), "use_cache": True})
+        cache = getattr(out, "past_key_values", None)
+        if not isinstance(cache, Cache):
+            raise InvalidArgumentError(
+                f"generate() needs a model that returns a transformers Cache; "
+                f"{type(out).__name__} has past_key_values={type(cache).__name__}."
+            )
+        found["cache"] = cache
+        _refuse_unsupported_layers(cache)
+        return [(layer.keys.jax(), layer.values.jax()) for layer in cache.layers]
+
+    shapes = jax.eval_shape(one_token, params, jax.ShapeDtypeStruct((1, 1), jnp.int32))
+    layers = tuple(
+        LayerShape(keys.shape[1], keys.shape[-1], values.shape[-1], bool(sliding))
+        for (keys, values), sliding in zip(shapes, found["cache"].is_sliding)
+    )
+    return CacheLayout(layers, shapes[0][0].dtype)
+
+
+def _refuse_unsupported_layers(cache: Cache) -> None:
+    odd = sorted(
+        {
+            type(layer).__name__
+            for layer, linear, dummy in zip(cache.layers, cache.is_linear, cache.is_dummy)
+            if linear or dummy or not isinstance(layer, CacheLayerMixin)
+        }
+    )
+    if odd:
+        raise InvalidArgumentError(
+            f"generate() supports decoders whose every layer caches attention keys and values; "
+            f"this model also has {odd} cache layers (recurrent, linear-attention or shared KV). "
+            "Call the model directly (model(...)) for its forward pass."
+        )
+
+
+class TracedStaticLayer(StaticLayer):
+    """A ``StaticLayer`` over traced arrays, already initialised; transformers' own
+    ``update`` writes into it at the traced position ``cumulative_length``."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, sliding: bool):
+        super().__init__(max_cache_len=keys.shape[2])
+        self.is_sliding = sliding
+        self.keys, self.values = keys, values
+        self.cumulative_length = length
+        self.dtype, self.device = keys.dtype, keys.device
+        self.batch_size, self.num_heads = keys.shape[:2]
+        self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
+        self.is_initialized = True
+
+
+class TracedStaticCache(Cache):
+    """A transformers ``Cache`` over a :class:`KVState`, for use inside a traced step."""
+
+    def __init__(self, state: KVState, layout: CacheLayout) -> None:
+        layers = [
+            # Each layer counts its own writes, as transformers' layers do.
+            TracedStaticLayer(*to_traced((k, v, state.length)), sliding)
+            for k, v, sliding in zip(state.keys, state.values, layout.sliding)
+        ]
+        super().__init__(layers=layers)
+        self._start = state.length
+
+    def state(self, written: int) -> KVState:
+        """The arrays after the model ran, ``written`` more positions filled."""
+        return KVState(
+            tuple(layer.keys.jax() for layer in self.layers),
+            tuple(layer.values.jax() for layer in self.layers),
+            self._start + written,
+        )

@@ -1,0 +1,1 @@
+"""Generation: settings, sampling, the compiled decode loop, stop strings and streaming."""

@@ -1,0 +1,135 @@
+"""The compiled decode loop: a jitted prefill and a jitted ``lax.while_loop`` of decode
+steps, the whole state (KV cache, tokens, PRNG key) passed in, donated and returned.
+
+Layout of a batch: prompts left-padded to one length ``P``; index ``i`` of the cache and
+of the token buffer is the same position for every row. The prefill writes indices
+``0..P-1`` and picks the first new token (index ``P``); each step feeds the token at
+index ``cache.length`` and writes the next one after it. One host call runs up to
+``steps`` tokens, stopping early when every row has finished.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from ttpu.backends.jax.backend import JaxForward
+from ttpu.backends.jax.environment import to_traced
+from ttpu.backends.jax.executables import Executables
+from ttpu.backends.jax.kv_cache import KVState, TracedStaticCache, probe_layout
+from ttpu.generation.sampling import SamplingMode, SamplingValues, next_tokens
+
+
+class DecodeState(NamedTuple):
+    """Everything the loop carries from one token to the next."""
+
+    kv: KVState
+    tokens: jax.Array  # [batch, max_length] every token at its cache index
+    mask: jax.Array  # [batch, max_length] 1 where a real token sits
+    positions: jax.Array  # [batch] position id of the token fed next
+    generated: jax.Array  # () tokens generated so far
+    finished: jax.Array  # [batch] ended with an EOS token
+    key: jax.Array  # PRNG key
+
+
+class Decoder:
+    """Compiled prefill and decode steps of one causal LM."""
+
+    def __init__(self, forward: JaxForward, module: torch.nn.Module):
+        self._forward = forward
+        self.layout = probe_layout(forward.call_traced, forward.params)
+        accepted = set(inspect.signature(module.forward).parameters)
+        self._takes_positions = "position_ids" in accepted
+        self._takes_logits_to_keep = "logits_to_keep" in accepted
+        self._prefill = Executables(self._prefill_program, static_argnums=(6,), donate_argnums=(1,))
+        self._advance = Executables(self._advance_program, static_argnums=(4,), donate_argnums=(1,))
+
+    @property
+    def compile_count(self) -> int:
+        return len(self._prefill) + len(self._advance)
+
+    def start(
+        self,
+        input_ids: np.ndarray,
+        prompt_mask: np.ndarray,
+        max_length: int,
+        mode: SamplingMode,
+        values: SamplingValues,
+        key: jax.Array,
+    ) -> DecodeState:
+        """Run the prompts (left-padded [batch, P]) and pick each row's first new token."""
+        kv = self.layout.empty(input_ids.shape[0], max_length)
+        return self._prefill(
+            self._forward.params, kv, jnp.asarray(input_ids, jnp.int32),
+            jnp.asarray(prompt_mask, jnp.int32), key, values, mode,
+        )
+
+    def advance(self, state: DecodeState, steps: int, mode: SamplingMode, values: SamplingValues) -> DecodeState:
+        """Generate up to ``steps`` more tokens (fewer if all rows finish or the limit is hit).
+        ``state`` is donated: use the returned one."""
+        return self._advance(self._forward.params, state, jnp.int32(steps), values, mode)
+
+    def _model_step(self, params: Any, kv: KVState, ids: jax.Array, positions: jax.Array, mask: jax.Array):
+        cache = TracedStaticCache(kv, self.layout)
+        inputs = {
+            "input_ids": to_traced(ids),
+            "attention_mask": to_traced(mask),
+            "past_key_values": cache,
+            "use_cache": True,
+        }
+        if self._takes_positions:
+            inputs["position_ids"] = to_traced(positions)
+        if self._takes_logits_to_keep:
+            inputs["logits_to_keep"] = 1
+        out = self._forward.call_traced(params, inputs)
+        return out.logits.jax()[:, -1], cache.state(ids.shape[1])
+
+    def _prefill_program(self, params, kv, ids, prompt_mask, key, values: SamplingValues, mode: SamplingMode):
+        batch, prompt_length = ids.shape
+        max_length = kv.keys[0].shape[2]
+        positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+        mask = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
+        logits, kv = self._model_step(params, kv, ids, positions, mask)
+        tokens = jnp.full((batch, max_length), values.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
+        key, draw = jax.random.split(key)
+        token = next_tokens(logits, draw, tokens, mask, jnp.int32(0), mode, values)
+        return DecodeState(
+            kv=kv,
+            tokens=tokens.at[:, prompt_length].set(token),
+            mask=mask.at[:, prompt_length].set(1),
+            positions=positions[:, -1] + 1,
+            generated=jnp.int32(1),
+            finished=jnp.isin(token, values.eos_ids),
+            key=key,
+        )
+
+    def _advance_program(self, params, state: DecodeState, steps, values: SamplingValues, mode: SamplingMode):
+        limit = jnp.minimum(state.generated + steps, values.max_new_tokens)
+
+        def more(s: DecodeState) -> jax.Array:
+            return (s.generated < limit) & ~jnp.all(s.finished)
+
+        def step(s: DecodeState) -> DecodeState:
+            index = s.kv.length
+            fed = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)
+            logits, kv = self._model_step(params, s.kv, fed, s.positions[:, None], s.mask)
+            key, draw = jax.random.split(s.key)
+            token = next_tokens(logits, draw, s.tokens, s.mask, s.generated, mode, values)
+            token = jnp.where(s.finished, values.pad_id, token)
+            ones = jnp.ones((token.shape[0], 1), jnp.int32)
+            return DecodeState(
+                kv=kv,
+                tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], index + 1, axis=1),
+                mask=jax.lax.dynamic_update_slice_in_dim(s.mask, ones, index + 1, axis=1),
+                positions=s.positions + 1,
+                generated=s.generated + 1,
+                finished=s.finished | jnp.isin(token, values.eos_ids),
+                key=key,
+            )
+
+        return jax.lax.while_loop(more, step, state)

@@ -1,0 +1,247 @@
+"""``generate`` and ``stream``: prompts in, token ids (or text pieces) out.
+
+The host side of generation: validate the prompts and settings, pad them to buckets
+(left-padded prompt lengths and batch sizes rounded up, the cache length rounded up to a
+power of two), then drive the compiled :class:`~ttpu.generation.decode.Decoder` in
+chunks of steps. Between chunks the host only reads the tokens, to check stop strings or
+stream text; without either, one call runs the whole generation.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+import torch
+
+from ttpu.errors import InvalidArgumentError
+from ttpu.generation.config import GenerationSettings, resolve_settings
+from ttpu.generation.sampling import split_settings
+from ttpu.generation.stopping import StopStrings
+from ttpu.generation.streaming import TextPieces
+
+if TYPE_CHECKING:
+    from ttpu.model import TPUModel
+
+# Tokens per host call while stop strings are watched.
+STOP_CHECK_EVERY = 16
+MIN_CACHE_LENGTH = 32
+
+
+def generate(
+    model: TPUModel,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    generation_config: Any = None,
+    seed: int | None = None,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Token ids [batch * num_return_sequences, prompt + new], as transformers returns them:
+    the prompt as given, then the new tokens, padded after a row ends."""
+    ids, mask = _prompts(input_ids, attention_mask)
+    settings = _settings(model, ids, generation_config, seed, kwargs)
+    chunk = STOP_CHECK_EVERY if settings.stop_strings else settings.max_new_tokens
+    generated = None
+    for generated in _decode_chunks(model, ids, mask, settings, tokenizer or model.tokenizer, chunk):
+        pass
+    ids = np.repeat(ids, settings.num_return_sequences, axis=0)
+    return np.concatenate([ids, generated], axis=1)
+
+
+def stream(
+    model: TPUModel,
+    prompt: str,
+    *,
+    tokenizer: Any = None,
+    generation_config: Any = None,
+    seed: int | None = None,
+    skip_special_tokens: bool = True,
+    **kwargs: Any,
+) -> Iterator[str]:
+    """Text pieces of one prompt's continuation, as they are generated."""
+    tokenizer = tokenizer or model.tokenizer
+    if tokenizer is None:
+        raise InvalidArgumentError(
+            "stream() needs a tokenizer: pass stream(prompt, tokenizer=...) or load the model "
+            "from a directory or hub id that has one."
+        )
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError(f"stream() takes one prompt string (got {type(prompt).__name__})")
+    ids, mask = _prompts(tokenizer(prompt, return_tensors="np")["input_ids"], None)
+    settings = _settings(model, ids, generation_config, seed, kwargs)
+    if settings.num_return_sequences != 1:
+        raise InvalidArgumentError("stream() generates one sequence: num_return_sequences must be 1")
+    pieces = TextPieces(tokenizer, skip_special_tokens)
+    sent = 0
+    for generated in _decode_chunks(model, ids, mask, settings, tokenizer, chunk=1):
+        row = [int(t) for t in generated[0]]
+        piece = pieces.add(row[sent:])
+        sent = len(row)
+        if piece:
+            yield piece
+    rest = pieces.flush()
+    if rest:
+        yield rest
+
+
+def _settings(model: TPUModel, ids: np.ndarray, generation_config: Any, seed: int | None, kwargs: dict) -> GenerationSettings:
+    if model.task != "causal-lm":
+        raise InvalidArgumentError(
+            f"generate() runs causal language models; this model was loaded for task "
+            f"{model.task!r}. Load it with task='causal-lm' if it is a decoder."
+        )
+    settings = resolve_settings(
+        model.config,
+        getattr(model.torch_module, "generation_config", None),
+        prompt_length=ids.shape[1],
+        generation_config=generation_config,
+        seed=seed,
+        **kwargs,
+    )
+    context = _context_length(model)
+    if context is not None and ids.shape[1] + settings.max_new_tokens > context:
+        raise InvalidArgumentError(
+            f"the prompt ({ids.shape[1]} tokens) plus max_new_tokens ({settings.max_new_tokens}) "
+            f"exceeds the model's context of {context} positions; shorten the prompt or "
+            "lower max_new_tokens."
+        )
+    return settings
+
+
+def _prompts(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as int64 [batch, length] with a mask; clear errors for empty ones."""
+    ids = _to_numpy(input_ids, "input_ids")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidArgumentError(
+            f"input_ids must be integer token ids shaped [batch, length] (got {ids.dtype} {ids.shape})"
+        )
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InvalidArgumentError(f"the prompt is empty (input_ids shape {ids.shape}); give at least one token")
+    mask = np.ones_like(ids) if attention_mask is None else _to_numpy(attention_mask, "attention_mask")
+    mask = mask.reshape(ids.shape) if mask.size == ids.size else mask
+    if mask.shape != ids.shape:
+        raise InvalidArgumentError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
+    mask = (mask != 0).astype(np.int64)
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise InvalidArgumentError(f"prompt row(s) {empty.tolist()} are empty (attention_mask all zeros)")
+    if (mask[:, -1] == 0).any():
+        raise InvalidArgumentError(
+            "prompts must be left-padded for generation (the last position of every row must be "
+            "a real token); set tokenizer.padding_side = 'left'."
+        )
+    return ids.astype(np.int64), mask
+
+
+def _to_numpy(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as exc:
+        raise InvalidArgumentError(f"{name} must be an array of token ids (got {type(value).__name__})") from exc
+
+
+def _context_length(model: TPUModel) -> int | None:
+    text = model.config.get_text_config(decoder=True)
+    context = getattr(text, "max_position_embeddings", None)
+    return context if isinstance(context, int) else None
+
+
+def _decode_chunks(
+    model: TPUModel,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    settings: GenerationSettings,
+    tokenizer: Any,
+    chunk: int,
+) -> Iterator[np.ndarray]:
+    """After each chunk of steps, the new tokens so far [batch, n] (rows that ended padded)."""
+    stop = StopStrings(settings.stop_strings, tokenizer)
+    ids = np.repeat(ids, settings.num_return_sequences, axis=0)
+    mask = np.repeat(mask, settings.num_return_sequences, axis=0)
+    batch, length = ids.shape
+    vocab_size = model.config.get_text_config(decoder=True).vocab_size
+    # Bucket padding is masked out, but must still be a valid embedding row.
+    filler = settings.pad_token_id if 0 <= settings.pad_token_id < vocab_size else 0
+    padded_ids, padded_mask = _pad_prompts(model, ids, mask, filler)
+    prompt_length = padded_ids.shape[1]
+    max_length = max(MIN_CACHE_LENGTH, _next_power_of_two(prompt_length + settings.max_new_tokens))
+    decoder = model.decoder()
+    mode, values = split_settings(settings, vocab_size)
+    seed = secrets.randbits(63) if settings.seed is None else settings.seed
+    state = decoder.start(padded_ids, padded_mask, max_length, mode, values, jax.random.key(seed))
+    if padded_ids.shape[0] > batch:  # rows added for the batch bucket never hold the loop
+        state = state._replace(finished=state.finished.at[batch:].set(True))
+    eos = np.asarray(settings.eos_token_ids, np.int64)
+    stopped: dict[int, int] = {}
+    while True:
+        count = int(state.generated)
+        tokens = np.asarray(state.tokens[:batch, prompt_length : prompt_length + count], np.int64)
+        newly_stopped = _check_stop_strings(stop, tokens, eos, stopped)
+        lengths, ended = _row_ends(tokens, eos, stopped)
+        done = count >= settings.max_new_tokens or bool(ended.all())
+        width = int(lengths.max()) if done else count
+        out = tokens[:, :width].copy()
+        out[np.arange(width)[None, :] >= lengths[:, None]] = settings.pad_token_id
+        yield out
+        if done:
+            return
+        if newly_stopped:
+            state = state._replace(finished=state.finished.at[np.asarray(newly_stopped)].set(True))
+        state = decoder.advance(state, chunk, mode, values)
+
+
+def _pad_prompts(model: TPUModel, ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad the prompt length and repeat the last row up to the buckets."""
+    batch, length = ids.shape
+    policy = model.buckets
+    padded_length = policy.round_up(length, policy.sequence)
+    padded_batch = policy.round_up(batch, policy.batch)
+    left = padded_length - length
+    ids = np.pad(ids, ((0, 0), (left, 0)), constant_values=pad_id)
+    mask = np.pad(mask, ((0, 0), (left, 0)))
+    rows = np.minimum(np.arange(padded_batch), batch - 1)
+    return ids[rows], mask[rows]
+
+
+def _check_stop_strings(stop: StopStrings, tokens: np.ndarray, eos: np.ndarray, stopped: dict[int, int]) -> list[int]:
+    """Record rows whose text now holds a stop string; return the newly stopped rows."""
+    if not stop:
+        return []
+    newly = []
+    for row, row_tokens in enumerate(tokens):
+        if row in stopped:
+            continue
+        kept = stop.first_stop(row_tokens[: _eos_length(row_tokens, eos)].tolist())
+        if kept is not None:
+            stopped[row] = kept
+            newly.append(row)
+    return newly
+
+
+def _row_ends(tokens: np.ndarray, eos: np.ndarray, stopped: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's length so far, and whether it has ended (EOS or stop string)."""
+    lengths = np.array([_eos_length(row, eos) for row in tokens], np.int64)
+    ended = np.isin(tokens, eos).any(axis=1) if eos.size else np.zeros(len(tokens), bool)
+    for row, kept in stopped.items():
+        lengths[row] = min(lengths[row], kept)
+        ended[row] = True
+    return lengths, ended
+
+
+def _eos_length(row: np.ndarray, eos: np.ndarray) -> int:
+    """Tokens up to and including the first EOS (all of them without one)."""
+    hits = np.flatnonzero(np.isin(row, eos)) if eos.size else ()
+    return int(hits[0]) + 1 if len(hits) else len(row)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

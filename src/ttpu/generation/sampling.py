@@ -1,0 +1,124 @@
+"""Choosing the next token in JAX, with transformers' logits processors semantics.
+
+Order as in ``transformers``: repetition penalty, minimum new tokens (EOS suppressed),
+then for sampling temperature, top-k, top-p, min-p, and a draw with an explicit PRNG key.
+Numeric settings are traced (:class:`SamplingValues`): changing them does not recompile.
+What changes the program's shape is static (:class:`SamplingMode`): greedy or sampled,
+the top-k size, and which filters are on.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ttpu.generation.config import GenerationSettings
+
+NEG_INF = -jnp.inf
+
+
+class SamplingMode(NamedTuple):
+    """The static part of the settings (part of the compiled program)."""
+
+    do_sample: bool
+    top_k: int
+    top_p: bool
+    min_p: bool
+    repetition_penalty: bool
+    eos_count: int
+
+
+class SamplingValues(NamedTuple):
+    """The traced part of the settings (arguments of the compiled program)."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    min_new_tokens: jax.Array
+    max_new_tokens: jax.Array
+    eos_ids: jax.Array  # [eos_count]
+    pad_id: jax.Array
+
+
+def split_settings(settings: GenerationSettings, vocab_size: int) -> tuple[SamplingMode, SamplingValues]:
+    top_k = settings.top_k if settings.do_sample and 0 < settings.top_k < vocab_size else 0
+    mode = SamplingMode(
+        do_sample=settings.do_sample,
+        top_k=top_k,
+        top_p=settings.do_sample and settings.top_p < 1.0,
+        min_p=settings.do_sample and settings.min_p > 0.0,
+        repetition_penalty=settings.repetition_penalty != 1.0,
+        eos_count=len(settings.eos_token_ids),
+    )
+    values = SamplingValues(
+        temperature=jnp.float32(settings.temperature),
+        top_p=jnp.float32(settings.top_p),
+        min_p=jnp.float32(settings.min_p),
+        repetition_penalty=jnp.float32(settings.repetition_penalty),
+        min_new_tokens=jnp.int32(settings.min_new_tokens),
+        max_new_tokens=jnp.int32(settings.max_new_tokens),
+        eos_ids=jnp.asarray(settings.eos_token_ids, jnp.int32).reshape(-1),
+        pad_id=jnp.int32(settings.pad_token_id),
+    )
+    return mode, values
+
+
+def next_tokens(
+    logits: jax.Array,
+    key: jax.Array,
+    seen: jax.Array,
+    seen_mask: jax.Array,
+    generated: jax.Array,
+    mode: SamplingMode,
+    values: SamplingValues,
+) -> jax.Array:
+    """The next token of each row from its last logits [batch, vocab].
+
+    ``seen`` [batch, n] holds the tokens so far (prompt and generated), ``seen_mask``
+    which of them are real; ``generated`` counts the tokens generated before this one.
+    """
+    logits = logits.astype(jnp.float32)
+    if mode.repetition_penalty:
+        logits = _penalize_repetitions(logits, seen, seen_mask, values.repetition_penalty)
+    if mode.eos_count:
+        too_early = generated < values.min_new_tokens
+        eos = jnp.zeros(logits.shape[-1], jnp.bool_).at[values.eos_ids].set(True)
+        logits = jnp.where(too_early & eos, NEG_INF, logits)
+    if not mode.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, mode, values), axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits: jax.Array, mode: SamplingMode, values: SamplingValues) -> jax.Array:
+    """Temperature, then top-k, top-p and min-p filtering (removed tokens get -inf)."""
+    logits = logits / values.temperature
+    if mode.top_k:
+        candidates = jax.lax.top_k(logits, mode.top_k)[0]  # descending
+        logits = jnp.where(logits < candidates[..., -1:], NEG_INF, logits)
+    else:
+        candidates = None
+    if mode.top_p:
+        # Only the top-k candidates can survive: sorting them is enough when top-k is on.
+        ascending = jnp.sort(logits, axis=-1) if candidates is None else candidates[..., ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        # Remove the low tail whose mass is <= 1 - top_p, always keeping the top token.
+        removed = jnp.sum(cumulative[..., :-1] <= 1 - values.top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(ascending, removed, axis=-1)
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    if mode.min_p:
+        probs = jax.nn.softmax(logits, axis=-1)
+        floor = values.min_p * jnp.max(probs, axis=-1, keepdims=True)
+        logits = jnp.where(probs < floor, NEG_INF, logits)
+    return logits
+
+
+def _penalize_repetitions(
+    logits: jax.Array, seen: jax.Array, seen_mask: jax.Array, penalty: jax.Array
+) -> jax.Array:
+    rows = jnp.arange(logits.shape[0])[:, None]
+    was_seen = jnp.zeros(logits.shape, jnp.bool_).at[rows, seen].max(seen_mask.astype(jnp.bool_))
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(was_seen, penalized, logits)
