@@ -50,12 +50,16 @@ def dot_product_attention(
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, groups, q_len, query.shape[-1])
-    scores = jnp.einsum("bkgqd,bktd->bkgqt", q, key, preferred_element_type=jnp.float32)
+    # Scores as [batch, kv_heads, kv_seq, groups, q_seq]: keys are the left operand, so
+    # XLA reads the (cached) keys in place instead of transposing them on every call.
+    scores = jax.lax.dot_general(
+        key, q, (((3,), (4,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
+    )
     scores = scores * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     if mask is not None:
-        mask = _group_heads(mask, kv_heads, groups)
+        mask = jnp.moveaxis(_group_heads(mask, kv_heads, groups), -1, 2)
         if mask.dtype == jnp.bool_:
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         else:
@@ -63,14 +67,16 @@ def dot_product_attention(
             # which would leak into real positions through 0 * NaN in later layers.
             scores = jnp.maximum(scores + mask.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     if sinks is not None:
-        sink_logits = sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1)
-        sink_logits = jnp.broadcast_to(sink_logits, scores.shape[:-1] + (1,))
-        probs = jax.nn.softmax(jnp.concatenate([scores, sink_logits], axis=-1), axis=-1)
-        probs = probs[..., :-1]
+        sink_logits = sinks.astype(jnp.float32).reshape(1, kv_heads, 1, groups, 1)
+        sink_logits = jnp.broadcast_to(sink_logits, (*scores.shape[:2], 1, *scores.shape[3:]))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink_logits], axis=2), axis=2)
+        probs = probs[:, :, :-1]
     else:
-        probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgqt,bktd->bqkgd", probs.astype(value.dtype), value)
-    return out.reshape(batch, q_len, q_heads, value.shape[-1])
+        probs = jax.nn.softmax(scores, axis=2)
+    out = jax.lax.dot_general(
+        probs.astype(value.dtype), value, (((2,), (2,)), ((0, 1), (0, 1)))
+    )  # [batch, kv_heads, groups, q_seq, dim]
+    return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, q_heads, value.shape[-1])
 
 
 def scaled_dot_product_attention(
