@@ -13,7 +13,14 @@ import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from ttpu.backends import Backend, CompiledForward
-from ttpu.buckets import BucketPolicy, PaddedInputs, pad_inputs, padded_axes, probe_shapes, unpad_outputs
+from ttpu.buckets import (
+    BucketPolicy,
+    PaddedInputs,
+    pad_inputs,
+    padded_axes,
+    probe_shapes,
+    unpad_outputs,
+)
 from ttpu.inputs import bind_arguments, split_inputs
 from ttpu.patches import Patch
 

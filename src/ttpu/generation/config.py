@@ -61,7 +61,10 @@ def resolve_settings(
     if base is None:
         base = GenerationConfig.from_model_config(model_config)
     config = copy.deepcopy(base)
-    unknown = config.update(**kwargs)
+    try:
+        unknown = config.update(**kwargs)
+    except ValueError as exc:  # transformers validates the updated fields
+        raise InvalidArgumentError(f"invalid generation setting: {exc}") from exc
     if unknown:
         raise InvalidArgumentError(
             f"unknown generate() argument(s) {sorted(unknown)}; generation options are the "

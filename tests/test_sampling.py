@@ -1,0 +1,102 @@
+"""Sampling filters agree with transformers' logits processors, and draws stay inside them."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from ttpu.generation.config import GenerationSettings
+from ttpu.generation.sampling import filter_logits, next_tokens, split_settings
+
+VOCAB = 16
+DRAWS = 20000
+
+
+def logits_rows(rows: int = 3) -> np.ndarray:
+    return np.random.default_rng(0).normal(0, 2, (rows, VOCAB)).astype(np.float32)
+
+
+def transformers_filter(logits: np.ndarray, settings: GenerationSettings) -> np.ndarray:
+    processors = [TemperatureLogitsWarper(settings.temperature)]
+    if settings.top_k:
+        processors.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1:
+        processors.append(TopPLogitsWarper(settings.top_p))
+    if settings.min_p:
+        processors.append(MinPLogitsWarper(settings.min_p))
+    scores = torch.from_numpy(logits)
+    for processor in processors:
+        scores = processor(None, scores)
+    return scores.numpy()
+
+
+FILTERS = {
+    "top_k": dict(top_k=4),
+    "top_p": dict(top_p=0.7),
+    "top_k+top_p": dict(top_k=6, top_p=0.5),
+    "min_p": dict(min_p=0.2),
+    "temperature+top_p": dict(temperature=0.5, top_p=0.9),
+}
+
+
+@pytest.mark.parametrize("options", FILTERS.values(), ids=FILTERS.keys())
+def test_filters_keep_the_same_tokens_as_transformers(options) -> None:
+    settings = GenerationSettings(max_new_tokens=1, do_sample=True, **options)
+    mode, values = split_settings(settings, VOCAB)
+    logits = logits_rows()
+    ours = np.asarray(filter_logits(logits, mode, values))
+    theirs = transformers_filter(logits, settings)
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
+    kept = np.isfinite(theirs)
+    np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(top_k=3), dict(top_p=0.6)], ids=["top_k", "top_p"])
+def test_draws_stay_in_the_allowed_set_with_the_right_frequencies(options) -> None:
+    settings = GenerationSettings(max_new_tokens=1, do_sample=True, **options)
+    mode, values = split_settings(settings, VOCAB)
+    logits = np.repeat(logits_rows(1), DRAWS, axis=0)
+    no_history = np.zeros((DRAWS, 1), np.int32)
+    draws = np.asarray(
+        next_tokens(logits, jax.random.key(0), no_history, no_history, 0, mode, values)
+    )
+    allowed = transformers_filter(logits[:1], settings)[0]
+    assert np.isfinite(allowed[draws]).all(), "a draw fell outside the allowed set"
+    expected = np.exp(allowed - allowed[np.isfinite(allowed)].max())
+    expected /= expected.sum()
+    observed = np.bincount(draws, minlength=VOCAB) / DRAWS
+    assert np.abs(observed - expected).max() < 0.02
+    assert np.count_nonzero(observed) == np.count_nonzero(expected)
+
+
+def test_repetition_penalty_matches_transformers() -> None:
+    settings = GenerationSettings(max_new_tokens=1, repetition_penalty=1.3)
+    mode, values = split_settings(settings, VOCAB)
+    logits = logits_rows(2)
+    seen = np.array([[1, 5, 5, 9], [2, 3, 0, 0]])
+    seen_mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])  # row 1's zeros are padding
+    ours = np.asarray(next_tokens(logits, jax.random.key(0), seen, seen_mask, 0, mode, values))
+    processor = RepetitionPenaltyLogitsProcessor(1.3)
+    for row, real in enumerate(seen_mask.astype(bool)):
+        history = torch.from_numpy(seen[row][real][None])
+        penalized = processor(history, torch.from_numpy(logits[row : row + 1])).numpy()
+        assert ours[row] == penalized.argmax()
+
+
+def test_min_new_tokens_holds_back_eos() -> None:
+    settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2, eos_token_ids=(3, 7))
+    mode, values = split_settings(settings, VOCAB)
+    logits = np.zeros((1, VOCAB), np.float32)
+    logits[0, 7], logits[0, 3], logits[0, 11] = 9.0, 8.0, 1.0
+    none = np.zeros((1, 1), np.int32)
+    pick = lambda generated: int(next_tokens(logits, jax.random.key(0), none, none, generated, mode, values)[0])
+    assert pick(0) == 11 and pick(1) == 11 and pick(2) == 7
