@@ -10,7 +10,8 @@ Measures, on whatever machine JAX runs on:
 * decode tokens/s per batch size, from the difference of two timed generations with
   different numbers of new tokens that share one KV-cache bucket (so both calls run
   the same executables and the prefill cancels out);
-* the same prefill and decode measurements for the model in eager PyTorch.
+* the same prefill and decode measurements for the model in eager PyTorch, run right
+  after ttpu's for each row (the machine's load drifts; neighbouring rows compare best).
 
 Every timing is the best of ``--repeats`` calls after an untimed warm-up of the same
 shape. The benchmark compiles into a private temporary compile cache (deleted on exit)
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import shlex
@@ -93,8 +93,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, default)
     args.batches = _int_list(args.batches)
     args.prefill_batches = _int_list(args.prefill_batches)
-    if args.new_tokens < 2:
-        parser.error("--new-tokens must be at least 2")
+    if args.new_tokens < 3:
+        parser.error("--new-tokens must be at least 3")
     return args
 
 
@@ -284,21 +284,26 @@ def measure_decode(
     return result, np.asarray(out)[:, ids.shape[1] :]
 
 
-def run_implementation(
-    impl: Implementation, tokenizer: Any, args: argparse.Namespace, plan: DecodePlan
-) -> BackendResults:
-    """All prefill and decode measurements of one implementation."""
-    prefill, decode, batch1_tokens = [], [], []
+def run_comparison(
+    impls: Sequence[Implementation], tokenizer: Any, args: argparse.Namespace, plan: DecodePlan
+) -> dict[str, BackendResults]:
+    """All prefill and decode measurements, the implementations one after the other for
+    each row, so that the machine's load changes affect the rows more than the ratios."""
+    results = {impl.name: BackendResults([], [], []) for impl in impls}
     for batch in args.prefill_batches:
-        log(f"[{impl.name}] prefill, batch {batch}, {args.prefill_tokens} tokens")
-        prefill.append(measure_prefill(impl, tokenizer, args.prefill_tokens, batch, args.repeats))
+        for impl in impls:
+            log(f"[{impl.name}] prefill, batch {batch}, {args.prefill_tokens} tokens")
+            results[impl.name].prefill.append(
+                measure_prefill(impl, tokenizer, args.prefill_tokens, batch, args.repeats)
+            )
     for batch in args.batches:
-        log(f"[{impl.name}] decode, batch {batch}, {plan.short} and {plan.long} new tokens")
-        result, tokens = measure_decode(impl, tokenizer, plan, batch, args.repeats)
-        decode.append(result)
-        if batch == 1:
-            batch1_tokens = tokens[0].tolist()
-    return BackendResults(prefill, decode, batch1_tokens)
+        for impl in impls:
+            log(f"[{impl.name}] decode, batch {batch}, {plan.short} and {plan.long} new tokens")
+            result, tokens = measure_decode(impl, tokenizer, plan, batch, args.repeats)
+            results[impl.name].decode.append(result)
+            if batch == 1:
+                results[impl.name].batch1_tokens = tokens[0].tolist()
+    return results
 
 
 def ttpu_implementation(model: Any) -> Implementation:
@@ -383,10 +388,10 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"ttpu generate benchmark: {r['model']} ({r['model_class']}, {r['dtype']}), backend {r['backend']}",
         f"command: {r['command']}",
-        f"device:  {r['devices']}; {r['cpu_count']} CPU cores; torch {r['torch_threads']} threads; "
+        f"device:  {r['devices']}, {r['cpu_count']} CPU cores; torch {torch.__version__}, {r['torch_threads']} threads; "
         f"eager attention: {r['eager_attention']}",
         "",
-        "memory bandwidth (best of 5)",
+        "memory bandwidth (best of 5 calls, measured before and after the generation timings)",
         f"  jitted jnp.sum over 1 GiB float32          {bw.sum_gbps:8.1f} GB/s",
         f"  jitted matvec, 1 GiB float32 matrix        {bw.matvec_gbps:8.1f} GB/s",
         f"  bandwidth (max of the two)                 {bw.best_gbps:8.1f} GB/s",
@@ -472,40 +477,37 @@ def benchmark(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     warm = run_compile_probe(args, cache)
 
     os.environ[COMPILE_CACHE_ENV] = str(cache)  # read by the first from_pretrained below
-    log(f"loading {args.model} with ttpu")
+    log(f"loading {args.model} with ttpu and with transformers (eager PyTorch)")
     model = load_ttpu(args)
+    transformers.logging.set_verbosity_error()
+    module = transformers.AutoModelForCausalLM.from_pretrained(resolve(args.model), dtype=model.dtype).eval()
     log("measuring memory bandwidth")
-    bandwidth = measure_bandwidth()
-    results: dict[str, Any] = {
+    before = measure_bandwidth()
+    impls = [ttpu_implementation(model), eager_implementation(module)]
+    compared = run_comparison(impls, model.tokenizer, args, plan)
+    log("measuring memory bandwidth again")
+    after = measure_bandwidth()
+    return {
         "model": args.model,
         "model_class": type(model.torch_module).__name__,
         "dtype": str(model.dtype).removeprefix("torch."),
         "backend": args.backend,
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
-        "devices": ", ".join(f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()),
+        "devices": f"jax {jax.__version__} {jax.devices()}",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "eager_attention": module.config._attn_implementation,
         "prefill_tokens": args.prefill_tokens,
         "repeats": args.repeats,
         "plan": plan,
-        "bandwidth": bandwidth,
+        "bandwidth": Bandwidth(max(before.sum_gbps, after.sum_gbps), max(before.matvec_gbps, after.matvec_gbps)),
         "bytes_per_step": weight_bytes_per_step(model),
         "param_arrays": len(model.params),
         "compile_cold": cold,
         "compile_warm": warm,
+        **compared,
+        "total_s": time.perf_counter() - started,
     }
-    results["ttpu"] = run_implementation(ttpu_implementation(model), model.tokenizer, args, plan)
-    tokenizer, dtype = model.tokenizer, model.dtype
-    del model
-    gc.collect()
-
-    log(f"loading {args.model} with transformers (eager PyTorch)")
-    transformers.logging.set_verbosity_error()
-    module = transformers.AutoModelForCausalLM.from_pretrained(resolve(args.model), dtype=dtype).eval()
-    results["eager_attention"] = module.config._attn_implementation
-    results["eager"] = run_implementation(eager_implementation(module), tokenizer, args, plan)
-    results["total_s"] = time.perf_counter() - started
-    return results
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -44,3 +44,56 @@ def test_bad_option_values_are_reported_not_raised(model_dir, capsys) -> None:
 def test_unknown_options_are_rejected() -> None:
     with pytest.raises(SystemExit):
         main(["predict", "hi", "--bogus"])
+
+
+def test_generate_prints_the_prompt_and_its_continuation(model_dir, capsys) -> None:
+    from ttpu import AutoModelForTPU
+
+    assert main(["generate", "the quick brown", "--model", model_dir, "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model = AutoModelForTPU.from_pretrained(model_dir)
+    expected = "the quick brown" + "".join(model.stream("the quick brown", max_new_tokens=5))
+    assert printed == expected.strip()
+
+
+def test_generate_rejects_bad_sampling_options(model_dir, capsys) -> None:
+    argv = ["generate", "the quick", "--model", model_dir, "--do-sample", "--top-p", "1.5"]
+    assert main(argv) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_chat_answers_each_turn(model_dir, tmp_path, monkeypatch, capsys) -> None:
+    from transformers import AutoTokenizer
+
+    from test_loading import tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tiny_llama().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("the quick\nbrown fox\n"))
+    assert main(["chat", "--model", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("> ") == 3  # two turns answered, then the end
+
+
+def test_chat_without_a_template_is_a_clear_error(model_dir, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n"))
+    assert main(["chat", "--model", model_dir]) == 2
+    assert "no chat template" in capsys.readouterr().err
+
+
+def test_unknown_chat_roles_are_refused() -> None:
+    from ttpu.errors import InvalidArgumentError
+    from ttpu.generation.chat import chat_prompt
+
+    class Templated:
+        chat_template = CHAT_TEMPLATE
+
+    with pytest.raises(InvalidArgumentError, match="chat roles are"):
+        chat_prompt(Templated(), [{"role": "wizard", "content": "hi"}])

@@ -1,4 +1,4 @@
-"""The ``ttpu`` command: doctor, predict, coverage."""
+"""The ``ttpu`` command: generate, chat, predict, doctor, coverage."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -15,15 +16,30 @@ DEFAULT_MODEL = "gemma-3-270m"
 
 @contextlib.contextmanager
 def step(message: str) -> Iterator[None]:
-    """Print a long step's name, then how long it took."""
-    print(f"{message} ...", end="", flush=True, file=sys.stderr)
+    """Show a long step's name with a live elapsed-time counter (on a terminal), then
+    how long it took."""
+    from tqdm.auto import tqdm
+
+    live = sys.stderr.isatty()
+    bar = tqdm(desc=message, bar_format="{desc} ... {elapsed}", file=sys.stderr, disable=not live)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.25):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
     start = time.perf_counter()
+    outcome = "failed"
     try:
         yield
-    except BaseException:
-        print(" failed", file=sys.stderr)
-        raise
-    print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        outcome = f"{time.perf_counter() - start:.1f} s"
+    finally:
+        done.set()
+        ticker.join()
+        bar.close()
+        print(f"{message} ... {outcome}", file=sys.stderr, flush=True)
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -133,6 +149,74 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    """Continue a prompt, printing the text as it is generated."""
+    if not args.prompt.strip():
+        print("error: the prompt is empty", file=sys.stderr)
+        return 2
+    model = _load(args)
+    _print_stream(model.stream(args.prompt, **_generation_options(args)), args.prompt)
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    """Talk with a model, turn by turn, through its tokenizer's chat template."""
+    from ttpu.generation.chat import chat_prompt
+
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        ids = chat_prompt(model.tokenizer, messages)
+        reply = _print_stream(model.stream(ids, **_generation_options(args)))
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def _print_stream(pieces: Iterator[str], prefix: str = "") -> str:
+    """Print generated text as it arrives (the first piece waits for compiling)."""
+    with step("prefill (compiles on first use of a shape bucket)"):
+        first = next(pieces, "")
+    print(prefix + first, end="", flush=True)
+    text = first
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        text += piece
+    print()
+    return text
+
+
+def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    if args.do_sample:
+        options.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.repetition_penalty is not None:
+        options["repetition_penalty"] = args.repetition_penalty
+    if args.stop:
+        options["stop_strings"] = args.stop
+    return options
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=50, help="0 turns it off")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    _add_model_options(parser)
+
+
 def coverage(args: argparse.Namespace) -> int:
     """Sweep every installed model type and write docs/COVERAGE.md."""
     from ttpu import coverage as sweep
@@ -149,6 +233,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttpu", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("generate", help=generate.__doc__)
+    p.add_argument("prompt")
+    _add_generation_options(p)
+    p.set_defaults(run=generate)
+
+    p = commands.add_parser("chat", help=chat.__doc__)
+    p.add_argument("--system", default=None, help="system message")
+    _add_generation_options(p)
+    p.set_defaults(run=chat)
 
     p = commands.add_parser("doctor", help=doctor.__doc__)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

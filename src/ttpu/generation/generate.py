@@ -55,7 +55,7 @@ def generate(
 
 def stream(
     model: TPUModel,
-    prompt: str,
+    prompt: str | Any,
     *,
     tokenizer: Any = None,
     generation_config: Any = None,
@@ -63,16 +63,19 @@ def stream(
     skip_special_tokens: bool = True,
     **kwargs: Any,
 ) -> Iterator[str]:
-    """Text pieces of one prompt's continuation, as they are generated."""
+    """Text pieces of one prompt's continuation, as they are generated. ``prompt`` is a
+    string or its token ids (one sequence)."""
     tokenizer = tokenizer or model.tokenizer
     if tokenizer is None:
         raise InvalidArgumentError(
             "stream() needs a tokenizer: pass stream(prompt, tokenizer=...) or load the model "
             "from a directory or hub id that has one."
         )
-    if not isinstance(prompt, str):
-        raise InvalidArgumentError(f"stream() takes one prompt string (got {type(prompt).__name__})")
-    ids, mask = _prompts(tokenizer(prompt, return_tensors="np")["input_ids"], None)
+    if isinstance(prompt, str):
+        prompt = tokenizer(prompt, return_tensors="np")["input_ids"]
+    ids, mask = _prompts(prompt, None)
+    if ids.shape[0] != 1:
+        raise InvalidArgumentError(f"stream() takes one prompt (got a batch of {ids.shape[0]})")
     settings = _settings(model, ids, generation_config, seed, kwargs)
     if settings.num_return_sequences != 1:
         raise InvalidArgumentError("stream() generates one sequence: num_return_sequences must be 1")
