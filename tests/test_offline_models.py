@@ -103,3 +103,38 @@ def test_minilm_sentence_embeddings_match_eager_pytorch(minilm) -> None:
     assert actual.shape == (len(SENTENCES), model.config.hidden_size)
     cosines = (actual * expected).sum(axis=1)
     assert (cosines >= 0.9999).all(), f"cosine similarities {cosines}"
+
+
+GENERATION_PROMPTS = [
+    CAKE,
+    "Paris is the capital of",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
+
+
+def hf_greedy(torch_model, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+    with torch.no_grad():
+        out = torch_model.generate(
+            torch.from_numpy(ids), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+        )
+    return out.numpy()
+
+
+@pytest.mark.parametrize("prompt", GENERATION_PROMPTS)
+def test_gemma_greedy_generation_equals_transformers(gemma, prompt) -> None:
+    model, torch_model = gemma
+    ids = model.tokenizer([prompt], return_tensors="np")["input_ids"]
+    expected = hf_greedy(torch_model, ids, 64)
+    actual = model.generate(ids, max_new_tokens=64, min_new_tokens=64)
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_gemma_prompt_longer_than_its_sliding_window(gemma) -> None:
+    model, torch_model = gemma
+    window = model.config.sliding_window
+    text = " ".join(f"Item {i}: a cake with {i % 7} layers." for i in range(200))
+    ids = model.tokenizer([text], return_tensors="np")["input_ids"][:, : window + 100]
+    assert ids.shape[1] > window
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=16), hf_greedy(torch_model, ids, 16))
