@@ -390,6 +390,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"command: {r['command']}",
         f"device:  {r['devices']}, {r['cpu_count']} CPU cores; torch {torch.__version__}, {r['torch_threads']} threads; "
         f"eager attention: {r['eager_attention']}",
+        f"load:    1-minute load average {r['load_average'][0]:.2f} at the start, {r['load_average'][1]:.2f} "
+        "at the end (other work on the machine slows every row)",
         "",
         "memory bandwidth (best of 5 calls, measured before and after the generation timings)",
         f"  jitted jnp.sum over 1 GiB float32          {bw.sum_gbps:8.1f} GB/s",
@@ -469,7 +471,7 @@ def to_json(results: dict[str, Any]) -> dict[str, Any]:
 
 def benchmark(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     """Run every measurement; ``cache`` is the (initially empty) compile cache directory."""
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     plan = plan_decode(args.new_tokens)
     log(f"compile, cold cache: fresh process, cache {cache}")
     cold = run_compile_probe(args, cache)
@@ -495,6 +497,7 @@ def benchmark(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
         "devices": f"jax {jax.__version__} {jax.devices()}",
         "cpu_count": os.cpu_count(),
+        "load_average": [load_at_start, os.getloadavg()[0]],
         "torch_threads": torch.get_num_threads(),
         "eager_attention": module.config._attn_implementation,
         "prefill_tokens": args.prefill_tokens,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from test_loading import tiny_llama, tiny_tokenizer
+
 from ttpu.cli import main
 
 
@@ -69,9 +69,8 @@ CHAT_TEMPLATE = (
 
 
 def test_chat_answers_each_turn(model_dir, tmp_path, monkeypatch, capsys) -> None:
-    from transformers import AutoTokenizer
-
     from test_loading import tiny_llama
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = CHAT_TEMPLATE

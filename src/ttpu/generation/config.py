@@ -112,12 +112,12 @@ def validate(settings: GenerationSettings) -> None:
     """Clear errors for settings no generation can run with."""
     checks = [
         (settings.max_new_tokens > 0,
-         f"max_new_tokens must be at least 1 (got {settings.max_new_tokens}); with max_length, "
-         "it must exceed the prompt length"),
+         (f"max_new_tokens must be at least 1 (got {settings.max_new_tokens}); "
+          "with max_length, it must exceed the prompt length")),
         (settings.min_new_tokens >= 0, f"min_new_tokens must be >= 0 (got {settings.min_new_tokens})"),
         (not settings.do_sample or settings.temperature > 0,
-         f"temperature must be > 0 when sampling (got {settings.temperature}); "
-         "use do_sample=False for greedy decoding"),
+         (f"temperature must be > 0 when sampling (got {settings.temperature}); "
+          "use do_sample=False for greedy decoding")),
         (0 < settings.top_p <= 1, f"top_p must be in (0, 1] (got {settings.top_p})"),
         (settings.top_k >= 0, f"top_k must be >= 0 (got {settings.top_k}); 0 turns it off"),
         (0 <= settings.min_p <= 1, f"min_p must be in [0, 1] (got {settings.min_p})"),

@@ -170,7 +170,7 @@ def _decode_chunks(
     stop = StopStrings(settings.stop_strings, tokenizer)
     ids = np.repeat(ids, settings.num_return_sequences, axis=0)
     mask = np.repeat(mask, settings.num_return_sequences, axis=0)
-    batch, length = ids.shape
+    batch = ids.shape[0]
     vocab_size = model.config.get_text_config(decoder=True).vocab_size
     # Bucket padding is masked out, but must still be a valid embedding row.
     filler = settings.pad_token_id if 0 <= settings.pad_token_id < vocab_size else 0
