@@ -53,6 +53,7 @@ COMPILE_CACHE_ENV = "TTPU_COMPILE_CACHE"
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_LENGTH = 32
 GIB = 1 << 30
+PROBE_HASH_SEED = "0"
 PARAGRAPH = (
     "The history of computing is a story of machines that learned to do more with less. "
     "Early calculators filled entire rooms and consumed enormous amounts of power, yet "
@@ -107,6 +108,8 @@ def _int_list(text: str) -> list[int]:
 
 @dataclasses.dataclass
 class Bandwidth:
+    """GB/s of the two memory-bound programs; the faster one is the machine's bandwidth."""
+
     sum_gbps: float
     matvec_gbps: float
 
@@ -123,10 +126,13 @@ class CompileProbe:
     first_call_s: float
     steady_s: float
     executables: int
+    cache_files_added: int = 0  # by this process: 0 when every executable came from the cache
 
 
 @dataclasses.dataclass
 class Prefill:
+    """Best time of a generation with one new token (prefill + first token)."""
+
     batch: int
     seconds: float
     tokens_per_s: float
@@ -135,6 +141,8 @@ class Prefill:
 
 @dataclasses.dataclass
 class Decode:
+    """Best times of the short and long generations, and the decode rate they imply."""
+
     batch: int
     short_s: float
     long_s: float
@@ -144,6 +152,8 @@ class Decode:
 
 @dataclasses.dataclass
 class BackendResults:
+    """Everything measured for one implementation (ttpu or eager)."""
+
     prefill: list[Prefill]
     decode: list[Decode]
     batch1_tokens: list[int]  # the batch-1 greedy continuation of the longer decode run
@@ -165,6 +175,7 @@ class DecodePlan:
 
 
 def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -182,6 +193,26 @@ def plan_decode(new_tokens: int) -> DecodePlan:
     plan = DecodePlan(bucket * 3 // 4, bucket, short, new_tokens, cache_length(bucket, new_tokens))
     assert cache_length(bucket, short) == plan.cache_length and short < new_tokens
     return plan
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """CPU seconds used so far by the whole machine (steal included) and by this process
+    with its finished children; None where /proc/stat is missing (not Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return machine, own.user + own.system + own.children_user + own.children_system
+
+
+def other_cpu_seconds(start: tuple[float, float] | None, end: tuple[float, float] | None) -> float | None:
+    """CPU seconds that other processes (and the hypervisor's steal) used in between."""
+    if start is None or end is None:
+        return None
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1]))
 
 
 def best_time(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -218,6 +249,7 @@ def make_prompts(tokenizer: Any, batch: int, length: int) -> tuple[np.ndarray, n
 
 def measure_bandwidth(repeats: int = 5) -> Bandwidth:
     """Best-of-``repeats`` GB/s of two memory-bound jitted programs over 1 GiB float32."""
+
     def gbps(function: Callable, *arrays: jax.Array) -> float:
         compiled = jax.jit(function)
         compiled(*arrays).block_until_ready()
@@ -317,6 +349,7 @@ def ttpu_implementation(model: Any) -> Implementation:
 
 def eager_implementation(module: Any) -> Implementation:
     """Greedy generation of exactly ``n`` new tokens with transformers in eager PyTorch."""
+
     def generate(ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
         with torch.no_grad():
             out = module.generate(
@@ -329,6 +362,7 @@ def eager_implementation(module: Any) -> Implementation:
 
 
 def load_ttpu(args: argparse.Namespace) -> Any:
+    """The benchmarked model, compiled by ttpu on the chosen backend."""
     return AutoModelForTPU.from_pretrained(args.model, backend=args.backend)
 
 
@@ -348,16 +382,23 @@ def compile_probe(args: argparse.Namespace) -> CompileProbe:
 
 
 def run_compile_probe(args: argparse.Namespace, cache: Path) -> CompileProbe:
-    """Run :func:`compile_probe` in a new Python process using the compile cache ``cache``."""
+    """Run :func:`compile_probe` in a new Python process using the compile cache ``cache``.
+
+    Every probe gets the same ``PYTHONHASHSEED``: a model that iterates over a set while
+    tracing (Gemma 3 does, over its layer types) otherwise traces a different program,
+    with a different cache key, in about half of all processes."""
     command = [
         sys.executable, os.path.abspath(__file__), "--compile-probe", "--model", args.model,
         "--backend", args.backend, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
     ]
-    env = {**os.environ, COMPILE_CACHE_ENV: str(cache)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    env = {**os.environ, COMPILE_CACHE_ENV: str(cache), "PYTHONHASHSEED": PROBE_HASH_SEED}
+    files_before = len(list(cache.iterdir()))
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"compile probe failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return CompileProbe(**json.loads(done.stdout.strip().splitlines()[-1]))
+    probe = CompileProbe(**json.loads(done.stdout.strip().splitlines()[-1]))
+    probe.cache_files_added = len(list(cache.iterdir())) - files_before
+    return probe
 
 
 # ----------------------------------------------------------------------------- report
@@ -373,82 +414,126 @@ def leading_matches(a: Sequence[int], b: Sequence[int]) -> int:
     return count
 
 
-def format_report(r: dict[str, Any]) -> str:
-    """The results table as text."""
-    plan: DecodePlan = r["plan"]
-    bw: Bandwidth = r["bandwidth"]
-    ttpu: BackendResults = r["ttpu"]
-    eager: BackendResults = r["eager"]
-    cold: CompileProbe = r["compile_cold"]
-    warm: CompileProbe = r["compile_warm"]
-    roofline = bw.best_gbps * 1e9 / r["bytes_per_step"]
-    decode_pairs = list(zip(ttpu.decode, eager.decode))
-    b1 = next(((t, e) for t, e in decode_pairs if t.batch == 1), None)
-    top_t, top_e = decode_pairs[-1]
-    lines = [
+def roofline_tokens_per_s(r: dict[str, Any]) -> float:
+    """Batch-1 decode tokens/s if every step only streamed the weights at full bandwidth."""
+    return r["bandwidth"].best_gbps * 1e9 / r["bytes_per_step"]
+
+
+def _header(r: dict[str, Any]) -> list[str]:
+    other = r["other_cpu_s"]
+    load = (
+        "other processes' CPU use unknown (no /proc/stat)" if other is None else
+        f"other processes used {other:.0f} CPU-seconds during the run ({other / r['total_s']:.2f} of "
+        f"{r['cpu_count']} cores on average); every row slows when they compete"
+    )
+    return [
         f"ttpu generate benchmark: {r['model']} ({r['model_class']}, {r['dtype']}), backend {r['backend']}",
         f"command: {r['command']}",
-        f"device:  {r['devices']}, {r['cpu_count']} CPU cores; torch {torch.__version__}, {r['torch_threads']} threads; "
-        f"eager attention: {r['eager_attention']}",
-        f"load:    1-minute load average {r['load_average'][0]:.2f} at the start, {r['load_average'][1]:.2f} "
-        "at the end (other work on the machine slows every row)",
-        "",
+        (f"device:  {r['devices']}, {r['cpu_count']} CPU cores; torch {torch.__version__}, "
+         f"{r['torch_threads']} threads; eager attention: {r['eager_attention']}"),
+        f"load:    {load}",
+    ]
+
+
+def _bandwidth_section(r: dict[str, Any], batch1: Decode | None) -> list[str]:
+    bw: Bandwidth = r["bandwidth"]
+    roofline = roofline_tokens_per_s(r)
+    lines = [
         "memory bandwidth (best of 5 calls, measured before and after the generation timings)",
         f"  jitted jnp.sum over 1 GiB float32          {bw.sum_gbps:8.1f} GB/s",
         f"  jitted matvec, 1 GiB float32 matrix        {bw.matvec_gbps:8.1f} GB/s",
         f"  bandwidth (max of the two)                 {bw.best_gbps:8.1f} GB/s",
         "",
         "batch-1 decode roofline",
-        f"  weights read per decode step               {r['bytes_per_step'] / 1e6:8.1f} MB "
-        f"({r['param_arrays']} arrays, a tied embedding/lm_head counted once)",
+        (f"  weights read per decode step               {r['bytes_per_step'] / 1e6:8.1f} MB "
+         f"({r['param_arrays']} arrays, a tied embedding/lm_head counted once)"),
         f"  roofline = bandwidth / bytes per step      {roofline:8.1f} tok/s",
     ]
-    if b1:
-        lines.append(f"  ttpu batch-1 decode                        {b1[0].tokens_per_s:8.1f} tok/s "
-                     f"= {100 * b1[0].tokens_per_s / roofline:.0f}% of roofline")
-    lines += [
-        "",
-        f"compile: first generate() in a fresh process (batch 1, {plan.prompt_tokens}-token prompt, "
-        f"{plan.long} new tokens)",
-        "  compile cache       load model   first call   steady call   first - steady   executables",
+    if batch1:
+        lines.append(f"  ttpu batch-1 decode                        {batch1.tokens_per_s:8.1f} tok/s "
+                     f"= {100 * batch1.tokens_per_s / roofline:.0f}% of roofline")
+    return lines
+
+
+def _compile_section(r: dict[str, Any]) -> list[str]:
+    plan: DecodePlan = r["plan"]
+    lines = [
+        (f"compile: first generate() in a fresh process (batch 1, {plan.prompt_tokens}-token prompt, "
+         f"{plan.long} new tokens)"),
+        (f"  (PYTHONHASHSEED={PROBE_HASH_SEED} in both processes; first - steady ~ trace + compile, "
+         "or trace + cache read)"),
+        "  compile cache       load model   first call   steady call   first - steady   executables   cache files added",
     ]
-    for label, probe in (("cold (empty dir)", cold), ("warm (persistent)", warm)):
+    for label, probe in (("cold (empty dir)", r["compile_cold"]), ("warm (persistent)", r["compile_warm"])):
         lines.append(f"  {label:<18}{probe.load_s:10.1f} s{probe.first_call_s:11.2f} s{probe.steady_s:12.2f} s"
-                     f"{probe.first_call_s - probe.steady_s:15.2f} s{probe.executables:14d}")
-    lines += [
-        "",
+                     f"{probe.first_call_s - probe.steady_s:15.2f} s{probe.executables:14d}"
+                     f"{probe.cache_files_added:20d}")
+    return lines
+
+
+def _prefill_section(r: dict[str, Any]) -> list[str]:
+    lines = [
         f"prefill: {r['prefill_tokens']}-token prompts, max_new_tokens=1, best of {r['repeats']}",
         "  batch      ttpu s   ttpu tok/s     eager s   eager tok/s   ttpu/eager",
     ]
-    for t, e in zip(ttpu.prefill, eager.prefill):
+    for t, e in zip(r["ttpu"].prefill, r["eager"].prefill):
         lines.append(f"  {t.batch:5d}{t.seconds:12.3f}{t.tokens_per_s:13.1f}{e.seconds:12.3f}"
                      f"{e.tokens_per_s:14.1f}{t.tokens_per_s / e.tokens_per_s:12.2f}x")
-    lines += [
-        "",
-        f"decode: {plan.prompt_tokens}-token prompts (bucket {plan.prompt_bucket}, KV cache {plan.cache_length}); "
-        f"tok/s = batch * ({plan.long} - {plan.short}) / (t{plan.long} - t{plan.short}), best of {r['repeats']}",
-        f"  batch   ttpu t{plan.short:<3d}  ttpu t{plan.long:<3d}  ttpu tok/s   eager t{plan.short:<3d}"
-        f"  eager t{plan.long:<3d}  eager tok/s   ttpu/eager",
+    return lines
+
+
+def _decode_section(r: dict[str, Any]) -> list[str]:
+    plan: DecodePlan = r["plan"]
+    short, long = plan.short, plan.long
+    lines = [
+        (f"decode: {plan.prompt_tokens}-token prompts (bucket {plan.prompt_bucket}, KV cache "
+         f"{plan.cache_length}); tok/s = batch * ({long} - {short}) / (t{long} - t{short}), "
+         f"best of {r['repeats']}"),
+        (f"  batch   ttpu t{short:<3d}  ttpu t{long:<3d}  ttpu tok/s   eager t{short:<3d}  eager t{long:<3d}"
+         "  eager tok/s   ttpu/eager"),
     ]
-    for t, e in decode_pairs:
+    for t, e in zip(r["ttpu"].decode, r["eager"].decode):
         lines.append(f"  {t.batch:5d}{t.short_s:9.2f} s{t.long_s:9.2f} s{t.tokens_per_s:12.1f}"
                      f"{e.short_s:10.2f} s{e.long_s:10.2f} s{e.tokens_per_s:13.1f}"
                      f"{t.tokens_per_s / e.tokens_per_s:12.2f}x")
-    lines += ["", "summary"]
-    if b1:
+    return lines
+
+
+def _summary_section(r: dict[str, Any], batch1: tuple[Decode, Decode] | None) -> list[str]:
+    ttpu: BackendResults = r["ttpu"]
+    eager: BackendResults = r["eager"]
+    lines = ["summary"]
+    if batch1:
+        top_t, top_e = ttpu.decode[-1], eager.decode[-1]
+        scaling = f"batch-{top_t.batch} / batch-1 decode throughput"
+        matches = leading_matches(ttpu.batch1_tokens, eager.batch1_tokens)
         lines += [
-            f"  batch-1 decode vs roofline                 {100 * b1[0].tokens_per_s / roofline:8.0f} %",
-            f"  batch-1 decode ttpu / eager                {b1[0].tokens_per_s / b1[1].tokens_per_s:8.2f}x",
-            f"  batch-{top_t.batch} / batch-1 decode throughput"
-            f"{'':<{max(0, 10 - len(str(top_t.batch)))}}{top_t.tokens_per_s / b1[0].tokens_per_s:8.2f}x ttpu, "
-            f"{top_e.tokens_per_s / b1[1].tokens_per_s:.2f}x eager",
-            f"  batch-1 greedy tokens equal to eager       {leading_matches(ttpu.batch1_tokens, eager.batch1_tokens):5d}"
-            f" / {len(ttpu.batch1_tokens)} (leading)",
+            f"  batch-1 decode vs roofline                 {100 * batch1[0].tokens_per_s / roofline_tokens_per_s(r):8.0f} %",
+            f"  batch-1 decode ttpu / eager                {batch1[0].tokens_per_s / batch1[1].tokens_per_s:8.2f}x",
+            (f"  {scaling:<43}{top_t.tokens_per_s / batch1[0].tokens_per_s:8.2f}x ttpu, "
+             f"{top_e.tokens_per_s / batch1[1].tokens_per_s:.2f}x eager"),
+            f"  batch-1 greedy tokens equal to eager       {matches:5d} / {len(ttpu.batch1_tokens)} (leading)",
         ]
     recompiles = sum(m.recompiles for m in [*ttpu.prefill, *ttpu.decode])
-    lines.append(f"  ttpu executables compiled while timing     {recompiles:5d} (after the warm-ups; expected 0)")
-    lines.append(f"  total benchmark time                       {r['total_s']:8.0f} s")
-    return "\n".join(lines)
+    lines += [
+        f"  ttpu executables compiled while timing     {recompiles:5d} (after the warm-ups; expected 0)",
+        f"  total benchmark time                       {r['total_s']:8.0f} s",
+    ]
+    return lines
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The results table as text."""
+    batch1 = next(((t, e) for t, e in zip(r["ttpu"].decode, r["eager"].decode) if t.batch == 1), None)
+    sections = [
+        _header(r),
+        _bandwidth_section(r, batch1[0] if batch1 else None),
+        _compile_section(r),
+        _prefill_section(r),
+        _decode_section(r),
+        _summary_section(r, batch1),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections)
 
 
 def to_json(results: dict[str, Any]) -> dict[str, Any]:
@@ -462,7 +547,7 @@ def to_json(results: dict[str, Any]) -> dict[str, Any]:
 
     out = {k: plain(v) for k, v in results.items()}
     out["bandwidth"]["best_gbps"] = results["bandwidth"].best_gbps
-    out["roofline_tokens_per_s"] = results["bandwidth"].best_gbps * 1e9 / results["bytes_per_step"]
+    out["roofline_tokens_per_s"] = roofline_tokens_per_s(results)
     return out
 
 
@@ -471,7 +556,7 @@ def to_json(results: dict[str, Any]) -> dict[str, Any]:
 
 def benchmark(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     """Run every measurement; ``cache`` is the (initially empty) compile cache directory."""
-    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
+    started, cpu_at_start = time.perf_counter(), cpu_seconds()
     plan = plan_decode(args.new_tokens)
     log(f"compile, cold cache: fresh process, cache {cache}")
     cold = run_compile_probe(args, cache)
@@ -497,7 +582,7 @@ def benchmark(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
         "devices": f"jax {jax.__version__} {jax.devices()}",
         "cpu_count": os.cpu_count(),
-        "load_average": [load_at_start, os.getloadavg()[0]],
+        "other_cpu_s": other_cpu_seconds(cpu_at_start, cpu_seconds()),
         "torch_threads": torch.get_num_threads(),
         "eager_attention": module.config._attn_implementation,
         "prefill_tokens": args.prefill_tokens,
