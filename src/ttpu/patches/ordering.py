@@ -1,0 +1,77 @@
+"""Deterministic iteration over sets of layer types, for stable compile-cache keys.
+
+Many modeling files loop ``for layer_type in set(self.config.layer_types)`` (Gemma 2/3,
+Mistral-style hybrids ...) to build one rotary table or mask per kind of layer. A set of
+strings iterates in an order that changes with ``PYTHONHASHSEED``, i.e. from one process
+to the next, so the traced program computes the same values in a different order, its
+fingerprint changes, and jax's persistent compilation cache misses in about half of all
+new processes. Here such sets iterate in a fixed (sorted) order.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ttpu.patches.registry import Patch, register
+
+SET_OF_LAYER_TYPES = re.compile(r"\bset\((self\.)?config\.(text_config\.)?layer_types\)")
+
+
+class StableOrderSet(set):
+    """A set that iterates in sorted order (by repr), the same in every process."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(sorted(super().__iter__(), key=repr))
+
+
+def _modeling_modules(module: torch.nn.Module) -> list[Any]:
+    """The transformers modeling modules whose code builds sets of layer types."""
+    found = []
+    for name in {type(m).__module__ for m in module.modules()}:
+        source_module = sys.modules.get(name)
+        path = getattr(source_module, "__file__", None)
+        if name.startswith("transformers.models.") and path and path.endswith(".py"):
+            with open(path, encoding="utf-8") as source:
+                if SET_OF_LAYER_TYPES.search(source.read()):
+                    found.append(source_module)
+    return found
+
+
+def _set_attributes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """Public set attributes (``self.unique_layer_types = set(...)`` in ``__init__``)."""
+    return [
+        (m, name) for m in module.modules() for name, value in vars(m).items()
+        if type(value) is set and not name.startswith("_")
+    ]
+
+
+def _applies(module: torch.nn.Module) -> bool:
+    return bool(_modeling_modules(module) or _set_attributes(module))
+
+
+def _apply(module: torch.nn.Module) -> None:
+    for modeling in _modeling_modules(module):
+        modeling.set = StableOrderSet  # the module's own `set(...)` calls; builtins untouched
+    for owner, name in _set_attributes(module):  # sets built in __init__
+        setattr(owner, name, StableOrderSet(getattr(owner, name)))
+
+
+register(
+    Patch(
+        name="stable_layer_type_order",
+        reason=(
+            "modeling code iterates set(config.layer_types), whose order changes with "
+            "PYTHONHASHSEED: the traced program differed between processes and the "
+            "persistent compile cache missed; such sets now iterate in sorted order"
+        ),
+        test="tests/test_patches.py::test_traced_program_is_the_same_in_every_process",
+        applies_to=_applies,
+        apply=_apply,
+        transformers_versions=">=5.0,<6",
+    )
+)
