@@ -74,8 +74,10 @@ class Decoder:
         ``state`` is donated: use the returned one."""
         return self._advance(self._forward.params, state, jnp.int32(steps), values, mode)
 
-    def _model_step(self, params: Any, kv: KVState, ids: jax.Array, positions: jax.Array, mask: jax.Array):
-        cache = TracedStaticCache(kv, self.layout)
+    def _model_step(
+        self, params: Any, kv: KVState, ids: jax.Array, positions: jax.Array, mask: jax.Array, empty: bool
+    ):
+        cache = TracedStaticCache(kv, self.layout, empty)
         inputs = {
             "input_ids": to_traced(ids),
             "attention_mask": to_traced(mask),
@@ -94,7 +96,7 @@ class Decoder:
         max_length = kv.keys[0].shape[2]
         positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
         mask = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
-        logits, kv = self._model_step(params, kv, ids, positions, mask)
+        logits, kv = self._model_step(params, kv, ids, positions, mask[:, :prompt_length], empty=True)
         tokens = jnp.full((batch, max_length), values.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
         key, draw = jax.random.split(key)
         token = next_tokens(logits, draw, tokens, mask, jnp.int32(0), mode, values)
@@ -117,7 +119,7 @@ class Decoder:
         def step(s: DecodeState) -> DecodeState:
             index = s.kv.length
             fed = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)
-            logits, kv = self._model_step(params, s.kv, fed, s.positions[:, None], s.mask)
+            logits, kv = self._model_step(params, s.kv, fed, s.positions[:, None], s.mask, empty=False)
             key, draw = jax.random.split(s.key)
             token = next_tokens(logits, draw, s.tokens, s.mask, s.generated, mode, values)
             token = jnp.where(s.finished, values.pad_id, token)

@@ -108,11 +108,18 @@ def _refuse_unsupported_layers(cache: Cache) -> None:
 
 class TracedStaticLayer(StaticLayer):
     """A ``StaticLayer`` over traced arrays, already initialised; transformers' own
-    ``update`` writes into it at the traced position ``cumulative_length``."""
+    ``update`` writes into it at the traced position ``cumulative_length``.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, sliding: bool):
+    ``empty``: known at trace time to hold nothing yet (the prefill). Attention then runs
+    over the new keys and values only, not the whole (still empty) cache length.
+    """
+
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, sliding: bool, empty: bool
+    ):
         super().__init__(max_cache_len=keys.shape[2])
         self.is_sliding = sliding
+        self.empty = empty
         self.keys, self.values = keys, values
         self.cumulative_length = length
         self.dtype, self.device = keys.dtype, keys.device
@@ -120,14 +127,21 @@ class TracedStaticLayer(StaticLayer):
         self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
         self.is_initialized = True
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return (key_states, value_states) if self.empty else (keys, values)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (query_length, 0) if self.empty else super().get_mask_sizes(query_length)
+
 
 class TracedStaticCache(Cache):
     """A transformers ``Cache`` over a :class:`KVState`, for use inside a traced step."""
 
-    def __init__(self, state: KVState, layout: CacheLayout) -> None:
+    def __init__(self, state: KVState, layout: CacheLayout, empty: bool = False) -> None:
         layers = [
             # Each layer counts its own writes, as transformers' layers do.
-            TracedStaticLayer(*to_traced((k, v, state.length)), sliding)
+            TracedStaticLayer(*to_traced((k, v, state.length)), sliding, empty)
             for k, v, sliding in zip(state.keys, state.values, layout.sliding)
         ]
         super().__init__(layers=layers)
