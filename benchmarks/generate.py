@@ -53,7 +53,6 @@ COMPILE_CACHE_ENV = "TTPU_COMPILE_CACHE"
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_LENGTH = 32
 GIB = 1 << 30
-PROBE_HASH_SEED = "0"
 PARAGRAPH = (
     "The history of computing is a story of machines that learned to do more with less. "
     "Early calculators filled entire rooms and consumed enormous amounts of power, yet "
@@ -382,16 +381,13 @@ def compile_probe(args: argparse.Namespace) -> CompileProbe:
 
 
 def run_compile_probe(args: argparse.Namespace, cache: Path) -> CompileProbe:
-    """Run :func:`compile_probe` in a new Python process using the compile cache ``cache``.
-
-    Every probe gets the same ``PYTHONHASHSEED``: a model that iterates over a set while
-    tracing (Gemma 3 does, over its layer types) otherwise traces a different program,
-    with a different cache key, in about half of all processes."""
+    """Run :func:`compile_probe` in a new Python process using the compile cache ``cache``
+    (each process has its own random ``PYTHONHASHSEED``, as users' processes do)."""
     command = [
         sys.executable, os.path.abspath(__file__), "--compile-probe", "--model", args.model,
         "--backend", args.backend, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
     ]
-    env = {**os.environ, COMPILE_CACHE_ENV: str(cache), "PYTHONHASHSEED": PROBE_HASH_SEED}
+    env = {**os.environ, COMPILE_CACHE_ENV: str(cache)}
     files_before = len(list(cache.iterdir()))
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -460,8 +456,7 @@ def _compile_section(r: dict[str, Any]) -> list[str]:
     lines = [
         (f"compile: first generate() in a fresh process (batch 1, {plan.prompt_tokens}-token prompt, "
          f"{plan.long} new tokens)"),
-        (f"  (PYTHONHASHSEED={PROBE_HASH_SEED} in both processes; first - steady ~ trace + compile, "
-         "or trace + cache read)"),
+        "  (first - steady ~ trace + compile, or trace + cache read)",
         "  compile cache       load model   first call   steady call   first - steady   executables   cache files added",
     ]
     for label, probe in (("cold (empty dir)", r["compile_cold"]), ("warm (persistent)", r["compile_warm"])):
