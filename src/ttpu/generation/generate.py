@@ -187,7 +187,9 @@ def _decode_chunks(
     stopped: dict[int, int] = {}
     while True:
         count = int(state.generated)
-        tokens = np.asarray(state.tokens[:batch, prompt_length : prompt_length + count], np.int64)
+        # Copied whole (a small buffer) and cut on the host: slicing the device array
+        # would build a new little XLA program for every length.
+        tokens = np.asarray(state.tokens, np.int64)[:batch, prompt_length : prompt_length + count]
         newly_stopped = _check_stop_strings(stop, tokens, eos, stopped)
         lengths, ended = _row_ends(tokens, eos, stopped)
         done = count >= settings.max_new_tokens or bool(ended.all())
