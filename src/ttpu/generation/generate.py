@@ -185,13 +185,18 @@ def _decode_chunks(
         state = state._replace(finished=state.finished.at[batch:].set(True))
     eos = np.asarray(settings.eos_token_ids, np.int64)
     stopped: dict[int, int] = {}
+    checked = 0  # tokens of every row already searched for stop strings
     while True:
         count = int(state.generated)
         # Copied whole (a small buffer) and cut on the host: slicing the device array
         # would build a new little XLA program for every length.
         tokens = np.asarray(state.tokens, np.int64)[:batch, prompt_length : prompt_length + count]
-        newly_stopped = _check_stop_strings(stop, tokens, eos, stopped)
-        lengths, ended = _row_ends(tokens, eos, stopped)
+        lengths, ended = _eos_ends(tokens, eos)
+        newly_stopped = _check_stop_strings(stop, tokens, lengths, ended, checked, stopped)
+        checked = count
+        for row, kept in stopped.items():
+            lengths[row] = min(lengths[row], kept)
+            ended[row] = True
         done = count >= settings.max_new_tokens or bool(ended.all())
         width = int(lengths.max()) if done else count
         out = tokens[:, :width].copy()
@@ -217,35 +222,35 @@ def _pad_prompts(model: TPUModel, ids: np.ndarray, mask: np.ndarray, pad_id: int
     return ids[rows], mask[rows]
 
 
-def _check_stop_strings(stop: StopStrings, tokens: np.ndarray, eos: np.ndarray, stopped: dict[int, int]) -> list[int]:
-    """Record rows whose text now holds a stop string; return the newly stopped rows."""
+def _check_stop_strings(
+    stop: StopStrings,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    ended: np.ndarray,
+    checked: int,
+    stopped: dict[int, int],
+) -> list[int]:
+    """Record rows whose text (up to their EOS) now holds a stop string; return them.
+    Rows that had ended by EOS before the last ``checked`` tokens were searched already."""
     if not stop:
         return []
     newly = []
     for row, row_tokens in enumerate(tokens):
-        if row in stopped:
+        if row in stopped or (ended[row] and lengths[row] <= checked):
             continue
-        kept = stop.first_stop(row_tokens[: _eos_length(row_tokens, eos)].tolist())
+        kept = stop.first_stop(row_tokens[: lengths[row]].tolist())
         if kept is not None:
             stopped[row] = kept
             newly.append(row)
     return newly
 
 
-def _row_ends(tokens: np.ndarray, eos: np.ndarray, stopped: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's length so far, and whether it has ended (EOS or stop string)."""
-    lengths = np.array([_eos_length(row, eos) for row in tokens], np.int64)
-    ended = np.isin(tokens, eos).any(axis=1) if eos.size else np.zeros(len(tokens), bool)
-    for row, kept in stopped.items():
-        lengths[row] = min(lengths[row], kept)
-        ended[row] = True
-    return lengths, ended
-
-
-def _eos_length(row: np.ndarray, eos: np.ndarray) -> int:
-    """Tokens up to and including the first EOS (all of them without one)."""
-    hits = np.flatnonzero(np.isin(row, eos)) if eos.size else ()
-    return int(hits[0]) + 1 if len(hits) else len(row)
+def _eos_ends(tokens: np.ndarray, eos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's length up to and including its first EOS (all tokens without one),
+    and whether it has one."""
+    hits = np.isin(tokens, eos)
+    ended = hits.any(axis=1)
+    return np.where(ended, hits.argmax(axis=1) + 1, tokens.shape[1]), ended
 
 
 def _next_power_of_two(n: int) -> int:
