@@ -10,6 +10,7 @@ new processes. Here such sets iterate in a fixed (sorted) order.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Iterator
@@ -31,15 +32,18 @@ class StableOrderSet(set):
 
 def _modeling_modules(module: torch.nn.Module) -> list[Any]:
     """The transformers modeling modules whose code builds sets of layer types."""
-    found = []
-    for name in {type(m).__module__ for m in module.modules()}:
-        source_module = sys.modules.get(name)
-        path = getattr(source_module, "__file__", None)
-        if name.startswith("transformers.models.") and path and path.endswith(".py"):
-            with open(path, encoding="utf-8") as source:
-                if SET_OF_LAYER_TYPES.search(source.read()):
-                    found.append(source_module)
-    return found
+    names = {type(m).__module__ for m in module.modules()}
+    return [sys.modules[name] for name in sorted(names) if _builds_layer_type_sets(name)]
+
+
+@functools.cache
+def _builds_layer_type_sets(module_name: str) -> bool:
+    """Does this transformers module's source build a set of layer types? (read once)"""
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    if not (module_name.startswith("transformers.models.") and path and path.endswith(".py")):
+        return False
+    with open(path, encoding="utf-8") as source:
+        return bool(SET_OF_LAYER_TYPES.search(source.read()))
 
 
 def _set_attributes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
