@@ -17,6 +17,7 @@ _LAZY = {
     "AutoModelForTPU": "ttpu.auto",
     "TPUModel": "ttpu.model",
     "BucketPolicy": "ttpu.buckets",
+    "describe_sharding": "ttpu.sharding",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ttpu.auto import AutoModelForTPU
     from ttpu.buckets import BucketPolicy
     from ttpu.model import TPUModel
+    from ttpu.sharding import describe_sharding
 
 
 def __getattr__(name: str) -> Any:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import AutoConfig, PreTrainedModel
 
@@ -14,6 +15,8 @@ from ttpu.dtypes import resolve_dtype
 from ttpu.errors import InvalidArgumentError, ModelNotFoundError
 from ttpu.model import TPUModel
 from ttpu.patches import apply_patches
+from ttpu.sharding import plan_sharding
+from ttpu.sharding.rules import Rule
 from ttpu.tasks import auto_class, check_task, task_from_config
 
 ATTENTION_CHOICES = ("auto", "ttpu", "sdpa", "eager")
@@ -34,12 +37,19 @@ class AutoModelForTPU:
         attn_implementation: str = "auto",
         trust_remote_code: bool = False,
         buckets: BucketPolicy | None = None,
+        parallelism: str | None = None,
+        mesh: Mapping[str, int] | None = None,
+        sharding_rules: Sequence[Rule] | None = None,
         **hf_kwargs: Any,
     ) -> TPUModel:
         """Load ``name``: an offline alias (e.g. "gemma-3-270m"), a local directory or a hub id.
 
         ``task`` picks the AutoModelFor* class (default: from ``config.architectures``);
         ``dtype`` is "auto" (float32 on CPU, bfloat16 on TPU/GPU) or an explicit dtype;
+        ``parallelism`` spreads the model over every device: "dp", "fsdp", "tp", "2d",
+        "3d" or "auto" (default None: one device); or ``mesh`` gives the axis sizes
+        (``{"data": 2, "fsdp": 2, "tensor": 2}``); ``sharding_rules`` are
+        ``(regex, spec)`` pairs that override the per-parameter specs;
         extra keyword arguments go to transformers' ``from_pretrained``.
         """
         runtime = get_backend(backend)
@@ -67,7 +77,8 @@ class AutoModelForTPU:
         except OSError as exc:
             raise ModelNotFoundError(_weights_error(source, exc)) from exc
         tokenizer = _load_tokenizer(source, trust_remote_code)
-        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets)
+        sharding = _Sharding(parallelism, mesh, sharding_rules, release_host_weights=True)
+        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets, sharding)
 
     @classmethod
     def from_model(
@@ -80,8 +91,12 @@ class AutoModelForTPU:
         attn_implementation: str = "auto",
         tokenizer: Any = None,
         buckets: BucketPolicy | None = None,
+        parallelism: str | None = None,
+        mesh: Mapping[str, int] | None = None,
+        sharding_rules: Sequence[Rule] | None = None,
     ) -> TPUModel:
-        """Wrap an already-built transformers torch module (it is converted in place)."""
+        """Wrap an already-built transformers torch module (its attention and patches are
+        set in place; it keeps its weights). Options as in :meth:`from_pretrained`."""
         if not isinstance(module, PreTrainedModel):
             raise InvalidArgumentError(
                 f"from_model expects a transformers PreTrainedModel, got {type(module).__name__}."
@@ -91,14 +106,23 @@ class AutoModelForTPU:
         _check_attention_choice(attn_implementation)
         task = check_task(task) if task else task_from_config(module.config, type(module).__name__)
         module = module.to(torch_dtype)
-        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets)
+        sharding = _Sharding(parallelism, mesh, sharding_rules, release_host_weights=False)
+        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets, sharding)
 
     @staticmethod
-    def _wrap(module, runtime, task, dtype, attn_implementation, tokenizer, buckets) -> TPUModel:
+    def _wrap(module, runtime, task, dtype, attn_implementation, tokenizer, buckets, sharding: _Sharding) -> TPUModel:
         module.eval()
         _set_attention(module, runtime.attention_implementation(), attn_implementation)
         _set_static_shape_experts(module)
         applied = apply_patches(module)
+        plan = plan_sharding(
+            module,
+            parallelism=sharding.parallelism,
+            mesh=sharding.mesh,
+            rules=sharding.rules,
+            device_count=runtime.device_count(),
+            device_memory=runtime.device_memory(),
+        )
         return TPUModel(
             module,
             runtime,
@@ -107,7 +131,19 @@ class AutoModelForTPU:
             tokenizer=tokenizer,
             patches=applied,
             buckets=buckets,
+            sharding=plan,
+            release_host_weights=sharding.release_host_weights,
         )
+
+
+class _Sharding(NamedTuple):
+    """The sharding options of ``from_pretrained`` / ``from_model``, checked by
+    :func:`ttpu.sharding.plan_sharding` once the module is known."""
+
+    parallelism: str | None
+    mesh: Mapping[str, int] | None
+    rules: Sequence[Rule] | None
+    release_host_weights: bool
 
 
 def _weights_error(source: str, cause: OSError) -> str:

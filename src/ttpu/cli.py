@@ -1,4 +1,4 @@
-"""The ``ttpu`` command: generate, chat, predict, doctor, coverage."""
+"""The ``ttpu`` command: generate, chat, predict, doctor, coverage, launch."""
 
 from __future__ import annotations
 
@@ -224,6 +224,16 @@ def coverage(args: argparse.Namespace) -> int:
     return sweep.main(args.forwarded)
 
 
+def launch(args: argparse.Namespace) -> int:
+    """Run a script in several local processes joined into one jax.distributed job."""
+    from ttpu import launch as launcher
+
+    return launcher.run(
+        args.script, args.script_args, nproc=args.nproc, local_devices=args.local_devices,
+        port=args.port,
+    )
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="jax", help="backend (default: jax)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -258,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("coverage", help=coverage.__doc__, add_help=False)
     p.set_defaults(run=coverage)  # its own options are parsed by ttpu.coverage
+
+    p = commands.add_parser("launch", help=launch.__doc__)
+    p.add_argument("--nproc", type=int, required=True, help="number of processes")
+    p.add_argument("--local-devices", type=int, default=None,
+                   help="CPU devices per process (default: as the environment sets)")
+    p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    p.add_argument("script", help="Python script run by every process")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's arguments")
+    p.set_defaults(run=launch)
     return parser
 
 

@@ -23,6 +23,7 @@ from ttpu.buckets import (
 )
 from ttpu.inputs import bind_arguments, split_inputs
 from ttpu.patches import Patch
+from ttpu.sharding import ShardingPlan
 
 
 class TPUModel:
@@ -43,6 +44,8 @@ class TPUModel:
         tokenizer: Any = None,
         patches: list[Patch] | None = None,
         buckets: BucketPolicy | None = None,
+        sharding: ShardingPlan,
+        release_host_weights: bool = False,
     ) -> None:
         self.torch_module = torch_module
         self.task = task
@@ -50,8 +53,9 @@ class TPUModel:
         self.tokenizer = tokenizer
         self.patches = list(patches or [])
         self.buckets = buckets or BucketPolicy()
+        self.sharding = sharding
         self._backend = backend
-        self._forward: CompiledForward = backend.compile(torch_module)
+        self._forward: CompiledForward = backend.compile(torch_module, sharding, release_host_weights)
         self._decoder: Any = None
         self._padded_axes_cache: dict[Any, list] = {}
         self._accepts_padding_mask = "attention_mask" in _forward_parameters(torch_module)

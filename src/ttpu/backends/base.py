@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ttpu.sharding import ShardingPlan
+
 
 class CompiledForward(ABC):
     """A torch module turned into compiled, backend-native forward calls."""
@@ -57,8 +59,18 @@ class Backend(ABC):
         """Name of the attention implementation this backend registers with transformers."""
 
     @abstractmethod
-    def compile(self, module: torch.nn.Module) -> CompiledForward:
-        """Wrap an eval-mode torch module (already in its final dtype)."""
+    def device_count(self) -> int:
+        """Devices of all processes (the size of the global mesh)."""
+
+    @abstractmethod
+    def device_memory(self) -> int | None:
+        """Bytes of memory of one device, if known."""
+
+    @abstractmethod
+    def compile(self, module: torch.nn.Module, plan: ShardingPlan, release_host_weights: bool) -> CompiledForward:
+        """Wrap an eval-mode torch module (already in its final dtype), its weights placed
+        as ``plan`` says. ``release_host_weights``: free the module's host copy of each
+        weight once placed (the module is then only a structure for tracing)."""
 
     @abstractmethod
     def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:

@@ -42,6 +42,7 @@ class Decoder:
 
     def __init__(self, forward: JaxForward, module: torch.nn.Module):
         self._forward = forward
+        self._placement = forward.placement
         self.layout = probe_layout(forward.call_traced, forward.params)
         accepted = set(inspect.signature(module.forward).parameters)
         self._takes_positions = "position_ids" in accepted
@@ -63,16 +64,24 @@ class Decoder:
         key: jax.Array,
     ) -> DecodeState:
         """Run the prompts (left-padded [batch, P]) and pick each row's first new token."""
-        kv = self.layout.empty(input_ids.shape[0], max_length)
+        place = self._placement
+        kv = self.layout.empty(input_ids.shape[0], max_length, place)
         return self._prefill(
-            self._forward.params, kv, jnp.asarray(input_ids, jnp.int32),
-            jnp.asarray(prompt_mask, jnp.int32), key, values, mode,
+            self._forward.params, kv, place.batch(input_ids.astype(np.int32)),
+            place.batch(prompt_mask.astype(np.int32)), place.put(key, ()),
+            jax.tree.map(lambda v: place.put(v, ()), values), mode,
         )
 
     def advance(self, state: DecodeState, steps: int, mode: SamplingMode, values: SamplingValues) -> DecodeState:
         """Generate up to ``steps`` more tokens (fewer if all rows finish or the limit is hit).
         ``state`` is donated: use the returned one."""
-        return self._advance(self._forward.params, state, jnp.int32(steps), values, mode)
+        place = self._placement
+        values = jax.tree.map(lambda v: place.put(v, ()), values)
+        return self._advance(self._forward.params, state, place.put(np.int32(steps), ()), values, mode)
+
+    def to_host(self, value: jax.Array) -> np.ndarray:
+        """Read a state array (on every process, whatever its sharding)."""
+        return self._placement.to_host(value)
 
     def _model_step(
         self, params: Any, kv: KVState, ids: jax.Array, positions: jax.Array, mask: jax.Array, empty: bool
@@ -89,7 +98,8 @@ class Decoder:
         if self._takes_logits_to_keep:
             inputs["logits_to_keep"] = 1
         out = self._forward.call_traced(params, inputs)
-        return out.logits.jax()[:, -1], cache.state(ids.shape[1])
+        kv = self.layout.constrained(cache.state(ids.shape[1]), self._placement)
+        return out.logits.jax()[:, -1], kv
 
     def _prefill_program(self, params, kv, ids, prompt_mask, key, values: SamplingValues, mode: SamplingMode):
         batch, prompt_length = ids.shape

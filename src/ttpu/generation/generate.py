@@ -187,10 +187,10 @@ def _decode_chunks(
     stopped: dict[int, int] = {}
     checked = 0  # tokens of every row already searched for stop strings
     while True:
-        count = int(state.generated)
+        count = int(decoder.to_host(state.generated))
         # Copied whole (a small buffer) and cut on the host: slicing the device array
         # would build a new little XLA program for every length.
-        tokens = np.asarray(state.tokens, np.int64)[:batch, prompt_length : prompt_length + count]
+        tokens = decoder.to_host(state.tokens).astype(np.int64)[:batch, prompt_length : prompt_length + count]
         lengths, ended = _eos_ends(tokens, eos)
         newly_stopped = _check_stop_strings(stop, tokens, lengths, ended, checked, stopped)
         checked = count

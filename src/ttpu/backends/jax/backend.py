@@ -15,14 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.utils._pytree as torch_pytree
+from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from ttpu.backends.base import Backend, CompiledForward
 from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees
 from ttpu.backends.jax.environment import cpu_to_jax, tracing_environment
 from ttpu.backends.jax.executables import Executables
+from ttpu.backends.jax.placement import Placement
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import CompilationError
+from ttpu.sharding import ShardingPlan
+from ttpu.weights import convert_weights
 
 torchax = import_torchax()
 
@@ -48,8 +52,18 @@ class JaxBackend(Backend):
     def attention_implementation(self) -> str:
         return attention.ATTENTION_NAME
 
-    def compile(self, module: torch.nn.Module) -> JaxForward:
-        return JaxForward(module)
+    def device_count(self) -> int:
+        return jax.device_count()
+
+    def device_memory(self) -> int | None:
+        device = jax.local_devices()[0]
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if stats and "bytes_limit" in stats:
+            return int(stats["bytes_limit"])
+        return host_memory() // jax.local_device_count()  # CPU devices share the host's
+
+    def compile(self, module: torch.nn.Module, plan: ShardingPlan, release_host_weights: bool) -> JaxForward:
+        return JaxForward(module, Placement(plan), release_host_weights)
 
     def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:
         from ttpu.generation.decode import Decoder  # generation imports this module
@@ -57,24 +71,42 @@ class JaxBackend(Backend):
         return Decoder(forward, module)
 
 
+def host_memory() -> int:
+    """Bytes of physical memory on this host."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class JaxForward(CompiledForward):
     """The module's forward as ahead-of-time compiled XLA executables, one per signature.
 
     Array inputs are traced; constants (Python bools, ints, strings, None) are baked in.
     An executable is compiled once per (constants, input structure, shapes, dtypes).
+    Weights are placed as ``placement`` says, one tensor at a time; with
+    ``release_host_weights`` the torch module's copy of each is freed once placed.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, placement: Placement, release_host_weights: bool) -> None:
         pytrees.register_transformers_pytrees()
         self._env = tracing_environment()
         self._module = module
+        self.placement = placement
         with _quiet_attribute_scan():
             self._jittable = torchax.interop.JittableModule(module)
         _drop_computed_tensors(self._jittable.buffers, module)
         _keep_small_buffers_constant(self._jittable.buffers, module)
+        self._buffer_names = frozenset(self._jittable.buffers)
         weights = {**self._jittable.params, **self._jittable.buffers}
-        self._params = {name: _to_jax(t.detach()) for name, t in weights.items()}
-        self._executables = Executables(self._forward, static_argnums=(2,))
+        self._jittable.params.clear()  # the placed arrays replace them
+        self._jittable.buffers.clear()
+        with tqdm(total=len(weights), desc="placing weights", unit="tensor", disable=None, leave=False) as progress:
+            def place(name: str, host: np.ndarray) -> jax.Array:
+                progress.update()
+                return placement.weight(name, host)
+
+            self._params = convert_weights(module, weights, place, release_host_weights)
+        self._executables = Executables(
+            self._forward, static_argnums=(2,), out_shardings=placement.output_sharding()
+        )
 
     @property
     def params(self) -> dict[str, jax.Array]:
@@ -92,7 +124,23 @@ class JaxForward(CompiledForward):
         return jax.tree.map(self.to_array, value)
 
     def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
-        return self._executables(self._params, dict(arrays), _freeze(constants))
+        return self._executables(self._params, self._placed(arrays), _freeze(constants))
+
+    def compiled_text(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> str:
+        """The optimised HLO the compiler produced for these inputs (collectives, fusions)."""
+        return self._executables.compiled(self._params, self._placed(arrays), _freeze(constants)).as_text()
+
+    def _placed(self, arrays: Mapping[str, Any]) -> dict[str, Any]:
+        """Inputs whose first axis is the batch are split along it; others replicated."""
+        batch = _batch_size(arrays)
+        return {
+            name: jax.tree.map(
+                lambda x: self.placement.batch(x) if np.ndim(x) and np.shape(x)[0] == batch
+                else self.placement.put(x, ()),
+                value,
+            )
+            for name, value in arrays.items()
+        }
 
     def output_shapes(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
         return self._executables.output_shapes(self._params, dict(arrays), _freeze(constants))
@@ -107,7 +155,7 @@ class JaxForward(CompiledForward):
         compiled programs such as the generation loop."""
         env = self._env
         weights = env.j2t_iso(params)
-        buffers = {k: weights.pop(k) for k in self._jittable.buffers}
+        buffers = {k: weights.pop(k) for k in self._buffer_names}
         with env, torch.no_grad(), _value_checks_off(), _module_state_kept(self._module), _module_tracker() as modules:
             try:
                 out = self._jittable.functional_call("forward", weights, buffers, **inputs)
@@ -115,6 +163,15 @@ class JaxForward(CompiledForward):
                 raise CompilationError(_describe_failure(exc, modules)) from exc
         pytrees.register_transformers_pytrees()  # output classes defined since __init__
         return out
+
+
+def _batch_size(arrays: Mapping[str, Any]) -> int | None:
+    """The batch size: the first axis of the main input (input_ids, pixel_values, ...)."""
+    for value in arrays.values():
+        leaves = jax.tree.leaves(value)
+        if leaves and np.ndim(leaves[0]) >= 2:
+            return np.shape(leaves[0])[0]
+    return None
 
 
 def _drop_computed_tensors(buffers: dict[str, torch.Tensor], module: torch.nn.Module) -> None:

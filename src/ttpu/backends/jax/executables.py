@@ -25,28 +25,38 @@ class Executables:
         function: Callable[..., Any],
         static_argnums: Sequence[int] = (),
         donate_argnums: Sequence[int] = (),
+        out_shardings: Any = None,
     ) -> None:
         self._static = tuple(static_argnums)
-        self._jitted = jax.jit(function, static_argnums=self._static, donate_argnums=tuple(donate_argnums))
+        self._jitted = jax.jit(
+            function,
+            static_argnums=self._static,
+            donate_argnums=tuple(donate_argnums),
+            **({} if out_shardings is None else {"out_shardings": out_shardings}),
+        )
         self._compiled: dict[Any, Any] = {}
 
     def __len__(self) -> int:
         return len(self._compiled)
 
     def __call__(self, *args: Any) -> Any:
+        return self.compiled(*args)(*(a for i, a in enumerate(args) if i not in self._static))
+
+    def compiled(self, *args: Any) -> Any:
+        """The executable for these arguments' signature, compiled on first use."""
         dynamic = [a for i, a in enumerate(args) if i not in self._static]
         leaves, structure = jax.tree.flatten(dynamic)
         key = (
             tuple(args[i] for i in self._static),
             structure,
-            tuple((x.shape, x.dtype) for x in leaves),
+            tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
         )
         executable = self._compiled.get(key)
         if executable is None:
             with compile_errors():
                 executable = self._jitted.lower(*args).compile()
             self._compiled[key] = executable
-        return executable(*dynamic)
+        return executable
 
     def output_shapes(self, *args: Any) -> Any:
         """The output's structure and shapes, without compiling."""

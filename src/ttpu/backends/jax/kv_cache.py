@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
 
 from ttpu.backends.jax.environment import to_traced
+from ttpu.backends.jax.placement import Placement
 from ttpu.errors import InvalidArgumentError
 
 
@@ -56,11 +57,33 @@ class CacheLayout(NamedTuple):
     def sliding(self) -> tuple[bool, ...]:
         return tuple(layer.sliding for layer in self.layers)
 
-    def empty(self, batch: int, max_length: int) -> KVState:
-        """A zeroed cache for ``batch`` sequences of up to ``max_length`` positions."""
-        keys = tuple(jnp.zeros((batch, l.kv_heads, max_length, l.key_dim), self.dtype) for l in self.layers)
-        values = tuple(jnp.zeros((batch, l.kv_heads, max_length, l.value_dim), self.dtype) for l in self.layers)
-        return KVState(keys, values, jnp.zeros((), jnp.int32))
+    def shapes(self, batch: int, max_length: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """Shapes of every layer's keys and values."""
+        keys = [(batch, l.kv_heads, max_length, l.key_dim) for l in self.layers]
+        values = [(batch, l.kv_heads, max_length, l.value_dim) for l in self.layers]
+        return keys, values
+
+    def empty(self, batch: int, max_length: int, placement: Placement) -> KVState:
+        """A zeroed cache for ``batch`` sequences of up to ``max_length`` positions, each
+        array created directly in its sharded layout."""
+        keys, values = self.shapes(batch, max_length)
+        key_shardings, value_shardings = placement.kv_cache_shardings(keys), placement.kv_cache_shardings(values)
+        return KVState(
+            tuple(jnp.zeros(shape, self.dtype, device=s) for shape, s in zip(keys, key_shardings)),
+            tuple(jnp.zeros(shape, self.dtype, device=s) for shape, s in zip(values, value_shardings)),
+            jnp.zeros((), jnp.int32, device=placement.replicated),
+        )
+
+    @staticmethod
+    def constrained(state: KVState, placement: Placement) -> KVState:
+        """``state`` kept in the cache's sharded layout inside a traced program."""
+        keys = placement.kv_cache_shardings([k.shape for k in state.keys])
+        values = placement.kv_cache_shardings([v.shape for v in state.values])
+        return KVState(
+            tuple(jax.lax.with_sharding_constraint(k, s) for k, s in zip(state.keys, keys)),
+            tuple(jax.lax.with_sharding_constraint(v, s) for v, s in zip(state.values, values)),
+            state.length,
+        )
 
 
 def probe_layout(call_traced: Callable[[Any, dict], Any], params: Any) -> CacheLayout:

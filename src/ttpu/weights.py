@@ -1,0 +1,108 @@
+"""Hand a loaded torch module's weights to a backend one tensor at a time, releasing the
+host copy of each as soon as the backend has its own.
+
+transformers loads safetensors checkpoints as memory-mapped tensors: reading a weight
+pulls its pages of the file into the process. Converting all weights and dropping the
+torch module only at the end would hold the whole checkpoint twice (the mapped pages and
+the backend's arrays). Here each tensor is replaced by a meta tensor (same shape and
+dtype, no storage) right after conversion, and the file pages it was read from are
+handed back to the kernel, so host memory peaks near one checkpoint plus one tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from collections.abc import Callable
+from functools import cache
+
+import numpy as np
+import torch
+
+MADV_DONTNEED = 4  # Linux: drop the pages; file-backed pages are re-read if touched
+
+
+def host_view(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor without copying (bfloat16 as ml_dtypes' bfloat16)."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def convert_weights(
+    module: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    convert: Callable[[str, np.ndarray], object],
+    release: bool,
+) -> dict[str, object]:
+    """``{name: convert(name, host_array)}`` for each of ``tensors`` (the module's weights).
+
+    ``convert`` may keep using ``host_array`` (the JAX backend on CPU does): it is either
+    handed over for good or a copy. ``release`` hands it over: right after each
+    conversion, every reference the module holds to that tensor becomes a meta tensor,
+    the entry leaves ``tensors``, and the checkpoint file pages it was read from are given
+    back to the kernel (for modules ttpu loaded itself). Otherwise ``convert`` gets a copy
+    and the module keeps its weights (a module the caller passed in)."""
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    if release:
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        for name, tensor in named:
+            path, _, attribute = name.rpartition(".")
+            owners.setdefault(id(tensor), []).append((module.get_submodule(path), attribute))
+    converted = {}
+    for name in list(tensors):
+        tensor = tensors.pop(name) if release else tensors[name]
+        host = host_view(tensor)
+        converted[name] = convert(name, host if release else host.copy())
+        if release:
+            for owner, attribute in owners.get(id(tensor), []):
+                _to_meta(owner, attribute)
+            _release_file_pages(tensor)
+    return converted
+
+
+def _to_meta(owner: torch.nn.Module, attribute: str) -> None:
+    old = getattr(owner, attribute)
+    meta = torch.empty(old.shape, dtype=old.dtype, device="meta")
+    if attribute in owner._parameters:
+        owner._parameters[attribute] = torch.nn.Parameter(meta, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attribute] = meta
+
+
+def _release_file_pages(tensor: torch.Tensor) -> None:
+    """Give back the whole pages of ``tensor``'s storage if they belong to a read-only
+    file mapping (a memory-mapped checkpoint). Read-only pages are always clean, so this
+    loses nothing: an array still using them reads them from the file again. Anonymous
+    memory is never touched here (the garbage collector frees it)."""
+    storage = tensor.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, (start + size) // page * page
+    if last <= first or not _in_checkpoint_mapping(first, last):
+        return
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+def _in_checkpoint_mapping(first: int, last: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= first and last <= high:
+                path = fields[5] if len(fields) > 5 else ""
+                return "w" not in fields[1] and path.endswith(".safetensors")
+    return False
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc

@@ -1,0 +1,187 @@
+"""Sharding on 8 virtual CPU devices: every strategy matches the unsharded model."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+
+import jax
+import numpy as np
+import pytest
+import torch
+from architectures import ARCHITECTURES
+from test_parity import relative_error
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import ttpu
+from ttpu import AutoModelForTPU
+from ttpu.errors import InvalidArgumentError
+from ttpu.sharding import MeshShape
+from ttpu.sharding.strategies import choose_auto, mesh_for
+
+STRATEGIES = ("dp", "fsdp", "tp", "2d", "3d")
+# llama: a tensor-parallel plan; mixtral: MoE experts; gpt2: no plan (inferred, Conv1D)
+SHARDED = [a for a in ARCHITECTURES if a.name in ("llama", "mixtral", "gpt2")]
+NEW_TOKENS = 8
+
+
+def test_eight_devices() -> None:
+    assert jax.device_count() == 8, "tests/conftest.py sets XLA_FLAGS for 8 CPU devices"
+
+
+@pytest.fixture(scope="module", params=SHARDED, ids=lambda a: a.name)
+def unsharded(request):
+    arch = request.param
+    module = arch.build()
+    inputs = arch.make_inputs(module, batch=8)  # rows left-padded
+    model = AutoModelForTPU.from_model(module)
+    logits = np.asarray(model(**inputs).logits)
+    tokens = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=NEW_TOKENS)
+    with torch.no_grad():
+        eager = module(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
+    assert relative_error(logits, eager, inputs["attention_mask"]) < 1e-5
+    return module, inputs, logits, tokens
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_matches_the_unsharded_model(unsharded, strategy) -> None:
+    module, inputs, logits, tokens = unsharded
+    model = AutoModelForTPU.from_model(module, parallelism=strategy)
+    assert model.sharding.mesh == mesh_for(strategy, 8)
+    assert relative_error(np.asarray(model(**inputs).logits), logits, None) <= 1e-5
+    generated = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(generated, tokens)
+    for name, array in model.params.items():
+        found = model.sharding.parameters.get(name)  # (large buffers are replicated)
+        expected = jax.sharding.NamedSharding(array.sharding.mesh, jax.sharding.PartitionSpec(*(found.spec if found else ())))
+        assert array.sharding.is_equivalent_to(expected, array.ndim), name
+
+
+def llama(layers: int = 2, **overrides) -> LlamaForCausalLM:
+    config = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).eval()
+
+
+def test_fsdp_puts_an_eighth_of_the_weights_on_each_device() -> None:
+    model = AutoModelForTPU.from_model(llama(), parallelism="fsdp")
+    total = sum(a.nbytes for a in model.params.values())
+    per_device = Counter()
+    for array in model.params.values():
+        for shard in array.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    assert len(per_device) == 8
+    assert all(abs(n - total / 8) <= 0.01 * total / 8 for n in per_device.values()), per_device
+    table = ttpu.describe_sharding(model)
+    assert table.total_bytes == total and table.bytes_per_device == total // 8
+    assert "model.layers.0.mlp.up_proj.weight" in str(table) and "(fsdp, -)" in str(table)
+
+
+def test_tensor_parallel_layers_use_two_all_reduces_each() -> None:
+    """Megatron-style: column-parallel q/k/v and up/gate need no communication, the
+    row-parallel o_proj and down_proj one all-reduce each; the vocabulary-parallel
+    embedding adds one per forward and the logits stay split over the vocabulary."""
+    ids = np.random.default_rng(0).integers(1, 256, (2, 16))
+    counts = {}
+    for layers in (1, 2, 3):
+        model = AutoModelForTPU.from_model(llama(layers), parallelism="tp")
+        text = model._forward.compiled_text({"input_ids": ids}, {})
+        counts[layers] = Counter(
+            re.findall(r"= \S+ (all-reduce|reduce-scatter|all-gather|all-to-all)(?:-start)?\(", text)
+        )
+    per_layer = counts[2] - counts[1]
+    assert per_layer == Counter({"all-reduce": 2}), counts
+    assert counts[3] - counts[2] == per_layer
+    assert counts[1] == Counter({"all-reduce": 3}), counts[1]
+
+
+def test_shapes_that_do_not_divide_fall_back_to_replication_with_a_warning() -> None:
+    """Vocabulary 1001 and 3 KV heads of 12 (36 rows) over 8 tensor devices."""
+    module = llama(vocab_size=1001, hidden_size=72, num_attention_heads=6, num_key_value_heads=3, head_dim=12)
+    ids = np.random.default_rng(1).integers(1, 1001, (2, 9))
+    with torch.no_grad():
+        expected = module(input_ids=torch.from_numpy(ids)).logits.numpy()
+        hf_tokens = module.generate(torch.from_numpy(ids), do_sample=False, max_new_tokens=NEW_TOKENS).numpy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoModelForTPU.from_model(module, parallelism="tp")
+    messages = [str(w.message) for w in caught if "ttpu sharding" in str(w.message)]
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.k_proj.weight"):
+        assert sum(name in m for m in messages) == 1, (name, messages)
+    assert model.sharding.parameters["lm_head.weight"].spec == (None, None)
+    assert model.sharding.parameters["model.layers.0.self_attn.q_proj.weight"].spec == ("tensor", None)
+    assert relative_error(np.asarray(model(input_ids=ids).logits), expected, None) <= 1e-5
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=NEW_TOKENS), hf_tokens)
+
+
+def test_kv_cache_is_split_over_heads_and_batch() -> None:
+    model = AutoModelForTPU.from_model(llama(), mesh={"data": 2, "tensor": 4})
+    decoder = model.decoder()
+    ids = np.ones((4, 5), np.int64)
+    from ttpu.generation.generate import _settings
+    from ttpu.generation.sampling import split_settings
+
+    settings = _settings(model, ids, None, 0, {"max_new_tokens": 4})
+    mode, values = split_settings(settings, 256)
+    state = decoder.start(ids, np.ones_like(ids), 32, mode, values, jax.random.key(0))
+    state = decoder.advance(state, 2, mode, values)
+    for array in (*state.kv.keys, *state.kv.values):
+        assert tuple(array.sharding.spec)[:2] == ("data", "tensor")
+        assert array.addressable_shards[0].data.shape == (2, 2, 32, 8)
+
+
+def test_user_rules_win_over_the_plan() -> None:
+    module = llama()
+    ids = np.random.default_rng(2).integers(1, 256, (4, 8))
+    expected = np.asarray(AutoModelForTPU.from_model(module)(input_ids=ids).logits)
+    model = AutoModelForTPU.from_model(
+        module, mesh={"data": 2, "fsdp": 2, "tensor": 2},
+        sharding_rules=[(r"lm_head", ("tensor", None)), (r"norm", (None,))],
+    )
+    lm_head = model.sharding.parameters["lm_head.weight"]
+    assert lm_head.spec == ("tensor", None) and lm_head.source == "rule 'lm_head'"
+    assert model.sharding.parameters["model.norm.weight"].spec == (None,)
+    assert model.sharding.parameters["model.layers.0.mlp.down_proj.weight"].spec == ("fsdp", "tensor")
+    assert model.params["model.embed_tokens.weight"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert relative_error(np.asarray(model(input_ids=ids).logits), expected, None) <= 1e-5
+
+
+def test_auto_picks_dp_for_a_small_model_and_says_why(capsys) -> None:
+    model = AutoModelForTPU.from_model(llama(), parallelism="auto")
+    assert model.sharding.strategy == "dp"
+    assert "parallelism='auto' chose dp {data: 8}" in capsys.readouterr().err
+
+
+def test_auto_heuristic() -> None:
+    gib = 2**30
+    assert choose_auto(8, 1 * gib, 16 * gib).strategy == "dp"
+    assert choose_auto(8, 20 * gib, 16 * gib).strategy == "fsdp"
+    big = choose_auto(8, 100 * gib, 16 * gib)
+    assert big.strategy == "2d" and big.mesh == MeshShape((("fsdp", 4), ("tensor", 2)))
+    assert choose_auto(1, 100 * gib, 16 * gib).strategy == "dp"
+    assert mesh_for("3d", 8) == MeshShape((("data", 2), ("fsdp", 2), ("tensor", 2)))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"parallelism": "zero3"}, "unknown parallelism 'zero3'; valid: dp, fsdp, tp, 2d, 3d, auto"),
+        ({"mesh": {"data": 2, "tensor": 2}}, "has 4 devices but 8 are available"),
+        ({"mesh": {"data": 8, "model": 1}}, "unknown mesh axis ['model']; valid axes: data, fsdp, tensor"),
+        ({"mesh": {"data": 0}}, "positive integers"),
+        ({"parallelism": "tp", "sharding_rules": [("lm_head", ("model", None))]},
+         "names axis 'model', which the mesh {tensor: 8} does not have; valid: tensor or None"),
+        ({"parallelism": "tp", "sharding_rules": [("lm_head", ("tensor", None, None))]}, "has 3 entries"),
+        ({"parallelism": "tp", "sharding_rules": [("(", ("tensor",))]}, "not a valid regex"),
+        ({"sharding_rules": [("lm_head", ("tensor", None))]}, "sharding_rules need a mesh"),
+        ({"parallelism": "tp", "mesh": {"tensor": 8}}, "not both"),
+    ],
+)
+def test_bad_sharding_options_are_clear_errors(options, message) -> None:
+    with pytest.raises(InvalidArgumentError) as error:
+        AutoModelForTPU.from_model(llama(1), **options)
+    assert message in str(error.value)
