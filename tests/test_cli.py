@@ -96,3 +96,10 @@ def test_unknown_chat_roles_are_refused() -> None:
 
     with pytest.raises(InvalidArgumentError, match="chat roles are"):
         chat_prompt(Templated(), [{"role": "wizard", "content": "hi"}])
+
+
+def test_doctor_with_parallelism_reports_the_mesh(model_dir, capsys) -> None:
+    assert main(["doctor", model_dir, "--parallelism", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "sharding:    fsdp {fsdp: 8} (parallelism='fsdp' requested)" in out
+    assert "compiles:    yes" in out

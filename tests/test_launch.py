@@ -171,3 +171,43 @@ def test_worker_env_sets_the_device_count_and_keeps_other_xla_flags() -> None:
 def test_initialize_distributed_does_nothing_outside_a_job(monkeypatch) -> None:
     monkeypatch.delenv(launch.COORDINATOR_ADDRESS, raising=False)
     assert launch.initialize_distributed() is False
+
+
+MODEL_SCRIPT = """
+    import sys
+    import jax, numpy as np
+    from ttpu import AutoModelForTPU
+
+    model_dir, out_dir, parallelism = sys.argv[1:]
+    model = AutoModelForTPU.from_pretrained(model_dir, parallelism=parallelism)
+    ids = np.load(f"{out_dir}/ids.npy")
+    logits = np.asarray(model(input_ids=ids).logits)
+    tokens = model.generate(ids, max_new_tokens=6)
+    shards = {d.process_index for a in model.params.values() for d in a.sharding.device_set}
+    np.savez(f"{out_dir}/rank{jax.process_index()}.npz", logits=logits, tokens=tokens,
+             devices=model.sharding.mesh.device_count, processes=len(shards))
+"""
+
+
+@pytest.mark.parametrize("parallelism", ["fsdp", "tp"])
+def test_a_model_sharded_over_two_processes_matches_one_process(tmp_path, parallelism) -> None:
+    from test_loading import tiny_llama
+
+    from ttpu import AutoModelForTPU
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    ids = np.random.default_rng(0).integers(1, 32, (4, 9))
+    np.save(tmp_path / "ids.npy", ids)
+    script = write_script(tmp_path, MODEL_SCRIPT)
+    argv = ttpu_launch("--nproc", "2", "--local-devices", "4", script, tmp_path / "model", tmp_path, parallelism)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = AutoModelForTPU.from_pretrained(tmp_path / "model")
+    expected_logits = np.asarray(single(input_ids=ids).logits)
+    expected_tokens = single.generate(ids, max_new_tokens=6)
+    for rank in (0, 1):
+        seen = np.load(tmp_path / f"rank{rank}.npz")
+        assert (int(seen["devices"]), int(seen["processes"])) == (8, 2)
+        error = np.linalg.norm(seen["logits"] - expected_logits) / np.linalg.norm(expected_logits)
+        assert error <= 1e-5
+        np.testing.assert_array_equal(seen["tokens"], expected_tokens)

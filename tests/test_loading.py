@@ -182,3 +182,52 @@ def test_invalid_arguments_list_valid_values(llama_dir, argument, value, valid) 
     message = str(info.value)
     assert repr(value) in message
     assert "valid" in message and valid in message
+
+
+PEAK_MEMORY_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from ttpu import AutoModelForTPU
+from ttpu.backends import get_backend
+
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+
+get_backend("jax")  # imports and device set-up are not part of loading
+Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from here
+before = status("VmRSS:")
+model = AutoModelForTPU.from_pretrained(sys.argv[1], parallelism=sys.argv[2] or None)
+peak = status("VmHWM:") - before
+logits = np.asarray(model(input_ids=np.arange(1, 9)[None]).logits)
+meta = all(p.is_meta for p in model.torch_module.parameters())
+json.dump({"peak": peak, "meta": meta, "logits": logits.tolist()}, sys.stdout)
+"""
+
+
+@pytest.mark.parametrize("parallelism", [None, "fsdp"])
+def test_loading_peaks_under_twice_the_checkpoint_in_host_memory(tmp_path, parallelism) -> None:
+    """A ~190 MB checkpoint: weights are placed one tensor at a time and each host copy
+    released (measured in a fresh process, from the end of imports to the end of loading)."""
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128)
+    torch.manual_seed(0)
+    module = LlamaForCausalLM(config).eval()
+    module.save_pretrained(tmp_path)
+    checkpoint = (tmp_path / "model.safetensors").stat().st_size
+    with torch.no_grad():
+        expected = module(input_ids=torch.arange(1, 9)[None]).logits.numpy()
+    del module
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(tmp_path), str(parallelism) if parallelism else ""],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout)
+    assert seen["meta"], "the torch module still holds its weights after loading"
+    assert seen["peak"] < 2 * checkpoint, f"peak {seen['peak'] / 2**20:.0f} MiB, checkpoint {checkpoint / 2**20:.0f} MiB"
+    logits = np.array(seen["logits"])
+    assert np.linalg.norm(logits - expected) <= 1e-5 * np.linalg.norm(expected)

@@ -138,3 +138,18 @@ def test_gemma_prompt_longer_than_its_sliding_window(gemma) -> None:
     ids = model.tokenizer([text], return_tensors="np")["input_ids"][:, : window + 100]
     assert ids.shape[1] > window
     np.testing.assert_array_equal(model.generate(ids, max_new_tokens=16), hf_greedy(torch_model, ids, 16))
+
+
+@pytest.mark.parametrize("parallelism", ["fsdp", "tp"])
+def test_gemma_sharded_over_eight_devices(gemma, parallelism) -> None:
+    """fsdp holds an eighth of the weights per device; both strategies generate the same
+    tokens as transformers."""
+    import ttpu
+
+    _, torch_model = gemma
+    model = AutoModelForTPU.from_pretrained("gemma-3-270m", parallelism=parallelism)
+    table = ttpu.describe_sharding(model)
+    if parallelism == "fsdp":
+        assert abs(table.bytes_per_device - table.total_bytes / 8) <= 0.01 * table.total_bytes / 8, str(table)
+    ids = model.tokenizer([CAKE], return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=16), hf_greedy(torch_model, ids, 16))

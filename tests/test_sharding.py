@@ -185,3 +185,14 @@ def test_bad_sharding_options_are_clear_errors(options, message) -> None:
     with pytest.raises(InvalidArgumentError) as error:
         AutoModelForTPU.from_model(llama(1), **options)
     assert message in str(error.value)
+
+
+def test_batches_are_padded_to_split_over_the_data_devices() -> None:
+    module = llama()
+    ids = np.random.default_rng(5).integers(1, 256, (3, 8))
+    expected = np.asarray(AutoModelForTPU.from_model(module)(input_ids=ids).logits)
+    model = AutoModelForTPU.from_model(module, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+    assert min(model.buckets.batch) == 4  # data x fsdp
+    logits = model(input_ids=ids).logits
+    assert logits.shape[0] == 3
+    assert relative_error(np.asarray(logits), expected, None) <= 1e-5

@@ -49,6 +49,14 @@ class BucketPolicy:
     sequence: Sequence[int] | None = field(default_factory=lambda: powers_of_two(16, 1 << 20))
     batch: Sequence[int] | None = field(default_factory=lambda: powers_of_two(1, 1 << 16))
 
+    def batch_multiple_of(self, multiple: int) -> BucketPolicy:
+        """The same policy with batch buckets rounded up to multiples of ``multiple`` (the
+        data-parallel device count, so that a batch splits evenly over the devices)."""
+        if not self.batch or multiple == 1:
+            return self
+        sizes = sorted({-(-size // multiple) * multiple for size in self.batch})
+        return BucketPolicy(sequence=self.sequence, batch=tuple(sizes))
+
     def round_up(self, size: int, sizes: Sequence[int] | None, limit: int | None = None) -> int:
         if not sizes:
             return size

@@ -47,7 +47,8 @@ def _load(args: argparse.Namespace) -> Any:
 
     with step(f"loading {args.model} (backend {args.backend})"):
         return AutoModelForTPU.from_pretrained(
-            args.model, backend=args.backend, dtype=args.dtype, task=args.task
+            args.model, backend=args.backend, dtype=args.dtype, task=args.task,
+            parallelism=args.parallelism,
         )
 
 
@@ -100,6 +101,8 @@ def doctor(args: argparse.Namespace) -> int:
     print(f"task:        {model.task}")
     print(f"dtype:       {str(model.dtype).removeprefix('torch.')}")
     print(f"attention:   {model.attn_implementation}")
+    plan = model.sharding
+    print(f"sharding:    {plan.strategy} {plan.mesh} ({plan.reason})")
     experts = getattr(model.config, "_experts_implementation", None)
     if experts:
         print(f"moe experts: {experts}")
@@ -238,6 +241,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="jax", help="backend (default: jax)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--task", default=None, help="task (default: from the config)")
+    parser.add_argument(
+        "--parallelism", default=None,
+        help="spread over every device: dp, fsdp, tp, 2d, 3d or auto (default: one device)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

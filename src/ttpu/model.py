@@ -32,6 +32,10 @@ class TPUModel:
     Call it like the torch model: ``model(input_ids=ids, attention_mask=mask)`` with
     numpy, jax or torch inputs. The result is the model's own ``ModelOutput`` type with
     backend arrays (``jax.Array`` on the JAX backend).
+
+    ``sharding`` is the plan its weights, inputs and caches follow (see
+    :func:`ttpu.describe_sharding`); batches are padded to a multiple of its data-parallel
+    device count so that they split evenly.
     """
 
     def __init__(
@@ -52,7 +56,8 @@ class TPUModel:
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.patches = list(patches or [])
-        self.buckets = buckets or BucketPolicy()
+        data_parallel = sharding.mesh.size("data") * sharding.mesh.size("fsdp")
+        self.buckets = (buckets or BucketPolicy()).batch_multiple_of(data_parallel)
         self.sharding = sharding
         self._backend = backend
         self._forward: CompiledForward = backend.compile(torch_module, sharding, release_host_weights)

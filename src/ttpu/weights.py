@@ -59,19 +59,20 @@ def convert_weights(
         host = host_view(tensor)
         converted[name] = convert(name, host if release else host.copy())
         if release:
-            for owner, attribute in owners.get(id(tensor), []):
-                _to_meta(owner, attribute)
+            _to_meta(tensor, owners.get(id(tensor), []))
             _release_file_pages(tensor)
     return converted
 
 
-def _to_meta(owner: torch.nn.Module, attribute: str) -> None:
-    old = getattr(owner, attribute)
-    meta = torch.empty(old.shape, dtype=old.dtype, device="meta")
-    if attribute in owner._parameters:
-        owner._parameters[attribute] = torch.nn.Parameter(meta, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[attribute] = meta
+def _to_meta(tensor: torch.Tensor, owners: list[tuple[torch.nn.Module, str]]) -> None:
+    """Replace ``tensor`` by one meta tensor wherever it is registered (tied weights stay
+    tied)."""
+    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if isinstance(tensor, torch.nn.Parameter):
+        meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
+    for owner, attribute in owners:
+        registry = owner._parameters if attribute in owner._parameters else owner._buffers
+        registry[attribute] = meta
 
 
 def _release_file_pages(tensor: torch.Tensor) -> None:

@@ -154,7 +154,7 @@ def _tensor_spec(
     if style is None:
         style = _inferred_style(name, owner_name, owner)
         source = f"inferred {style}"
-    dim = _split_dimension(style, name, owner, shape)
+    dim = _split_dimension(style, owner, shape)
     if dim is None:
         return replicated, "replicated"
     return tuple("tensor" if i == dim else None for i in range(len(shape))), source
@@ -175,7 +175,7 @@ def _inferred_style(name: str, owner_name: str, owner: torch.nn.Module | None) -
     return None
 
 
-def _split_dimension(style: str | None, name: str, owner: torch.nn.Module | None, shape: tuple[int, ...]) -> int | None:
+def _split_dimension(style: str | None, owner: torch.nn.Module | None, shape: tuple[int, ...]) -> int | None:
     """Which dimension a style splits. Weights are [..., out, in] (torch Linear, MoE
     experts) except GPT-2's Conv1D, [in, out]; biases are split only column-wise."""
     if style in EMBEDDING_STYLES:
