@@ -43,8 +43,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TTPU_COMPILE_CACHE", "off")
 
-import jax  # noqa: E402  (after XLA_FLAGS)
-import numpy as np  # noqa: E402
+import jax  # after XLA_FLAGS is set
+import numpy as np
 
 MODEL = "gemma-3-270m"
 STRATEGIES = {"single": None, "dp": "dp", "fsdp": "fsdp", "tp": "tp", "2d": "2d", "3d": "3d"}
@@ -134,10 +134,7 @@ def measure_strategy(strategy: str, new_tokens: int, reference: np.ndarray | Non
         "compiles": model.compile_count,
         "same_tokens": True if reference is None else bool(np.array_equal(tokens, reference)),
     }
-    text = str(table) if strategy == "fsdp" else ""
-    del model, table
-    gc.collect()
-    return row, tokens, text
+    return row, tokens, str(table) if strategy == "fsdp" else ""
 
 
 def markdown(rows: list[dict]) -> str:
@@ -174,6 +171,7 @@ def main() -> None:
         load = load_in_subprocess(strategy)
         log(f"[{strategy}] loading, generating {new_tokens} tokens x {len(PROMPTS)} prompts")
         row, tokens, text = measure_strategy(strategy, new_tokens, reference)
+        gc.collect()  # the model went out of scope with measure_strategy; free it before the next
         reference = tokens if reference is None else reference
         fsdp_table = text or fsdp_table
         rows.append({"strategy": strategy, **load, "peak_over_checkpoint": load["peak_load_mib"] * MIB / checkpoint,

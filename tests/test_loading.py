@@ -198,6 +198,8 @@ get_backend("jax")  # imports and device set-up are not part of loading
 Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from here
 before = status("VmRSS:")
 model = AutoModelForTPU.from_pretrained(sys.argv[1], parallelism=sys.argv[2] or None)
+import jax
+jax.block_until_ready(model.params)  # transfers to the devices are asynchronous
 peak = status("VmHWM:") - before
 logits = np.asarray(model(input_ids=np.arange(1, 9)[None]).logits)
 meta = all(p.is_meta for p in model.torch_module.parameters())

@@ -41,12 +41,11 @@ def convert_weights(
 ) -> dict[str, object]:
     """``{name: convert(name, host_array)}`` for each of ``tensors`` (the module's weights).
 
-    ``convert`` may keep using ``host_array`` (the JAX backend on CPU does): it is either
-    handed over for good or a copy. ``release`` hands it over: right after each
-    conversion, every reference the module holds to that tensor becomes a meta tensor,
-    the entry leaves ``tensors``, and the checkpoint file pages it was read from are given
-    back to the kernel (for modules ttpu loaded itself). Otherwise ``convert`` gets a copy
-    and the module keeps its weights (a module the caller passed in)."""
+    ``convert`` must have copied what it needs when it returns. ``release``: right after
+    each conversion, every reference the module holds to that tensor becomes a meta
+    tensor, the entry leaves ``tensors``, and the checkpoint file pages it was read from
+    are given back to the kernel (for modules ttpu loaded itself; a module the caller
+    passed in keeps its weights)."""
     owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
     if release:
         named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
@@ -56,8 +55,7 @@ def convert_weights(
     converted = {}
     for name in list(tensors):
         tensor = tensors.pop(name) if release else tensors[name]
-        host = host_view(tensor)
-        converted[name] = convert(name, host if release else host.copy())
+        converted[name] = convert(name, host_view(tensor))
         if release:
             _to_meta(tensor, owners.get(id(tensor), []))
             _release_file_pages(tensor)
@@ -76,10 +74,11 @@ def _to_meta(tensor: torch.Tensor, owners: list[tuple[torch.nn.Module, str]]) ->
 
 
 def _release_file_pages(tensor: torch.Tensor) -> None:
-    """Give back the whole pages of ``tensor``'s storage if they belong to a read-only
-    file mapping (a memory-mapped checkpoint). Read-only pages are always clean, so this
-    loses nothing: an array still using them reads them from the file again. Anonymous
-    memory is never touched here (the garbage collector frees it)."""
+    """Give back the whole pages of ``tensor``'s storage if they belong to a private
+    mapping of a ``.safetensors`` file (how transformers memory-maps checkpoints). Read
+    again, such pages come back from the file; the tensor has been copied and replaced
+    by then, so nothing reads them. Anonymous memory is never touched here (the garbage
+    collector frees it once the tensor is dropped)."""
     storage = tensor.untyped_storage()
     start, size = storage.data_ptr(), storage.nbytes()
     page = mmap.PAGESIZE
@@ -98,7 +97,7 @@ def _in_checkpoint_mapping(first: int, last: int) -> bool:
             low, high = (int(x, 16) for x in fields[0].split("-"))
             if low <= first and last <= high:
                 path = fields[5] if len(fields) > 5 else ""
-                return "w" not in fields[1] and path.endswith(".safetensors")
+                return fields[1].endswith("p") and path.endswith(".safetensors")
     return False
 
 

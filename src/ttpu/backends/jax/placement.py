@@ -42,11 +42,16 @@ class Placement:
 
     def weight(self, name: str, host: np.ndarray) -> jax.Array:
         """A weight from host memory, split as the plan says: each device receives only
-        its slice (CPU devices may use the host memory in place, so ``host`` must not
-        change afterwards)."""
+        its slice, copied straight from ``host`` (never aliased, as CPU devices otherwise
+        may). Returns once the copies are done (transfers are asynchronous), so the
+        caller may release ``host`` right away."""
         found = self.plan.parameters.get(name)
-        spec = found.spec if found else ()
-        return jax.make_array_from_callback(host.shape, self.sharding(spec), lambda index: host[index])
+        sharding = self.sharding(found.spec if found else ())
+        shards = [
+            jax.device_put(host[index], device, may_alias=False)
+            for device, index in sharding.addressable_devices_indices_map(host.shape).items()
+        ]
+        return jax.make_array_from_single_device_arrays(host.shape, sharding, shards).block_until_ready()
 
     def batch(self, value: Any) -> jax.Array:
         """An input with the batch first (a scalar is replicated), split along the batch."""
