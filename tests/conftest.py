@@ -1,3 +1,4 @@
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -5,3 +6,11 @@ from pathlib import Path
 # Eight virtual CPU devices for sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The torch_xla backend's tests run in their own environment (scripts/test.sh): torch_xla
+# needs another torch than the main environment's.
+try:
+    importlib.metadata.version("torch_xla")
+    collect_ignore_glob: list[str] = []
+except importlib.metadata.PackageNotFoundError:
+    collect_ignore_glob = ["torch_xla_backend/*"]

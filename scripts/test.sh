@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every test: the main suite in .venv (JAX backend), then the torch_xla backend's tests in
+# their own environment on PJRT CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+.venv/bin/python -m pytest
+torch_xla_env="$(bash scripts/install-torch-xla.sh)"
+PJRT_DEVICE=CPU "$torch_xla_env/bin/python" -m pytest tests/torch_xla_backend

@@ -1,0 +1,111 @@
+"""torch_xla backend: the torch module itself runs on an XLA device as lazy tensors.
+
+Each call traces the forward into a lazy graph, which ``torch_xla.sync()`` compiles (once
+per graph shape, cached) and runs. Inputs arrive padded to ttpu's buckets, so nearby
+shapes share one compiled graph, as on the JAX backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ttpu.backends.base import Backend, CompiledForward
+from ttpu.backends.torch_xla.versions import import_torch_xla
+from ttpu.errors import InvalidArgumentError
+from ttpu.sharding import ShardingPlan
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")  # torch_xla's own default, without its warning
+torch_xla = import_torch_xla()
+import torch_xla.debug.metrics as metrics  # noqa: E402
+import torch_xla.runtime as xr  # noqa: E402
+
+
+class TorchXlaBackend(Backend):
+    """Runs transformers modules on torch_xla's XLA devices (TPU, GPU or CPU via PJRT)."""
+
+    name = "torch_xla"
+
+    def platform(self) -> str:
+        kind = xr.device_type().lower()
+        return {"cuda": "gpu"}.get(kind, kind)
+
+    def device_summary(self) -> list[str]:
+        return [f"{xr.device_type().lower()}:{i}" for i in range(xr.global_runtime_device_count())]
+
+    def attention_implementation(self) -> str:
+        return "sdpa"
+
+    def device_count(self) -> int:
+        return xr.global_runtime_device_count()
+
+    def device_memory(self) -> int | None:
+        return None
+
+    def compile(self, module: torch.nn.Module, plan: ShardingPlan, release_host_weights: bool) -> XlaForward:
+        if not plan.single_device:
+            raise InvalidArgumentError(
+                "parallelism is not available on the torch_xla backend yet; use backend='jax' to shard."
+            )
+        return XlaForward(module, release_host_weights)
+
+    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:
+        raise InvalidArgumentError("generate() is not available on the torch_xla backend yet; use backend='jax'.")
+
+
+class XlaForward(CompiledForward):
+    """The module's forward on one XLA device; ``compile_count`` counts the graphs torch_xla
+    compiled during this forward's calls."""
+
+    def __init__(self, module: torch.nn.Module, release_host_weights: bool) -> None:
+        self.device = torch_xla.device()
+        self._module = module if release_host_weights else _copy_structure(module)
+        self._module.to(self.device)
+        self._compiles = 0
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self._module.state_dict())
+
+    @property
+    def compile_count(self) -> int:
+        return self._compiles
+
+    def to_array(self, value: Any) -> Any:
+        if isinstance(value, np.ndarray | np.generic):
+            value = torch.from_numpy(np.asarray(value))
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device)
+        if type(value).__module__.startswith(("jax", "jaxlib")):
+            return self.to_array(np.asarray(value))
+        return value
+
+    def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
+        before = _compile_total()
+        with torch.no_grad():
+            output = self._module(**{k: self.to_array(v) for k, v in arrays.items()}, **constants)
+        torch_xla.sync()
+        self._compiles += _compile_total() - before
+        return output
+
+    def output_shapes(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
+        """Traced lazily, never compiled nor run: the lazy tensors know their shapes."""
+        with torch.no_grad():
+            return self._module(**{k: self.to_array(v) for k, v in arrays.items()}, **constants)
+
+
+def _compile_total() -> int:
+    data = metrics.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+def _copy_structure(module: torch.nn.Module) -> torch.nn.Module:
+    """A module the caller passed in keeps its weights on the host: the XLA copy is a
+    separate module."""
+    import copy
+
+    return copy.deepcopy(module)
