@@ -39,9 +39,22 @@ def test_axes_that_move_with_batch_or_sequence_are_cut_keeping_offsets() -> None
     }
     probe = {"tokens": shape((5, 32, 8), jnp.float32), "pooled": shape((5, 8), jnp.float32),
              "flat": shape((5 * 31, 8), jnp.float32)}
-    axes = padded_axes(padded, actual, probe)
-    cut = unpad_outputs(padded, actual, axes)
+    leaves, structure = jax.tree.flatten(actual)
+    axes = padded_axes(padded, leaves, jax.tree.leaves(probe))
+    cut = jax.tree.unflatten(structure, unpad_outputs(padded, leaves, axes))
     assert cut["tokens"].shape == (3, 25, 8)
     assert cut["pooled"].shape == (3, 8)
     assert cut["flat"].shape == (128, 8)
     assert dict(zip(sorted(actual), axes))["flat"] == ()
+
+
+def test_numpy_inputs_are_padded_as_numpy() -> None:
+    """The torch_xla backend pads on the host."""
+    import numpy as np
+
+    ids = np.arange(1, 7).reshape(2, 3)
+    padded = pad_inputs({"input_ids": ids}, BucketPolicy(sequence=(4,), batch=(4,)),
+                        pad_token_id=0, pad_sequence=True, max_sequence=None)
+    assert all(isinstance(a, np.ndarray) for a in padded.arrays.values())
+    np.testing.assert_array_equal(padded.arrays["attention_mask"][0], [1, 1, 1, 0])
+    np.testing.assert_array_equal(padded.arrays["input_ids"][3], [4, 5, 6, 0])

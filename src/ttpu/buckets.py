@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
-import jax.numpy as jnp
+import numpy as np
+from transformers.cache_utils import Cache
 
 # input name -> pad value along the sequence axis (None: repeat the last position)
 SEQUENCE_PAD_VALUES: dict[str, int | None] = {
@@ -87,7 +87,7 @@ def pad_inputs(
 ) -> PaddedInputs:
     """Pad array inputs to their buckets (pad_sequence: the model takes a padding mask)."""
     arrays = dict(arrays)
-    plain = {k: v for k, v in arrays.items() if isinstance(v, jax.Array)}
+    plain = {k: v for k, v in arrays.items() if _is_plain_array(v)}
     batch_sizes = {v.shape[0] for v in plain.values() if v.ndim > 0}
     if len(batch_sizes) != 1 or len(plain) != len(arrays):
         return PaddedInputs(arrays, 0, 0, None, None)
@@ -98,7 +98,8 @@ def pad_inputs(
         sequence = main.shape[1]
         padded_sequence = policy.round_up(sequence, policy.sequence, max_sequence)
         if "attention_mask" not in arrays:
-            arrays["attention_mask"] = jnp.ones((batch, sequence), jnp.int32)
+            xp = array_namespace(main)
+            arrays["attention_mask"] = xp.ones((batch, sequence), dtype=xp.int32)
         for name, fill in SEQUENCE_PAD_VALUES.items():
             value = arrays.get(name)
             if value is not None and value.ndim >= 2 and value.shape[1] == sequence:
@@ -112,23 +113,34 @@ def pad_inputs(
     return PaddedInputs(arrays, batch, padded_batch, sequence, padded_sequence)
 
 
-def _pad_axis(value: jax.Array, axis: int, size: int, fill: int | None) -> jax.Array:
+def array_namespace(value: Any) -> Any:
+    """numpy for numpy arrays, jax.numpy for jax arrays (the array API's namespace)."""
+    return value.__array_namespace__() if hasattr(value, "__array_namespace__") else np
+
+
+def _is_plain_array(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, Cache)
+
+
+def _pad_axis(value: Any, axis: int, size: int, fill: int | None) -> Any:
     extra = size - value.shape[axis]
     if extra <= 0:
         return value
+    xp = array_namespace(value)
     widths = [(0, 0)] * value.ndim
     widths[axis] = (0, extra)
     if fill is None:
-        return jnp.pad(value, widths, mode="edge")
-    return jnp.pad(value, widths, constant_values=jnp.asarray(fill, value.dtype))
+        return xp.pad(value, widths, mode="edge")
+    return xp.pad(value, widths, constant_values=xp.asarray(fill, dtype=value.dtype))
 
 
 SEQUENCE_PROBE_DELTA = -1
 BATCH_PROBE_DELTA = 1
 
 
-def probe_shapes(padded: PaddedInputs) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract inputs with a batch one larger and a sequence one shorter."""
+def probe_shapes(padded: PaddedInputs) -> dict[str, np.ndarray]:
+    """Inputs with a batch one larger and a sequence one shorter (zeros: only their shapes
+    are used, by a trace that does not run)."""
     shapes = {}
     for name, value in padded.arrays.items():
         shape = list(value.shape)
@@ -136,22 +148,24 @@ def probe_shapes(padded: PaddedInputs) -> dict[str, jax.ShapeDtypeStruct]:
         if padded.padded_sequence and value.ndim >= 2 and shape[1] == padded.padded_sequence:
             if name in SEQUENCE_PAD_VALUES:
                 shape[1] += SEQUENCE_PROBE_DELTA
-        shapes[name] = jax.ShapeDtypeStruct(tuple(shape), value.dtype)
+        shapes[name] = np.zeros(tuple(shape), np.dtype(value.dtype))
     return shapes
 
 
 def padded_axes(
-    padded: PaddedInputs, actual: Any, probe: Any
+    padded: PaddedInputs, actual: list[Any], probe: list[Any]
 ) -> list[tuple[tuple[int, int, int], ...]]:
-    """For each output leaf, the (axis, kind, offset) triples to cut.
+    """For each output leaf (of the real and the probe output), the (axis, kind, offset)
+    triples to cut.
 
     kind 0 follows the batch, kind 1 the sequence; ``offset`` is the axis size minus the
-    padded size (e.g. +1 for a prepended class token), kept when cutting.
+    padded size (e.g. +1 for a prepended class token), kept when cutting. Leaves that are
+    not arrays (a cache object, on backends whose pytrees keep it whole) are left as they are.
     """
     result = []
-    for real, moved in zip(jax.tree.leaves(actual), jax.tree.leaves(probe)):
+    for real, moved in zip(actual, probe):
         axes = []
-        if real.ndim == moved.ndim:
+        if hasattr(real, "ndim") and hasattr(moved, "ndim") and real.ndim == moved.ndim:
             for axis, (a, b) in enumerate(zip(real.shape, moved.shape)):
                 if b - a == BATCH_PROBE_DELTA:
                     axes.append((axis, 0, a - padded.padded_batch))
@@ -162,15 +176,17 @@ def padded_axes(
 
 
 def unpad_outputs(
-    padded: PaddedInputs, output: Any, axes: list[tuple[tuple[int, int, int], ...]]
-) -> Any:
-    """Cut every padded output axis back to the real batch and sequence."""
-    leaves, treedef = jax.tree.flatten(output)
+    padded: PaddedInputs, leaves: list[Any], axes: list[tuple[tuple[int, int, int], ...]]
+) -> list[Any]:
+    """Cut every padded axis of the output's leaves back to the real batch and sequence."""
     sizes = (padded.batch, padded.sequence)
     cut = []
     for leaf, leaf_axes in zip(leaves, axes):
+        if not leaf_axes:
+            cut.append(leaf)
+            continue
         index = [slice(None)] * leaf.ndim
         for axis, kind, offset in leaf_axes:
             index[axis] = slice(0, sizes[kind] + offset)
-        cut.append(leaf[tuple(index)] if leaf_axes else leaf)
-    return jax.tree.unflatten(treedef, cut)
+        cut.append(leaf[tuple(index)])
+    return cut

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import jax
+import ml_dtypes
 import numpy as np
 import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
@@ -16,6 +16,7 @@ from ttpu.backends import Backend, CompiledForward
 from ttpu.buckets import (
     BucketPolicy,
     PaddedInputs,
+    array_namespace,
     pad_inputs,
     padded_axes,
     probe_shapes,
@@ -94,7 +95,7 @@ class TPUModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         bound = bind_arguments(self.torch_module.forward, args, kwargs)
-        float_dtype = jax.numpy.bfloat16 if self.dtype == torch.bfloat16 else np.dtype(
+        float_dtype = ml_dtypes.bfloat16 if self.dtype == torch.bfloat16 else np.dtype(
             str(self.dtype).removeprefix("torch.")
         )
         arrays, constants = split_inputs(bound, self._forward.to_array, float_dtype)
@@ -154,10 +155,15 @@ class TPUModel:
         """Compare bucket-padded and exact-shape outputs on these inputs, every position
         real (positions the caller padded hold arbitrary values in both)."""
         if "attention_mask" in arrays:
-            arrays = {**arrays, "attention_mask": jax.numpy.ones_like(arrays["attention_mask"])}
+            mask = arrays["attention_mask"]
+            arrays = {**arrays, "attention_mask": array_namespace(mask).ones_like(mask)}
         padded, _ = self._run(arrays, constants, pad_sequence=True)
         exact, _ = self._run(arrays, constants, pad_sequence=False)
-        return _outputs_agree(padded, exact, self.dtype)
+        def arrays_of(output: Any) -> list[np.ndarray]:
+            leaves = self._forward.flatten(output)[0]
+            return [self._forward.to_host(x) for x in leaves if hasattr(x, "shape")]
+
+        return _outputs_agree(arrays_of(padded), arrays_of(exact), self.dtype)
 
     def _run(self, arrays: dict, constants: dict, pad_sequence: bool) -> tuple[Any, PaddedInputs]:
         padded = pad_inputs(
@@ -169,20 +175,22 @@ class TPUModel:
         )
         output = self._forward(padded.arrays, constants)
         if padded.is_padded:
-            output = unpad_outputs(padded, output, self._axes_to_cut(padded, constants, output))
+            leaves, structure = self._forward.flatten(output)
+            cut = unpad_outputs(padded, leaves, self._axes_to_cut(padded, constants, leaves))
+            output = self._forward.unflatten(structure, cut)
         return output, padded
 
-    def _axes_to_cut(self, padded: PaddedInputs, constants: dict, output: Any) -> list:
+    def _axes_to_cut(self, padded: PaddedInputs, constants: dict, leaves: list) -> list:
         key = (
             tuple(sorted(constants.items())),
-            jax.tree.structure(padded.arrays),
+            tuple(sorted(padded.arrays)),
             padded.padded_batch != padded.batch,
             padded.padded_sequence != padded.sequence,
         )
         axes = self._padded_axes_cache.get(key)
-        if axes is None or len(axes) != len(jax.tree.leaves(output)):
+        if axes is None or len(axes) != len(leaves):
             probe = self._forward.output_shapes(probe_shapes(padded), constants)
-            axes = padded_axes(padded, output, probe)
+            axes = padded_axes(padded, leaves, self._forward.flatten(probe)[0])
             self._padded_axes_cache[key] = axes
         return axes
 
@@ -197,9 +205,8 @@ class TPUModel:
 PADDING_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-def _outputs_agree(padded: Any, exact: Any, dtype: torch.dtype) -> bool:
-    """Do two outputs match leaf by leaf (relative error within the dtype's tolerance)?"""
-    a, b = jax.tree.leaves(padded), jax.tree.leaves(exact)
+def _outputs_agree(a: list[np.ndarray], b: list[np.ndarray], dtype: torch.dtype) -> bool:
+    """Do two outputs' leaves match (relative error within the dtype's tolerance)?"""
     if len(a) != len(b):
         return False
     for x, y in zip(a, b):

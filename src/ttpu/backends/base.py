@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from ttpu.sharding import ShardingPlan
@@ -38,7 +39,20 @@ class CompiledForward(ABC):
 
     @abstractmethod
     def to_array(self, value: Any) -> Any:
-        """Convert a numpy / torch / backend value to the backend's array type."""
+        """Convert a numpy / torch / jax value to the array type inputs are padded in and
+        passed to ``__call__`` as (jax arrays on the JAX backend, numpy on torch_xla)."""
+
+    @abstractmethod
+    def flatten(self, output: Any) -> tuple[list[Any], Any]:
+        """An output's array leaves and its structure (the backend's pytree rules)."""
+
+    @abstractmethod
+    def unflatten(self, structure: Any, leaves: list[Any]) -> Any:
+        """The output rebuilt from :meth:`flatten`'s structure and (new) leaves."""
+
+    @abstractmethod
+    def to_host(self, value: Any) -> np.ndarray:
+        """An output array as numpy."""
 
 
 class Backend(ABC):

@@ -126,6 +126,15 @@ class JaxForward(CompiledForward):
     def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
         return self._executables(self._params, self._placed(arrays), _freeze(constants))
 
+    def flatten(self, output: Any) -> tuple[list[Any], Any]:
+        return jax.tree.flatten(output)
+
+    def unflatten(self, structure: Any, leaves: list[Any]) -> Any:
+        return jax.tree.unflatten(structure, leaves)
+
+    def to_host(self, value: Any) -> np.ndarray:
+        return self.placement.to_host(value)
+
     def compiled_text(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> str:
         """The optimised HLO the compiler produced for these inputs (collectives, fusions)."""
         return self._executables.compiled(self._params, self._placed(arrays), _freeze(constants)).as_text()

@@ -11,8 +11,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
+import torch.utils._pytree as torch_pytree
 
 from ttpu.backends.base import Backend, CompiledForward
 from ttpu.backends.torch_xla.versions import import_torch_xla
@@ -76,26 +78,43 @@ class XlaForward(CompiledForward):
         return self._compiles
 
     def to_array(self, value: Any) -> Any:
-        if isinstance(value, np.ndarray | np.generic):
-            value = torch.from_numpy(np.asarray(value))
+        """Inputs are padded on the host, as numpy, and moved to the device per call."""
         if isinstance(value, torch.Tensor):
-            return value.to(self.device)
-        if type(value).__module__.startswith(("jax", "jaxlib")):
-            return self.to_array(np.asarray(value))
-        return value
+            return self.to_host(value)
+        return np.asarray(value)
+
+    def to_host(self, value: Any) -> np.ndarray:
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+
+    def flatten(self, output: Any) -> tuple[list[Any], Any]:
+        return torch_pytree.tree_flatten(output)
+
+    def unflatten(self, structure: Any, leaves: list[Any]) -> Any:
+        return torch_pytree.tree_unflatten(leaves, structure)
 
     def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
         before = _compile_total()
-        with torch.no_grad():
-            output = self._module(**{k: self.to_array(v) for k, v in arrays.items()}, **constants)
+        output = self._run(arrays, constants)
         torch_xla.sync()
         self._compiles += _compile_total() - before
         return output
 
     def output_shapes(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
         """Traced lazily, never compiled nor run: the lazy tensors know their shapes."""
+        return self._run(arrays, constants)
+
+    def _run(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
         with torch.no_grad():
-            return self._module(**{k: self.to_array(v) for k, v in arrays.items()}, **constants)
+            return self._module(**{k: self._on_device(v) for k, v in arrays.items()}, **constants)
+
+    def _on_device(self, value: np.ndarray) -> torch.Tensor:
+        value = np.asarray(value)
+        if value.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16).to(self.device)
+        return torch.from_numpy(value).to(self.device)
 
 
 def _compile_total() -> int:

@@ -1,0 +1,59 @@
+"""AutoModelForTPU with backend="torch_xla": the same API as the JAX backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from architectures import ARCHITECTURES, main_output
+from test_loading import tiny_llama, tiny_tokenizer
+from test_parity import TOLERANCE, relative_error
+
+from ttpu import AutoModelForTPU
+from ttpu.errors import InvalidArgumentError
+
+SOME = [a for a in ARCHITECTURES if a.name in ("llama", "gemma3_text", "gpt2", "bert", "t5", "vit")]
+
+
+@pytest.mark.parametrize("arch", SOME, ids=lambda a: a.name)
+def test_model_matches_eager_pytorch_through_the_buckets(arch) -> None:
+    module = arch.build()
+    inputs = arch.make_inputs(module, batch=3)  # batch padded to 4, sequences to 16
+    with torch.no_grad():
+        expected = main_output(module(**{k: torch.from_numpy(v) for k, v in inputs.items()})).numpy()
+    model = AutoModelForTPU.from_model(module, backend="torch_xla")
+    assert model.backend == "torch_xla"
+    actual = main_output(model(**inputs)).cpu().numpy()
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected, inputs.get("attention_mask")) <= TOLERANCE
+
+
+def test_lengths_within_a_bucket_share_one_graph() -> None:
+    """Lengths padded within the 16 bucket. (A length filling the bucket exactly takes a
+    second graph: transformers skips the mask when nothing is padded, a branch on mask
+    values that lazy tensors evaluate on the host.)"""
+    model = AutoModelForTPU.from_model(tiny_llama(), backend="torch_xla")
+    model(input_ids=np.ones((1, 5), np.int64))
+    compiled = model.compile_count
+    for length in (3, 9, 15):
+        model(input_ids=np.ones((1, length), np.int64))
+    assert model.compile_count == compiled
+
+
+def test_from_pretrained_directory(tmp_path) -> None:
+    reference = tiny_llama()
+    reference.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model = AutoModelForTPU.from_pretrained(tmp_path, backend="torch_xla")
+    ids = model.tokenizer(["the quick brown fox"], return_tensors="np")["input_ids"]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert relative_error(model(input_ids=ids).logits.cpu().numpy(), expected, None) <= TOLERANCE
+
+
+def test_what_is_not_there_yet_says_so() -> None:
+    model = AutoModelForTPU.from_model(tiny_llama(), backend="torch_xla")
+    with pytest.raises(InvalidArgumentError, match="generate\\(\\) is not available on the torch_xla backend yet"):
+        model.generate(np.ones((1, 4), np.int64), max_new_tokens=2)
+    with pytest.raises(InvalidArgumentError, match="parallelism is not available on the torch_xla backend yet"):
+        AutoModelForTPU.from_model(tiny_llama(), backend="torch_xla", parallelism="fsdp")
