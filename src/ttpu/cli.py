@@ -53,7 +53,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _versions() -> str:
-    names = ("ttpu", "transformers", "torch", "jax", "torchax")
+    names = ("ttpu", "transformers", "torch", "jax", "torchax", "torch_xla")
     found = []
     for name in names:
         try:
@@ -85,16 +85,14 @@ def sample_inputs(model: Any) -> dict[str, Any]:
 def doctor(args: argparse.Namespace) -> int:
     """Explain how ttpu runs a model: backend, devices, dtype, attention, patches, compile."""
     from ttpu.backends import get_backend
-    from ttpu.backends.jax import compile_cache, torchax_compat
 
     backend = get_backend(args.backend)
     print(f"versions:    {_versions()}")
-    fix = "applied" if torchax_compat.needs_named_overload_fix() else "not needed"
-    print(f"torchax fix: torch 2.13 named-overload import fix {fix}")
+    for label, value in backend.diagnostics():
+        print(f"{label + ':':<12} {value}")
     print(f"backend:     {backend.name} on {backend.platform()}")
     for line in backend.device_summary():
         print(f"  device     {line}")
-    print(f"xla cache:   {compile_cache.compile_cache_dir() or 'off'}")
     model = _load(args)
     params = sum(p.numel() for p in model.torch_module.parameters())
     print(f"model:       {type(model.torch_module).__name__} ({params / 1e6:.1f}M parameters)")

@@ -57,3 +57,14 @@ def test_what_is_not_there_yet_says_so() -> None:
         model.generate(np.ones((1, 4), np.int64), max_new_tokens=2)
     with pytest.raises(InvalidArgumentError, match="parallelism is not available on the torch_xla backend yet"):
         AutoModelForTPU.from_model(tiny_llama(), backend="torch_xla", parallelism="fsdp")
+
+
+def test_doctor_explains_the_torch_xla_backend(tmp_path, capsys) -> None:
+    from ttpu.cli import main
+
+    tiny_llama().save_pretrained(tmp_path)
+    assert main(["doctor", str(tmp_path), "--backend", "torch_xla"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("torch_xla 2.9.0", "backend:     torch_xla on cpu", "graphs:      lazy tensors",
+                     "attention:   sdpa", "compiles:    yes"):
+        assert expected in out, out

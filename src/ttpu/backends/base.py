@@ -69,6 +69,10 @@ class Backend(ABC):
         """One line per visible device."""
 
     @abstractmethod
+    def diagnostics(self) -> list[tuple[str, str]]:
+        """(label, value) lines for ``ttpu doctor``: fixes applied, caches, kernels."""
+
+    @abstractmethod
     def attention_implementation(self) -> str:
         """Name of the attention implementation this backend registers with transformers."""
 

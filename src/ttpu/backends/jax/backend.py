@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from ttpu.backends.base import Backend, CompiledForward
-from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees
+from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees, torchax_compat
 from ttpu.backends.jax.environment import cpu_to_jax, tracing_environment
 from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.placement import Placement
@@ -48,6 +48,13 @@ class JaxBackend(Backend):
 
     def device_summary(self) -> list[str]:
         return [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()]
+
+    def diagnostics(self) -> list[tuple[str, str]]:
+        fix = "applied" if torchax_compat.needs_named_overload_fix() else "not needed"
+        return [
+            ("torchax fix", f"torch 2.13 named-overload import fix {fix}"),
+            ("xla cache", str(compile_cache.compile_cache_dir() or "off")),
+        ]
 
     def attention_implementation(self) -> str:
         return attention.ATTENTION_NAME

@@ -39,6 +39,12 @@ class TorchXlaBackend(Backend):
     def device_summary(self) -> list[str]:
         return [f"{xr.device_type().lower()}:{i}" for i in range(xr.global_runtime_device_count())]
 
+    def diagnostics(self) -> list[tuple[str, str]]:
+        return [
+            ("graphs", "lazy tensors: one graph per input shape, compiled by torch_xla.sync() and cached"),
+            ("kernels", "attention through torch SDPA lowered by torch_xla (Pallas flash/splash kernels: not wired yet)"),
+        ]
+
     def attention_implementation(self) -> str:
         return "sdpa"
 
