@@ -51,12 +51,12 @@ def test_from_pretrained_directory(tmp_path) -> None:
     assert relative_error(model(input_ids=ids).logits.cpu().numpy(), expected, None) <= TOLERANCE
 
 
-def test_what_is_not_there_yet_says_so() -> None:
+def test_what_is_not_there_yet_or_does_not_fit_says_so() -> None:
     model = AutoModelForTPU.from_model(tiny_llama(), backend="torch_xla")
     with pytest.raises(InvalidArgumentError, match="generate\\(\\) is not available on the torch_xla backend yet"):
         model.generate(np.ones((1, 4), np.int64), max_new_tokens=2)
-    with pytest.raises(InvalidArgumentError, match="parallelism is not available on the torch_xla backend yet"):
-        AutoModelForTPU.from_model(tiny_llama(), backend="torch_xla", parallelism="fsdp")
+    with pytest.raises(InvalidArgumentError, match="has 8 devices but 1 are available"):
+        AutoModelForTPU.from_model(tiny_llama(), backend="torch_xla", mesh={"fsdp": 8})
 
 
 def test_doctor_explains_the_torch_xla_backend(tmp_path, capsys) -> None:

@@ -24,6 +24,7 @@ from ttpu.sharding import ShardingPlan
 os.environ.setdefault("PJRT_DEVICE", "CPU")  # torch_xla's own default, without its warning
 torch_xla = import_torch_xla()
 import torch_xla.debug.metrics as metrics  # noqa: E402
+import torch_xla.distributed.spmd as xs  # noqa: E402
 import torch_xla.runtime as xr  # noqa: E402
 
 
@@ -55,24 +56,35 @@ class TorchXlaBackend(Backend):
         return None
 
     def compile(self, module: torch.nn.Module, plan: ShardingPlan, release_host_weights: bool) -> XlaForward:
-        if not plan.single_device:
-            raise InvalidArgumentError(
-                "parallelism is not available on the torch_xla backend yet; use backend='jax' to shard."
-            )
-        return XlaForward(module, release_host_weights)
+        return XlaForward(module, plan, release_host_weights)
 
     def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:
         raise InvalidArgumentError("generate() is not available on the torch_xla backend yet; use backend='jax'.")
 
 
 class XlaForward(CompiledForward):
-    """The module's forward on one XLA device; ``compile_count`` counts the graphs torch_xla
-    compiled during this forward's calls."""
+    """The module's forward on the XLA device; ``compile_count`` counts the graphs torch_xla
+    compiled during this forward's calls.
 
-    def __init__(self, module: torch.nn.Module, release_host_weights: bool) -> None:
+    A sharded plan runs under torch_xla's SPMD mode (process-wide, switched on here before
+    any weight reaches the device): one ``xs.Mesh`` of the plan's axes over every device,
+    each parameter marked with the spec the rules engine gave it, inputs split along the
+    batch. XLA's sharding propagation does the rest, as on the JAX backend.
+    """
+
+    def __init__(self, module: torch.nn.Module, plan: ShardingPlan, release_host_weights: bool) -> None:
+        self._mesh = None if plan.single_device else _spmd_mesh(plan)
+        self.plan = plan
         self.device = torch_xla.device()
         self._module = module if release_host_weights else _copy_structure(module)
         self._module.to(self.device)
+        if hasattr(self._module, "tie_weights"):
+            self._module.tie_weights()  # moving to an XLA device unties shared weights
+        if self._mesh is not None:
+            for name, parameter in self._module.named_parameters():
+                found = plan.parameters.get(name)
+                if found is not None and any(found.spec):
+                    xs.mark_sharding(parameter, self._mesh, found.spec)
         self._compiles = 0
 
     @property
@@ -119,8 +131,21 @@ class XlaForward(CompiledForward):
     def _on_device(self, value: np.ndarray) -> torch.Tensor:
         value = np.asarray(value)
         if value.dtype == ml_dtypes.bfloat16:
-            return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16).to(self.device)
-        return torch.from_numpy(value).to(self.device)
+            tensor = torch.from_numpy(value.view(np.int16)).view(torch.bfloat16).to(self.device)
+        else:
+            tensor = torch.from_numpy(value).to(self.device)
+        if self._mesh is not None and value.ndim:
+            spec = self.plan.batch_spec(value.shape)
+            if any(spec):
+                xs.mark_sharding(tensor, self._mesh, spec)
+        return tensor
+
+
+def _spmd_mesh(plan: ShardingPlan) -> Any:
+    """torch_xla's mesh for ``plan`` (SPMD mode on; it cannot be switched off again)."""
+    if not xr.is_spmd():
+        xr.use_spmd()
+    return xs.Mesh(np.arange(plan.mesh.device_count), plan.mesh.sizes, plan.mesh.names)
 
 
 def _compile_total() -> int:
