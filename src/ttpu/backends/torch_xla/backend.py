@@ -85,6 +85,7 @@ class XlaForward(CompiledForward):
                 found = plan.parameters.get(name)
                 if found is not None and any(found.spec):
                     xs.mark_sharding(parameter, self._mesh, found.spec)
+        torch_xla.sync()  # weights materialised: the first forward's graph is the steady one
         self._compiles = 0
 
     @property
