@@ -127,6 +127,7 @@ def test_kv_cache_is_split_over_heads_and_batch() -> None:
 
     settings = _settings(model, ids, None, 0, {"max_new_tokens": 4})
     mode, values = split_settings(settings, 256)
+    values = decoder.replicated(values)
     state = decoder.start(ids, np.ones_like(ids), 32, mode, values, jax.random.key(0))
     state = decoder.advance(state, 2, mode, values)
     for array in (*state.kv.keys, *state.kv.values):

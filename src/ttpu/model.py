@@ -57,8 +57,7 @@ class TPUModel:
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.patches = list(patches or [])
-        data_parallel = sharding.mesh.size("data") * sharding.mesh.size("fsdp")
-        self.buckets = (buckets or BucketPolicy()).batch_multiple_of(data_parallel)
+        self.buckets = (buckets or BucketPolicy()).batch_multiple_of(sharding.mesh.data_parallel_size)
         self.sharding = sharding
         self._backend = backend
         self._forward: CompiledForward = backend.compile(torch_module, sharding, release_host_weights)

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from functools import cache
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -27,8 +28,6 @@ def host_view(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor without copying (bfloat16 as ml_dtypes' bfloat16)."""
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
 
@@ -47,6 +46,7 @@ def convert_weights(
     are given back to the kernel (for modules ttpu loaded itself; a module the caller
     passed in keeps its weights)."""
     owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    checkpoints = _checkpoint_mappings() if release else []
     if release:
         named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
         for name, tensor in named:
@@ -58,7 +58,7 @@ def convert_weights(
         converted[name] = convert(name, host_view(tensor))
         if release:
             _to_meta(tensor, owners.get(id(tensor), []))
-            _release_file_pages(tensor)
+            _release_file_pages(tensor, checkpoints)
     return converted
 
 
@@ -73,9 +73,10 @@ def _to_meta(tensor: torch.Tensor, owners: list[tuple[torch.nn.Module, str]]) ->
         registry[attribute] = meta
 
 
-def _release_file_pages(tensor: torch.Tensor) -> None:
-    """Give back the whole pages of ``tensor``'s storage if they belong to a private
-    mapping of a ``.safetensors`` file (how transformers memory-maps checkpoints). Read
+def _release_file_pages(tensor: torch.Tensor, checkpoints: list[tuple[int, int]]) -> None:
+    """Give back the whole pages of ``tensor``'s storage if they lie in one of
+    ``checkpoints``, the private mappings of ``.safetensors`` files (how transformers
+    memory-maps checkpoints). Read
     again, such pages come back from the file; the tensor has been copied and replaced
     by then, so nothing reads them. Anonymous memory is never touched here (the garbage
     collector frees it once the tensor is dropped)."""
@@ -83,22 +84,23 @@ def _release_file_pages(tensor: torch.Tensor) -> None:
     start, size = storage.data_ptr(), storage.nbytes()
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, (start + size) // page * page
-    if last <= first or not _in_checkpoint_mapping(first, last):
-        return
-    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+    if last > first and any(low <= first and last <= high for low, high in checkpoints):
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-def _in_checkpoint_mapping(first: int, last: int) -> bool:
+def _checkpoint_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process' private mappings of ``.safetensors`` files (read
+    once per conversion: the checkpoint stays mapped while its tensors are converted)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return []
+    ranges = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            if low <= first and last <= high:
-                path = fields[5] if len(fields) > 5 else ""
-                return fields[1].endswith("p") and path.endswith(".safetensors")
-    return False
+            if len(fields) > 5 and fields[1].endswith("p") and fields[5].endswith(".safetensors"):
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((low, high))
+    return ranges
 
 
 @cache

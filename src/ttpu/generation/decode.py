@@ -68,16 +68,18 @@ class Decoder:
         kv = self.layout.empty(input_ids.shape[0], max_length, place)
         return self._prefill(
             self._forward.params, kv, place.batch(input_ids.astype(np.int32)),
-            place.batch(prompt_mask.astype(np.int32)), place.put(key, ()),
-            jax.tree.map(lambda v: place.put(v, ()), values), mode,
+            place.batch(prompt_mask.astype(np.int32)), place.put(key, ()), values, mode,
         )
 
     def advance(self, state: DecodeState, steps: int, mode: SamplingMode, values: SamplingValues) -> DecodeState:
         """Generate up to ``steps`` more tokens (fewer if all rows finish or the limit is hit).
         ``state`` is donated: use the returned one."""
-        place = self._placement
-        values = jax.tree.map(lambda v: place.put(v, ()), values)
-        return self._advance(self._forward.params, state, place.put(np.int32(steps), ()), values, mode)
+        return self._advance(self._forward.params, state, self._placement.put(np.int32(steps), ()), values, mode)
+
+    def replicated(self, values: SamplingValues) -> SamplingValues:
+        """The sampling values on every device, as :meth:`start` and :meth:`advance` take
+        them (placed once per generation, not per call)."""
+        return jax.tree.map(lambda v: self._placement.put(v, ()), values)
 
     def to_host(self, value: jax.Array) -> np.ndarray:
         """Read a state array (on every process, whatever its sharding)."""

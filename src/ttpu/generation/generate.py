@@ -179,6 +179,7 @@ def _decode_chunks(
     max_length = max(MIN_CACHE_LENGTH, _next_power_of_two(prompt_length + settings.max_new_tokens))
     decoder = model.decoder()
     mode, values = split_settings(settings, vocab_size)
+    values = decoder.replicated(values)
     seed = secrets.randbits(63) if settings.seed is None else settings.seed
     state = decoder.start(padded_ids, padded_mask, max_length, mode, values, jax.random.key(seed))
     if padded_ids.shape[0] > batch:  # rows added for the batch bucket never hold the loop

@@ -61,15 +61,10 @@ def describe_sharding(model) -> ShardingTable:
         size = parameter.numel() * parameter.element_size()
         found = plan.parameters.get(name)
         spec = found.spec if found else (None,) * parameter.ndim
-        split = math.prod(_split(axis, plan) for axis in spec)
+        split = math.prod(plan.mesh.split(axis) for axis in spec)
         rows.append(ShardRow(name, tuple(parameter.shape), spec, found.source if found else "replicated", size // split))
         total += size
     return ShardingTable(plan, tuple(rows), total)
-
-
-def _split(axis, plan: ShardingPlan) -> int:
-    axes = axis if isinstance(axis, tuple) else (axis,) if axis else ()
-    return math.prod(plan.mesh.size(a) for a in axes)
 
 
 def _spec_text(spec: Spec) -> str:

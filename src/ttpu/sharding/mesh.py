@@ -65,5 +65,16 @@ class MeshShape:
         """The axis' size (1 for an axis the mesh does not have)."""
         return dict(self.axes).get(axis, 1)
 
+    def split(self, entry: str | tuple[str, ...] | None) -> int:
+        """How many ways one entry of a partition spec splits its dimension: an axis,
+        a tuple of axes, or None (not split)."""
+        axes = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+        return math.prod(self.size(axis) for axis in axes)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many ways the batch can be split (the data axes' sizes multiplied)."""
+        return self.split(DATA_AXES)
+
     def __str__(self) -> str:
         return "{" + ", ".join(f"{name}: {size}" for name, size in self.axes) + "}"

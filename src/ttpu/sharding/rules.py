@@ -28,7 +28,7 @@ from typing import Union
 import torch
 
 from ttpu.errors import InvalidArgumentError
-from ttpu.sharding.mesh import AXES, MeshShape
+from ttpu.sharding.mesh import AXES, DATA_AXES, MeshShape
 
 Axis = Union[str, tuple[str, ...], None]
 Spec = tuple[Axis, ...]
@@ -90,7 +90,7 @@ def batch_axes(batch: int, mesh: MeshShape) -> Axis:
     """The longest run of data axes (data, fsdp) whose product divides ``batch``."""
     chosen: list[str] = []
     product = 1
-    for axis in ("data", "fsdp"):
+    for axis in DATA_AXES:
         size = mesh.size(axis)
         if size > 1 and batch % (product * size) == 0:
             chosen.append(axis)
@@ -211,10 +211,7 @@ def _divisible(name: str, shape: tuple[int, ...], spec: Spec, mesh: MeshShape) -
     spec = (*spec, *([None] * (len(shape) - len(spec))))
     kept, dropped = [], []
     for size, axis in zip(shape, spec):
-        axes = axis if isinstance(axis, tuple) else (axis,) if axis else ()
-        split = 1
-        for a in axes:
-            split *= mesh.size(a)
+        split = mesh.split(axis)
         if size % split:
             dropped.append(f"dimension of size {size} over {axis!r} ({split} devices)")
             kept.append(None)

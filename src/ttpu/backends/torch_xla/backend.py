@@ -7,6 +7,7 @@ shapes share one compiled graph, as on the JAX backend.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from ttpu.backends.base import Backend, CompiledForward
 from ttpu.backends.torch_xla.versions import import_torch_xla
 from ttpu.errors import InvalidArgumentError
 from ttpu.sharding import ShardingPlan
+from ttpu.weights import host_view
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")  # torch_xla's own default, without its warning
 torch_xla = import_torch_xla()
@@ -76,7 +78,8 @@ class XlaForward(CompiledForward):
         self._mesh = None if plan.single_device else _spmd_mesh(plan)
         self.plan = plan
         self.device = torch_xla.device()
-        self._module = module if release_host_weights else _copy_structure(module)
+        # A module the caller passed in keeps its weights on the host: move a copy.
+        self._module = module if release_host_weights else copy.deepcopy(module)
         self._module.to(self.device)
         if hasattr(self._module, "tie_weights"):
             self._module.tie_weights()  # moving to an XLA device unties shared weights
@@ -103,10 +106,7 @@ class XlaForward(CompiledForward):
         return np.asarray(value)
 
     def to_host(self, value: Any) -> np.ndarray:
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
-            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return value.numpy()
+        return host_view(value.detach().cpu())
 
     def flatten(self, output: Any) -> tuple[list[Any], Any]:
         return torch_pytree.tree_flatten(output)
@@ -153,10 +153,3 @@ def _compile_total() -> int:
     data = metrics.metric_data("CompileTime")
     return int(data[0]) if data else 0
 
-
-def _copy_structure(module: torch.nn.Module) -> torch.nn.Module:
-    """A module the caller passed in keeps its weights on the host: the XLA copy is a
-    separate module."""
-    import copy
-
-    return copy.deepcopy(module)
