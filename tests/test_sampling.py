@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from ttpu.generation.config import GenerationSettings
-from ttpu.generation.sampling import filter_logits, next_tokens, split_settings
+from ttpu.backends.jax.sampling import filter_logits, next_tokens, split_settings
 
 VOCAB = 16
 DRAWS = 20000

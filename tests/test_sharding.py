@@ -123,14 +123,10 @@ def test_kv_cache_is_split_over_heads_and_batch() -> None:
     decoder = model.decoder()
     ids = np.ones((4, 5), np.int64)
     from ttpu.generation.generate import _settings
-    from ttpu.generation.sampling import split_settings
 
     settings = _settings(model, ids, None, 0, {"max_new_tokens": 4})
-    mode, values = split_settings(settings, 256)
-    values = decoder.replicated(values)
-    state = decoder.start(ids, np.ones_like(ids), 32, mode, values, jax.random.key(0))
-    state = decoder.advance(state, 2, mode, values)
-    for array in (*state.kv.keys, *state.kv.values):
+    run = decoder.advance(decoder.start(ids, np.ones_like(ids), 32, settings, seed=0), 2)
+    for array in (*run.state.kv.keys, *run.state.kv.values):
         assert tuple(array.sharding.spec)[:2] == ("data", "tensor")
         assert array.addressable_shards[0].data.shape == (2, 2, 32, 8)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ttpu.sharding import ShardingPlan
+
+if TYPE_CHECKING:
+    from ttpu.generation.config import GenerationSettings
 
 
 class CompiledForward(ABC):
@@ -55,6 +58,46 @@ class CompiledForward(ABC):
         """An output array as numpy."""
 
 
+class Decoder(ABC):
+    """A causal LM's compiled prefill and decode steps over a static KV cache.
+
+    ``ttpu.generation`` drives it from the host; the state it returns is opaque there.
+    Layout: prompts left-padded to one length ``P``; index ``i`` of the cache and of the
+    token buffer is the same position for every row, the first new token at index ``P``.
+    """
+
+    @property
+    @abstractmethod
+    def compile_count(self) -> int:
+        """How many programs (prefill and decode) have been compiled so far."""
+
+    @abstractmethod
+    def start(
+        self,
+        input_ids: np.ndarray,
+        prompt_mask: np.ndarray,
+        max_length: int,
+        settings: GenerationSettings,
+        seed: int,
+    ) -> Any:
+        """Run the prompts (left-padded int64 [batch, P]) into a cache of ``max_length``
+        positions and pick each row's first new token with ``settings``' sampling rules."""
+
+    @abstractmethod
+    def advance(self, state: Any, steps: int) -> Any:
+        """Generate up to ``steps`` more tokens (fewer if every row has finished or
+        ``max_new_tokens`` is reached); ``state`` may be consumed: use the returned one."""
+
+    @abstractmethod
+    def read(self, state: Any) -> tuple[int, np.ndarray]:
+        """How many tokens have been generated, and the token buffer [batch, max_length]
+        (prompt, then new tokens; finished rows continue with padding)."""
+
+    @abstractmethod
+    def finish(self, state: Any, rows: Sequence[int]) -> Any:
+        """Mark ``rows`` finished: from now on they only receive padding."""
+
+
 class Backend(ABC):
     """Turns torch modules into compiled forwards on one kind of XLA runtime."""
 
@@ -91,5 +134,5 @@ class Backend(ABC):
         weight once placed (the module is then only a structure for tracing)."""
 
     @abstractmethod
-    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:
+    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Decoder:
         """The compiled prefill/decode loop of a causal LM (``ttpu.generation``)."""

@@ -2,8 +2,8 @@
 
 The host side of generation: validate the prompts and settings, pad them to buckets
 (left-padded prompt lengths and batch sizes rounded up, the cache length rounded up to a
-power of two), then drive the compiled :class:`~ttpu.generation.decode.Decoder` in
-chunks of steps. Between chunks the host only reads the tokens, to check stop strings or
+power of two), then drive the backend's compiled :class:`~ttpu.backends.base.Decoder`
+in chunks of steps. Between chunks the host only reads the tokens, to check stop strings or
 stream text; without either, one call runs the whole generation.
 """
 
@@ -13,13 +13,11 @@ import secrets
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
 import torch
 
 from ttpu.errors import InvalidArgumentError
 from ttpu.generation.config import GenerationSettings, resolve_settings
-from ttpu.generation.sampling import split_settings
 from ttpu.generation.stopping import StopStrings
 from ttpu.generation.streaming import TextPieces
 
@@ -178,20 +176,16 @@ def _decode_chunks(
     prompt_length = padded_ids.shape[1]
     max_length = max(MIN_CACHE_LENGTH, _next_power_of_two(prompt_length + settings.max_new_tokens))
     decoder = model.decoder()
-    mode, values = split_settings(settings, vocab_size)
-    values = decoder.replicated(values)
     seed = secrets.randbits(63) if settings.seed is None else settings.seed
-    state = decoder.start(padded_ids, padded_mask, max_length, mode, values, jax.random.key(seed))
+    state = decoder.start(padded_ids, padded_mask, max_length, settings, seed)
     if padded_ids.shape[0] > batch:  # rows added for the batch bucket never hold the loop
-        state = state._replace(finished=state.finished.at[batch:].set(True))
+        state = decoder.finish(state, range(batch, padded_ids.shape[0]))
     eos = np.asarray(settings.eos_token_ids, np.int64)
     stopped: dict[int, int] = {}
     checked = 0  # tokens of every row already searched for stop strings
     while True:
-        count = int(decoder.to_host(state.generated))
-        # Copied whole (a small buffer) and cut on the host: slicing the device array
-        # would build a new little XLA program for every length.
-        tokens = decoder.to_host(state.tokens).astype(np.int64)[:batch, prompt_length : prompt_length + count]
+        count, buffer = decoder.read(state)
+        tokens = buffer[:batch, prompt_length : prompt_length + count]
         lengths, ended = _eos_ends(tokens, eos)
         newly_stopped = _check_stop_strings(stop, tokens, lengths, ended, checked, stopped)
         checked = count
@@ -206,8 +200,8 @@ def _decode_chunks(
         if done:
             return
         if newly_stopped:
-            state = state._replace(finished=state.finished.at[np.asarray(newly_stopped)].set(True))
-        state = decoder.advance(state, chunk, mode, values)
+            state = decoder.finish(state, newly_stopped)
+        state = decoder.advance(state, chunk)
 
 
 def _pad_prompts(model: TPUModel, ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

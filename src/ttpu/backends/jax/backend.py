@@ -18,7 +18,7 @@ import torch.utils._pytree as torch_pytree
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
-from ttpu.backends.base import Backend, CompiledForward
+from ttpu.backends.base import Backend, CompiledForward, Decoder
 from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees, torchax_compat
 from ttpu.backends.jax.environment import cpu_to_jax, tracing_environment
 from ttpu.backends.jax.executables import Executables
@@ -72,10 +72,10 @@ class JaxBackend(Backend):
     def compile(self, module: torch.nn.Module, plan: ShardingPlan, release_host_weights: bool) -> JaxForward:
         return JaxForward(module, Placement(plan), release_host_weights)
 
-    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:
-        from ttpu.generation.decode import Decoder  # generation imports this module
+    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Decoder:
+        from ttpu.backends.jax.decoder import JaxDecoder  # it imports this module
 
-        return Decoder(forward, module)
+        return JaxDecoder(forward, module)
 
 
 def host_memory() -> int:

@@ -1,16 +1,16 @@
-"""The compiled decode loop: a jitted prefill and a jitted ``lax.while_loop`` of decode
+"""The JAX decode loop: a jitted prefill and a jitted ``lax.while_loop`` of decode
 steps, the whole state (KV cache, tokens, PRNG key) passed in, donated and returned.
 
-Layout of a batch: prompts left-padded to one length ``P``; index ``i`` of the cache and
-of the token buffer is the same position for every row. The prefill writes indices
-``0..P-1`` and picks the first new token (index ``P``); each step feeds the token at
-index ``cache.length`` and writes the next one after it. One host call runs up to
-``steps`` tokens, stopping early when every row has finished.
+The prefill writes indices ``0..P-1`` of the cache and picks the first new token (index
+``P``); each step feeds the token at index ``cache.length`` and writes the next one
+after it. One host call runs up to ``steps`` tokens, stopping early when every row has
+finished.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from ttpu.backends.base import Decoder
 from ttpu.backends.jax.backend import JaxForward
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import KVState, TracedStaticCache, probe_layout
-from ttpu.generation.sampling import SamplingMode, SamplingValues, next_tokens
+from ttpu.backends.jax.sampling import SamplingMode, SamplingValues, next_tokens, split_settings
+from ttpu.generation.config import GenerationSettings
 
 
 class DecodeState(NamedTuple):
@@ -37,12 +39,21 @@ class DecodeState(NamedTuple):
     key: jax.Array  # PRNG key
 
 
-class Decoder:
+class Generation(NamedTuple):
+    """One generation in flight: the loop state and the sampling settings it runs with."""
+
+    state: DecodeState
+    mode: SamplingMode
+    values: SamplingValues  # placed on every device once, not per call
+
+
+class JaxDecoder(Decoder):
     """Compiled prefill and decode steps of one causal LM."""
 
     def __init__(self, forward: JaxForward, module: torch.nn.Module):
         self._forward = forward
         self._placement = forward.placement
+        self._vocab_size = module.config.get_text_config(decoder=True).vocab_size
         self.layout = probe_layout(forward.call_traced, forward.params)
         accepted = set(inspect.signature(module.forward).parameters)
         self._takes_positions = "position_ids" in accepted
@@ -59,31 +70,35 @@ class Decoder:
         input_ids: np.ndarray,
         prompt_mask: np.ndarray,
         max_length: int,
-        mode: SamplingMode,
-        values: SamplingValues,
-        key: jax.Array,
-    ) -> DecodeState:
-        """Run the prompts (left-padded [batch, P]) and pick each row's first new token."""
+        settings: GenerationSettings,
+        seed: int,
+    ) -> Generation:
         place = self._placement
+        mode, values = split_settings(settings, self._vocab_size)
+        values = jax.tree.map(lambda v: place.put(v, ()), values)
         kv = self.layout.empty(input_ids.shape[0], max_length, place)
-        return self._prefill(
+        state = self._prefill(
             self._forward.params, kv, place.batch(input_ids.astype(np.int32)),
-            place.batch(prompt_mask.astype(np.int32)), place.put(key, ()), values, mode,
+            place.batch(prompt_mask.astype(np.int32)), place.put(jax.random.key(seed), ()), values, mode,
         )
+        return Generation(state, mode, values)
 
-    def advance(self, state: DecodeState, steps: int, mode: SamplingMode, values: SamplingValues) -> DecodeState:
-        """Generate up to ``steps`` more tokens (fewer if all rows finish or the limit is hit).
-        ``state`` is donated: use the returned one."""
-        return self._advance(self._forward.params, state, self._placement.put(np.int32(steps), ()), values, mode)
+    def advance(self, state: Generation, steps: int) -> Generation:
+        """``state`` is donated: use the returned one."""
+        run = self._advance(
+            self._forward.params, state.state, self._placement.put(np.int32(steps), ()), state.values, state.mode
+        )
+        return state._replace(state=run)
 
-    def replicated(self, values: SamplingValues) -> SamplingValues:
-        """The sampling values on every device, as :meth:`start` and :meth:`advance` take
-        them (placed once per generation, not per call)."""
-        return jax.tree.map(lambda v: self._placement.put(v, ()), values)
+    def read(self, state: Generation) -> tuple[int, np.ndarray]:
+        # Copied whole (a small buffer) and cut on the host: slicing the device array
+        # would build a new little XLA program for every length.
+        to_host = self._placement.to_host
+        return int(to_host(state.state.generated)), to_host(state.state.tokens).astype(np.int64)
 
-    def to_host(self, value: jax.Array) -> np.ndarray:
-        """Read a state array (on every process, whatever its sharding)."""
-        return self._placement.to_host(value)
+    def finish(self, state: Generation, rows: Sequence[int]) -> Generation:
+        finished = state.state.finished.at[np.asarray(rows, np.int64)].set(True)
+        return state._replace(state=state.state._replace(finished=finished))
 
     def _model_step(
         self, params: Any, kv: KVState, ids: jax.Array, positions: jax.Array, mask: jax.Array, empty: bool
