@@ -11,5 +11,7 @@ if ! "$env_dir/bin/python" -c "import torch_xla" 2>/dev/null; then
   python3 -m venv "$env_dir"
   pip_install torch==2.9.0 'torch-xla[pallas]==2.9.0'
 fi
-pip_install -e '.[torch-xla,test]'  # this checkout's ttpu (the cached environment outlives clones)
+# This checkout's ttpu (the cached environment outlives clones); the JAX backend and the
+# offline models too, for the tests comparing the two backends and the real-weight checks.
+pip_install -e '.[torch-xla,jax,offline,test]'
 echo "$env_dir"

@@ -7,9 +7,10 @@ shapes share one compiled graph, as on the JAX backend.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -17,14 +18,15 @@ import numpy as np
 import torch
 import torch.utils._pytree as torch_pytree
 
-from ttpu.backends.base import Backend, CompiledForward
+from ttpu.backends.base import Backend, CompiledForward, Decoder
+from ttpu.backends.torch_xla import attention
 from ttpu.backends.torch_xla.versions import import_torch_xla
-from ttpu.errors import InvalidArgumentError
 from ttpu.sharding import ShardingPlan
 from ttpu.weights import host_view
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")  # torch_xla's own default, without its warning
 torch_xla = import_torch_xla()
+import torch_xla.core.xla_model as xm  # noqa: E402
 import torch_xla.debug.metrics as metrics  # noqa: E402
 import torch_xla.distributed.spmd as xs  # noqa: E402
 import torch_xla.runtime as xr  # noqa: E402
@@ -34,6 +36,9 @@ class TorchXlaBackend(Backend):
     """Runs transformers modules on torch_xla's XLA devices (TPU, GPU or CPU via PJRT)."""
 
     name = "torch_xla"
+
+    def __init__(self) -> None:
+        attention.register_attention()
 
     def platform(self) -> str:
         kind = xr.device_type().lower()
@@ -45,11 +50,11 @@ class TorchXlaBackend(Backend):
     def diagnostics(self) -> list[tuple[str, str]]:
         return [
             ("graphs", "lazy tensors: one graph per input shape, compiled by torch_xla.sync() and cached"),
-            ("kernels", "attention through torch SDPA lowered by torch_xla (Pallas flash/splash kernels: not wired yet)"),
+            ("kernels", attention.describe(self.platform())),
         ]
 
     def attention_implementation(self) -> str:
-        return "sdpa"
+        return attention.ATTENTION_NAME
 
     def device_count(self) -> int:
         return xr.global_runtime_device_count()
@@ -60,8 +65,10 @@ class TorchXlaBackend(Backend):
     def compile(self, module: torch.nn.Module, plan: ShardingPlan, release_host_weights: bool) -> XlaForward:
         return XlaForward(module, plan, release_host_weights)
 
-    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Any:
-        raise InvalidArgumentError("generate() is not available on the torch_xla backend yet; use backend='jax'.")
+    def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Decoder:
+        from ttpu.backends.torch_xla.decoder import XlaDecoder  # it imports this module
+
+        return XlaDecoder(forward)
 
 
 class XlaForward(CompiledForward):
@@ -92,6 +99,11 @@ class XlaForward(CompiledForward):
         self._compiles = 0
 
     @property
+    def module(self) -> torch.nn.Module:
+        """The module on the XLA device (the caller's own, or a copy for from_model)."""
+        return self._module
+
+    @property
     def params(self) -> dict[str, torch.Tensor]:
         return dict(self._module.state_dict())
 
@@ -115,11 +127,18 @@ class XlaForward(CompiledForward):
         return torch_pytree.tree_unflatten(leaves, structure)
 
     def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
-        before = _compile_total()
-        output = self._run(arrays, constants)
-        torch_xla.sync()
-        self._compiles += _compile_total() - before
+        with self.counting_compiles() as compiled:
+            output = self._run(arrays, constants)
+            torch_xla.sync()
+        self._compiles += compiled()
         return output
+
+    @staticmethod
+    @contextlib.contextmanager
+    def counting_compiles() -> Iterator[Callable[[], int]]:
+        """Yields a function that counts the graphs torch_xla compiled since the block began."""
+        before = _compile_total()
+        yield lambda: _compile_total() - before
 
     def output_shapes(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
         """Traced lazily, never compiled nor run: the lazy tensors know their shapes."""
@@ -127,9 +146,10 @@ class XlaForward(CompiledForward):
 
     def _run(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
         with torch.no_grad():
-            return self._module(**{k: self._on_device(v) for k, v in arrays.items()}, **constants)
+            return self._module(**{k: self.place(v) for k, v in arrays.items()}, **constants)
 
-    def _on_device(self, value: np.ndarray) -> torch.Tensor:
+    def place(self, value: np.ndarray) -> torch.Tensor:
+        """A host array on the device, split along its first axis (the batch) under SPMD."""
         value = np.asarray(value)
         if value.dtype == ml_dtypes.bfloat16:
             tensor = torch.from_numpy(value.view(np.int16)).view(torch.bfloat16).to(self.device)
@@ -140,6 +160,17 @@ class XlaForward(CompiledForward):
             if any(spec):
                 xs.mark_sharding(tensor, self._mesh, spec)
         return tensor
+
+    def shard_kv_cache(self, cache: Any) -> None:
+        """Split a transformers static cache's keys and values as the plan says (its
+        arrays arrive from the prefill with whatever sharding XLA propagated)."""
+        if self._mesh is None:
+            return
+        xm.wait_device_ops()  # the prefill that filled them has run
+        for layer in cache.layers:
+            for tensor in (layer.keys, layer.values):
+                xs.clear_sharding(tensor)
+                xs.mark_sharding(tensor, self._mesh, self.plan.kv_cache_spec(tensor.shape))
 
 
 def _spmd_mesh(plan: ShardingPlan) -> Any:
