@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -96,6 +97,7 @@ class XlaForward(CompiledForward):
                 if found is not None and any(found.spec):
                     xs.mark_sharding(parameter, self._mesh, found.spec)
         torch_xla.sync()  # weights materialised: the first forward's graph is the steady one
+        self._takes_use_cache = "use_cache" in inspect.signature(self._module.forward).parameters
         self._compiles = 0
 
     @property
@@ -145,6 +147,11 @@ class XlaForward(CompiledForward):
         return self._run(arrays, constants)
 
     def _run(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
+        if self._takes_use_cache and "use_cache" not in constants:
+            # No KV cache unless asked for: transformers' dynamic sliding-window layers
+            # slice before the start of a short sequence, which torch clamps and torch_xla
+            # refuses. Generation brings its own static cache.
+            constants = {**constants, "use_cache": False}
         with torch.no_grad():
             return self._module(**{k: self.place(v) for k, v in arrays.items()}, **constants)
 

@@ -1,0 +1,66 @@
+"""The JAX and torch_xla backends agree with each other (this environment holds both),
+and the torch_xla backend generates what transformers generates on the real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from architectures import ARCHITECTURES, _is_causal, main_output
+from test_offline_models import CAKE, GENERATION_PROMPTS, hf_greedy, reference, relative_error
+from transformers import AutoModelForCausalLM
+
+from ttpu import AutoModelForTPU
+
+AGREEING = [a for a in ARCHITECTURES if a.name in ("llama", "gemma3_text", "gpt2", "qwen3", "bert", "t5", "vit")]
+
+
+def as_numpy(value) -> np.ndarray:
+    return value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+@pytest.mark.parametrize("arch", AGREEING, ids=lambda a: a.name)
+def test_jax_and_torch_xla_give_the_same_outputs(arch) -> None:
+    module = arch.build()
+    inputs = arch.make_inputs(module)
+    on_jax = AutoModelForTPU.from_model(module, backend="jax")
+    on_xla = AutoModelForTPU.from_model(module, backend="torch_xla")
+    expected = as_numpy(main_output(on_jax(**inputs)))
+    assert relative_error(as_numpy(main_output(on_xla(**inputs))), expected) <= 1e-5
+    if _is_causal(arch):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        np.testing.assert_array_equal(
+            on_xla.generate(ids, attention_mask=mask, max_new_tokens=16),
+            on_jax.generate(ids, attention_mask=mask, max_new_tokens=16),
+        )
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    model = AutoModelForTPU.from_pretrained("gemma-3-270m", backend="torch_xla")
+    return model, reference(AutoModelForCausalLM, "gemma-3-270m")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", GENERATION_PROMPTS[:3])
+def test_gemma_greedy_generation_equals_transformers(gemma, prompt) -> None:
+    model, torch_model = gemma
+    ids = model.tokenizer([prompt], return_tensors="np")["input_ids"]
+    expected = hf_greedy(torch_model, ids, 32)
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=32, min_new_tokens=32), expected)
+
+
+@pytest.mark.slow
+def test_gemma_on_both_backends_agrees(gemma) -> None:
+    model, _ = gemma
+    on_jax = AutoModelForTPU.from_pretrained("gemma-3-270m", backend="jax")
+    batch = model.tokenizer([CAKE, "Paris is the capital of"], padding=True, return_tensors="np")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    xla_logits = model(input_ids=ids, attention_mask=mask).logits.cpu().numpy()
+    jax_logits = np.asarray(on_jax(input_ids=ids, attention_mask=mask).logits)
+    real = mask.astype(bool)
+    assert relative_error(xla_logits[real], jax_logits[real]) <= 1e-5
+    np.testing.assert_array_equal(
+        model.generate(ids, attention_mask=mask, max_new_tokens=16),
+        on_jax.generate(ids, attention_mask=mask, max_new_tokens=16),
+    )
