@@ -14,3 +14,14 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ttpu"
+
+
+COMPILE_CACHE_ENV = "TTPU_COMPILE_CACHE"
+
+
+def compile_cache_dir() -> Path | None:
+    """Where backends persist compiled executables; None when TTPU_COMPILE_CACHE=off."""
+    setting = os.environ.get(COMPILE_CACHE_ENV)
+    if setting is not None and setting.lower() in ("0", "off", "false", "none"):
+        return None
+    return Path(setting) if setting else cache_dir() / "xla"

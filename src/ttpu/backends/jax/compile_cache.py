@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
 
-from ttpu.paths import cache_dir
+from ttpu.paths import compile_cache_dir
 
-COMPILE_CACHE_ENV = "TTPU_COMPILE_CACHE"
 # Compilations faster than this are cheaper to redo than to read back.
 MIN_COMPILE_SECONDS = 0.5
-
-
-def compile_cache_dir() -> Path | None:
-    """Where compiled executables persist; None when TTPU_COMPILE_CACHE=off."""
-    setting = os.environ.get(COMPILE_CACHE_ENV)
-    if setting is not None and setting.lower() in ("0", "off", "false", "none"):
-        return None
-    return Path(setting) if setting else cache_dir() / "xla"
 
 
 def enable_persistent_cache() -> Path | None:

@@ -22,6 +22,7 @@ import torch.utils._pytree as torch_pytree
 from ttpu.backends.base import Backend, CompiledForward, Decoder
 from ttpu.backends.torch_xla import attention
 from ttpu.backends.torch_xla.versions import import_torch_xla
+from ttpu.paths import compile_cache_dir
 from ttpu.sharding import ShardingPlan
 from ttpu.weights import host_view
 
@@ -40,6 +41,7 @@ class TorchXlaBackend(Backend):
 
     def __init__(self) -> None:
         attention.register_attention()
+        self.compile_cache = _enable_persistent_cache()
 
     def platform(self) -> str:
         kind = xr.device_type().lower()
@@ -52,6 +54,7 @@ class TorchXlaBackend(Backend):
         return [
             ("graphs", "lazy tensors: one graph per input shape, compiled by torch_xla.sync() and cached"),
             ("kernels", attention.describe(self.platform())),
+            ("xla cache", self.compile_cache),
         ]
 
     def attention_implementation(self) -> str:
@@ -185,6 +188,20 @@ def _spmd_mesh(plan: ShardingPlan) -> Any:
     if not xr.is_spmd():
         xr.use_spmd()
     return xs.Mesh(np.arange(plan.mesh.device_count), plan.mesh.sizes, plan.mesh.names)
+
+
+def _enable_persistent_cache() -> str:
+    """torch_xla's persistent compilation cache under ttpu's (it can only be switched on
+    before the first computation of the process); says where, or why not."""
+    directory = compile_cache_dir()
+    if directory is None:
+        return "off"
+    if torch_xla._XLAC._xla_computation_cache_is_initialized():
+        return f"not set: torch_xla ran before ttpu (cache {os.environ.get('XLA_PERSISTENT_CACHE_PATH', 'none')})"
+    path = directory / "torch_xla"
+    path.mkdir(parents=True, exist_ok=True)
+    xr.initialize_cache(str(path))
+    return str(path)
 
 
 def _compile_total() -> int:
