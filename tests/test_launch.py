@@ -104,7 +104,10 @@ def test_two_processes_form_one_global_mesh(tmp_path) -> None:
     argv = ttpu_launch("--nproc", "2", "--local-devices", "4", script, tmp_path, "--foo", "a b")
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert {"[rank 0] done 0", "[rank 1] done 1"} <= set(result.stdout.splitlines())
+    # A worker's libraries may write a partial line before it (seen under load): match the ends.
+    lines = result.stdout.splitlines()
+    for rank in (0, 1):
+        assert any(line.startswith(f"[rank {rank}] ") and line.endswith(f"done {rank}") for line in lines), lines
     a = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
     b = np.arange(16 * 4, dtype=np.float32).reshape(16, 4) / 10
     for rank in (0, 1):

@@ -18,12 +18,14 @@ _LAZY = {
     "TPUModel": "ttpu.model",
     "BucketPolicy": "ttpu.buckets",
     "describe_sharding": "ttpu.sharding",
+    "fsdp_v2": "ttpu.backends.torch_xla.fsdp",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from ttpu.auto import AutoModelForTPU
+    from ttpu.backends.torch_xla.fsdp import fsdp_v2
     from ttpu.buckets import BucketPolicy
     from ttpu.model import TPUModel
     from ttpu.sharding import describe_sharding

@@ -78,6 +78,11 @@ class TPUModel:
         return self._backend.name
 
     @property
+    def compiled_forward(self) -> CompiledForward:
+        """The backend's compiled forward (its module, placement and executables)."""
+        return self._forward
+
+    @property
     def params(self) -> Any:
         """The weights as a pytree of backend arrays (name -> array)."""
         return self._forward.params

@@ -104,6 +104,11 @@ class XlaForward(CompiledForward):
         self._compiles = 0
 
     @property
+    def mesh(self) -> Any:
+        """torch_xla's ``xs.Mesh`` of the plan (None on a single device)."""
+        return self._mesh
+
+    @property
     def module(self) -> torch.nn.Module:
         """The module on the XLA device (the caller's own, or a copy for from_model)."""
         return self._module
