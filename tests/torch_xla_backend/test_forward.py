@@ -15,9 +15,6 @@ from test_parity import TOLERANCE, relative_error
 from ttpu.backends import get_backend
 from ttpu.sharding import plan_sharding
 
-# MoE models are left out: transformers' grouped_mm experts call torch.histc on integers,
-# which torch_xla's CPU fallback lacks.
-DENSE = [a for a in ARCHITECTURES if "moe" not in a.name and a.name not in ("mixtral", "deepseek_v3")]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +26,7 @@ def test_runs_on_pjrt_cpu(backend) -> None:
     assert backend.platform() == "cpu"
 
 
-@pytest.mark.parametrize("arch", DENSE, ids=lambda a: a.name)
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
 def test_forward_matches_eager_pytorch(backend, arch) -> None:
     module = arch.build()
     inputs = arch.make_inputs(module)

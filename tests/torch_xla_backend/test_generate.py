@@ -14,8 +14,7 @@ from ttpu import AutoModelForTPU
 from ttpu.errors import InvalidArgumentError
 from ttpu.generation.config import GenerationSettings
 
-# MoE models are covered by test_forward's DENSE note (grouped experts need torch.histc).
-CAUSAL = [a for a in ARCHITECTURES if _is_causal(a) and "moe" not in a.name and a.name not in ("mixtral", "deepseek_v3")]
+CAUSAL = [a for a in ARCHITECTURES if _is_causal(a)]
 
 
 @pytest.mark.parametrize("arch", CAUSAL, ids=lambda a: a.name)

@@ -54,6 +54,7 @@ class TorchXlaBackend(Backend):
         return [
             ("graphs", "lazy tensors: one graph per input shape, compiled by torch_xla.sync() and cached"),
             ("kernels", attention.describe(self.platform())),
+            ("moe experts", f"transformers' {EXPERTS_IMPLEMENTATION} (static shapes) where a model has experts"),
             ("xla cache", self.compile_cache),
         ]
 
@@ -91,6 +92,7 @@ class XlaForward(CompiledForward):
         self.device = torch_xla.device()
         # A module the caller passed in keeps its weights on the host: move a copy.
         self._module = module if release_host_weights else copy.deepcopy(module)
+        _use_static_shape_experts(self._module)
         self._module.to(self.device)
         if hasattr(self._module, "tie_weights"):
             self._module.tie_weights()  # moving to an XLA device unties shared weights
@@ -186,6 +188,18 @@ class XlaForward(CompiledForward):
             for tensor in (layer.keys, layer.values):
                 xs.clear_sharding(tensor)
                 xs.mark_sharding(tensor, self._mesh, self.plan.kv_cache_spec(tensor.shape))
+
+
+# transformers' MoE experts implementation for torch_xla: each token gathers its experts'
+# weights (static shapes). The default, grouped_mm, sorts tokens by expert and counts them
+# with torch.histc on integers, which torch_xla cannot run.
+EXPERTS_IMPLEMENTATION = "batched_mm"
+
+
+def _use_static_shape_experts(module: torch.nn.Module) -> None:
+    can_set = getattr(module, "_can_set_experts_implementation", None)
+    if can_set is not None and can_set():
+        module.set_experts_implementation(EXPERTS_IMPLEMENTATION)
 
 
 def _spmd_mesh(plan: ShardingPlan) -> Any:
