@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -136,3 +137,8 @@ class Backend(ABC):
     @abstractmethod
     def decoder(self, forward: CompiledForward, module: torch.nn.Module) -> Decoder:
         """The compiled prefill/decode loop of a causal LM (``ttpu.generation``)."""
+
+
+def host_memory() -> int:
+    """Bytes of physical memory on this host (CPU devices share it)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

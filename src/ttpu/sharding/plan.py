@@ -30,6 +30,16 @@ class ShardingPlan:
         """Spec of an input or activation with the batch first."""
         return rules_engine.batch_spec(shape, self.mesh)
 
+    def input_specs(self, shapes: Sequence[Sequence[int]]) -> list[Spec]:
+        """Specs of one call's array inputs, the main input first: those whose first axis
+        is the batch (the first axis of the first input with two or more dimensions) are
+        split along it, the others (positions, scalars) replicated."""
+        batch = next((shape[0] for shape in shapes if len(shape) >= 2), None)
+        return [
+            self.batch_spec(shape) if len(shape) and shape[0] == batch else (None,) * len(shape)
+            for shape in shapes
+        ]
+
     def kv_cache_spec(self, shape: Sequence[int]) -> Spec:
         """Spec of one layer's [batch, heads, length, head_dim] keys or values."""
         return rules_engine.kv_cache_spec(shape, self.mesh)

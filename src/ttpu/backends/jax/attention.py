@@ -22,6 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ttpu.backends.grouped_attention import mask_for_groups
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.torchax_compat import import_torchax
 
@@ -59,7 +60,7 @@ def dot_product_attention(
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     if mask is not None:
-        mask = jnp.moveaxis(_group_heads(mask, kv_heads, groups), -1, 2)
+        mask = jnp.moveaxis(mask_for_groups(mask, kv_heads), -1, 2)
         if mask.dtype == jnp.bool_:
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         else:
@@ -119,15 +120,6 @@ def _restrict_to_keys(mask: jax.Array | None, indices: jax.Array, kv_len: int) -
     if mask.dtype == jnp.bool_:
         return mask & allowed
     return jnp.where(allowed, mask, jnp.finfo(jnp.float32).min)
-
-
-def _group_heads(mask: jax.Array, kv_heads: int, groups: int) -> jax.Array:
-    """Reshape a [b, 1|heads, q, kv] mask to broadcast against [b, kv_heads, groups, q, kv]."""
-    while mask.ndim < 4:
-        mask = mask[None]
-    if mask.shape[1] == 1:
-        return mask[:, :, None]
-    return mask.reshape(mask.shape[0], kv_heads, groups, *mask.shape[2:])
 
 
 def ttpu_attention_forward(

@@ -18,7 +18,7 @@ import torch.utils._pytree as torch_pytree
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
-from ttpu.backends.base import Backend, CompiledForward, Decoder
+from ttpu.backends.base import Backend, CompiledForward, Decoder, host_memory
 from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees, torchax_compat
 from ttpu.backends.jax.environment import cpu_to_jax, tracing_environment
 from ttpu.backends.jax.executables import Executables
@@ -76,11 +76,6 @@ class JaxBackend(Backend):
         from ttpu.backends.jax.decoder import JaxDecoder  # it imports this module
 
         return JaxDecoder(forward, module)
-
-
-def host_memory() -> int:
-    """Bytes of physical memory on this host."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class JaxForward(CompiledForward):
@@ -147,15 +142,13 @@ class JaxForward(CompiledForward):
         return self._executables.compiled(self._params, self._placed(arrays), _freeze(constants)).as_text()
 
     def _placed(self, arrays: Mapping[str, Any]) -> dict[str, Any]:
-        """Inputs whose first axis is the batch are split along it; others replicated."""
-        batch = _batch_size(arrays)
+        """Inputs laid out as the plan says (``ShardingPlan.input_specs``)."""
+        per_input = [jax.tree.flatten(value) for value in arrays.values()]
+        leaves = [leaf for values, _ in per_input for leaf in values]
+        specs = iter(self.placement.plan.input_specs([np.shape(leaf) for leaf in leaves]))
         return {
-            name: jax.tree.map(
-                lambda x: self.placement.batch(x) if np.ndim(x) and np.shape(x)[0] == batch
-                else self.placement.put(x, ()),
-                value,
-            )
-            for name, value in arrays.items()
+            name: jax.tree.unflatten(tree, [self.placement.put(leaf, next(specs)) for leaf in values])
+            for name, (values, tree) in zip(arrays, per_input)
         }
 
     def output_shapes(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
@@ -179,15 +172,6 @@ class JaxForward(CompiledForward):
                 raise CompilationError(_describe_failure(exc, modules)) from exc
         pytrees.register_transformers_pytrees()  # output classes defined since __init__
         return out
-
-
-def _batch_size(arrays: Mapping[str, Any]) -> int | None:
-    """The batch size: the first axis of the main input (input_ids, pixel_values, ...)."""
-    for value in arrays.values():
-        leaves = jax.tree.leaves(value)
-        if leaves and np.ndim(leaves[0]) >= 2:
-            return np.shape(leaves[0])[0]
-    return None
 
 
 def _drop_computed_tensors(buffers: dict[str, torch.Tensor], module: torch.nn.Module) -> None:

@@ -21,6 +21,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ttpu.backends.grouped_attention import mask_for_groups
+
 ATTENTION_NAME = "ttpu_xla"
 # Queries shorter than one flash block (a decode step) are not worth the kernel's padding.
 FLASH_MIN_QUERY = 128
@@ -63,7 +65,7 @@ def dot_product_attention(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
-        mask = _grouped(mask, kv_heads)
+        mask = mask_for_groups(mask, kv_heads)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, MASK_MIN)
         else:  # clamped: a fully masked (padding) row stays finite, never NaN
@@ -75,15 +77,6 @@ def dot_product_attention(
         probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhgqk,bhkd->bhgqd", probs.to(value.dtype), value)
     return out.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2)
-
-
-def _grouped(mask: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """A [b, 1|heads, q, kv] mask shaped to broadcast against [b, kv_heads, groups, q, kv]."""
-    while mask.dim() < 4:
-        mask = mask[None]
-    if mask.shape[1] == 1:
-        return mask[:, :, None]
-    return mask.reshape(mask.shape[0], kv_heads, -1, *mask.shape[2:])
 
 
 def flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as torch_pytree
 
-from ttpu.backends.base import Backend, CompiledForward, Decoder
+from ttpu.backends.base import Backend, CompiledForward, Decoder, host_memory
 from ttpu.backends.torch_xla import attention
 from ttpu.backends.torch_xla.versions import import_torch_xla
 from ttpu.paths import compile_cache_dir
@@ -65,7 +65,12 @@ class TorchXlaBackend(Backend):
         return xr.global_runtime_device_count()
 
     def device_memory(self) -> int | None:
-        return None
+        if self.platform() == "cpu":
+            return host_memory() // xr.global_runtime_device_count()
+        try:
+            return int(xm.get_memory_info(torch_xla.device())["bytes_limit"])
+        except (KeyError, RuntimeError, TypeError):
+            return None
 
     def compile(self, module: torch.nn.Module, plan: ShardingPlan, release_host_weights: bool) -> XlaForward:
         return XlaForward(module, plan, release_host_weights)
@@ -162,18 +167,23 @@ class XlaForward(CompiledForward):
             # slice before the start of a short sequence, which torch clamps and torch_xla
             # refuses. Generation brings its own static cache.
             constants = {**constants, "use_cache": False}
+        hosts = [np.asarray(value) for value in arrays.values()]
+        specs = self.plan.input_specs([host.shape for host in hosts])
         with torch.no_grad():
-            return self._module(**{k: self.place(v) for k, v in arrays.items()}, **constants)
+            return self._module(
+                **{name: self.place(host, spec) for name, host, spec in zip(arrays, hosts, specs)}, **constants
+            )
 
-    def place(self, value: np.ndarray) -> torch.Tensor:
-        """A host array on the device, split along its first axis (the batch) under SPMD."""
+    def place(self, value: np.ndarray, spec: tuple | None = None) -> torch.Tensor:
+        """A host array on the device; under SPMD split as ``spec`` says (default: along
+        its first axis, the batch)."""
         value = np.asarray(value)
         if value.dtype == ml_dtypes.bfloat16:
             tensor = torch.from_numpy(value.view(np.int16)).view(torch.bfloat16).to(self.device)
         else:
             tensor = torch.from_numpy(value).to(self.device)
         if self._mesh is not None and value.ndim:
-            spec = self.plan.batch_spec(value.shape)
+            spec = self.plan.batch_spec(value.shape) if spec is None else spec
             if any(spec):
                 xs.mark_sharding(tensor, self._mesh, spec)
         return tensor
