@@ -1,4 +1,5 @@
-"""torch_xla: lazy tensors vs ``torch.compile(backend="openxla")`` for one forward.
+"""torch_xla: lazy tensors vs ``torch.compile(backend="openxla")``, for one forward and for
+one decode step of ttpu's generation loop.
 
 Run in the torch_xla environment (scripts/install-torch-xla.sh):
 
@@ -8,7 +9,9 @@ Prints, for the same model and input in one run, the time per call of eager PyTo
 the CPU (the baseline), lazy tensors (the forward re-traced into a graph every call,
 compiled once and then found in torch_xla's graph cache) and torch.compile with the
 openxla backend (dynamo captures the graph once; later calls replay it behind guards),
-plus each one's first call (tracing + compiling) and the ratio to eager.
+plus each one's first call (tracing + compiling) and the ratio to eager. Then the same
+for a batch-1 decode step over transformers' StaticCache (``XlaDecoder.decode_step``),
+with the Python tracing time of a lazy step and dynamo's recompile count.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch  # noqa: E402
 import torch_xla  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from ttpu import models  # noqa: E402
+from ttpu import AutoModelForTPU, models  # noqa: E402
+from ttpu.generation.generate import _settings  # noqa: E402
 
 
 def timed(call, calls: int) -> tuple[float, float]:
@@ -77,6 +81,47 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, first, per_call in rows:
         print(f"| {name} | {first:.2f} | {per_call * 1e3:.1f} | {eager_s / per_call:.2f}x |")
+    decode_steps(args)
+
+
+def decode_steps(args: argparse.Namespace) -> None:
+    """A batch-1 decode step (KV cache of 128) lazily and under torch.compile(openxla)."""
+    import torch._dynamo
+
+    model = AutoModelForTPU.from_pretrained(args.model, backend="torch_xla")
+    decoder = model.decoder()
+    ids = np.ones((1, args.tokens), np.int64)
+    settings = _settings(model, ids, None, 0, {"max_new_tokens": args.calls + 8})
+
+    def stepper(step):
+        state = decoder.start(ids, np.ones_like(ids), 128, settings, 0)
+
+        def call() -> None:
+            (state.tokens, state.mask, state.positions, state.index, state.generated, state.finished) = step(
+                state.cache, state.chooser, state.tokens, state.mask, state.positions, state.index,
+                state.generated, state.finished, state.pad_id,
+            )
+            torch_xla.sync()
+            state.tokens.cpu()  # wait for the step
+
+        return call, state
+
+    lazy_call, state = stepper(decoder.decode_step)
+    lazy_first, lazy_s = timed(lazy_call, args.calls)
+    start = time.perf_counter()
+    decoder.decode_step(state.cache, state.chooser, state.tokens, state.mask, state.positions, state.index,
+                        state.generated, state.finished, state.pad_id)
+    trace_s = time.perf_counter() - start
+    torch_xla.sync()
+    torch._dynamo.reset()
+    dynamo_call, _ = stepper(torch.compile(decoder.decode_step, backend="openxla"))
+    dynamo_first, dynamo_s = timed(dynamo_call, args.calls)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    print(f"\ndecode step, batch 1, KV cache 128, median of {args.calls} steps")
+    print("| path | first step s | per step ms |")
+    print("|---|---|---|")
+    print(f"| lazy tensors (Python trace of a step: {trace_s * 1e3:.0f} ms) | {lazy_first:.2f} | {lazy_s * 1e3:.1f} |")
+    print(f"| torch.compile openxla ({frames} graphs captured) | {dynamo_first:.2f} | {dynamo_s * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

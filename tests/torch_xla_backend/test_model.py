@@ -63,5 +63,20 @@ def test_doctor_explains_the_torch_xla_backend(tmp_path, capsys) -> None:
     assert main(["doctor", str(tmp_path), "--backend", "torch_xla"]) == 0
     out = capsys.readouterr().out
     for expected in ("torch_xla 2.9.0", "backend:     torch_xla on cpu", "graphs:      lazy tensors",
-                     "attention:   ttpu_xla", "compiles:    yes"):
+                     "attention:   ttpu_xla", "kernels:     ttpu_xla: fused XLA attention",
+                     "moe experts: transformers' batched_mm", "compiles:    yes"):
         assert expected in out, out
+
+
+def test_bfloat16_on_request_float32_by_default_on_cpu() -> None:
+    """The dtype policy is the JAX backend's: float32 on CPU unless asked."""
+    module = tiny_llama()
+    ids = np.random.default_rng(0).integers(1, 32, (2, 6))
+    assert AutoModelForTPU.from_model(module, backend="torch_xla").dtype == torch.float32
+    model = AutoModelForTPU.from_model(module, backend="torch_xla", dtype="bfloat16")
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and model.params["model.embed_tokens.weight"].dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = module.to(torch.bfloat16)(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+    assert relative_error(logits.float().cpu().numpy(), expected, None) <= 2e-2
+    assert model.generate(ids, max_new_tokens=4).shape == (2, 10)

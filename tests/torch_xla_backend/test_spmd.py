@@ -32,7 +32,7 @@ def reference(request):
     return module, inputs, expected
 
 
-@pytest.mark.parametrize("strategy", ["dp", "fsdp", "tp", "2d", "3d"])
+@pytest.mark.parametrize("strategy", ["dp", "fsdp", "tp", "2d", "3d", "auto"])
 def test_every_strategy_matches_eager(reference, strategy) -> None:
     import torch_xla
 

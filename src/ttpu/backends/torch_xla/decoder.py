@@ -130,17 +130,38 @@ class XlaDecoder(Decoder):
         return state
 
     def _decode_step(self, state: XlaGeneration) -> None:
-        fed = state.tokens.index_select(1, state.index.view(1))
-        logits = self._step(state.cache, fed, state.mask, state.positions[:, None])
-        token = state.chooser(logits, state.tokens, state.mask, state.generated)
-        token = torch.where(state.finished, state.pad_id, token)
-        state.index = state.index + 1
-        state.tokens = state.tokens.index_copy(1, state.index.view(1), token[:, None])
-        state.mask = state.mask.index_fill(1, state.index.view(1), 1)
-        state.positions = state.positions + 1
-        state.generated = state.generated + 1
-        state.finished = state.finished | state.chooser.is_eos(token)
+        (state.tokens, state.mask, state.positions, state.index, state.generated, state.finished) = self.decode_step(
+            state.cache, state.chooser, state.tokens, state.mask, state.positions, state.index,
+            state.generated, state.finished, state.pad_id,
+        )
         state.count += 1
+
+    def decode_step(
+        self,
+        cache: StaticCache,
+        chooser: TokenChooser,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        index: torch.Tensor,
+        generated: torch.Tensor,
+        finished: torch.Tensor,
+        pad_id: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """One token for every row, as a function of tensors (the cache is updated in
+        place): the new (tokens, mask, positions, index, generated, finished)."""
+        fed = tokens.index_select(1, index.view(1))
+        logits = self._step(cache, fed, mask, positions[:, None])
+        token = torch.where(finished, pad_id, chooser(logits, tokens, mask, generated))
+        index = index + 1
+        return (
+            tokens.index_copy(1, index.view(1), token[:, None]),
+            mask.index_fill(1, index.view(1), 1),
+            positions + 1,
+            index,
+            generated + 1,
+            finished | chooser.is_eos(token),
+        )
 
     def _step(self, cache: StaticCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The model on ``ids`` with the cache: the last position's logits [batch, vocab]."""
