@@ -30,6 +30,10 @@ def test_missing_torch_xla_names_the_versions_to_install() -> None:
     message = str(error.value)
     assert "torch_xla, which is not installed" in message
     assert "pip install 'ttpu[torch_xla]'" in message and "torch==2.9.0" in message
+    import ttpu
+
+    with pytest.raises(BackendUnavailableError, match="pip install 'ttpu\\[torch_xla\\]'"):
+        ttpu.fsdp_v2  # noqa: B018 (the lazy attribute imports torch_xla)
 
 
 def test_torch_xla_with_another_torch_is_refused_before_import() -> None:

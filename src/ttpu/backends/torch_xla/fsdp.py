@@ -14,13 +14,16 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch_xla.distributed.spmd as xs
-from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
-from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
 from transformers.utils import ModelOutput
 
+from ttpu.backends.torch_xla.versions import import_torch_xla
 from ttpu.errors import InvalidArgumentError
 from ttpu.sharding import ShardingPlan
+
+import_torch_xla()  # a clear error naming the versions to install, if torch_xla is missing
+import torch_xla.distributed.spmd as xs  # noqa: E402
+from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy  # noqa: E402
+from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel  # noqa: E402
 
 if TYPE_CHECKING:
     from ttpu.model import TPUModel
