@@ -6,7 +6,6 @@ environment's torch cannot load torch_xla.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from architectures import ARCHITECTURES, main_output
