@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -97,6 +98,25 @@ class Decoder(ABC):
     @abstractmethod
     def finish(self, state: Any, rows: Sequence[int]) -> Any:
         """Mark ``rows`` finished: from now on they only receive padding."""
+
+
+class CachedStepInputs:
+    """Keyword arguments of a causal LM's forward over a KV cache, fitted to its
+    signature: position ids, and ``logits_to_keep=1`` (only the last position's logits),
+    where its forward takes them. Both backends' decoders build their steps with it."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        accepted = set(inspect.signature(module.forward).parameters)
+        self._takes_positions = "position_ids" in accepted
+        self._takes_logits_to_keep = "logits_to_keep" in accepted
+
+    def __call__(self, ids: Any, mask: Any, cache: Any, positions: Any) -> dict[str, Any]:
+        inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": cache, "use_cache": True}
+        if self._takes_positions:
+            inputs["position_ids"] = positions
+        if self._takes_logits_to_keep:
+            inputs["logits_to_keep"] = 1
+        return inputs
 
 
 class Backend(ABC):

@@ -9,7 +9,6 @@ finished.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from ttpu.backends.base import Decoder
+from ttpu.backends.base import CachedStepInputs, Decoder
 from ttpu.backends.jax.backend import JaxForward
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
@@ -55,9 +54,7 @@ class JaxDecoder(Decoder):
         self._placement = forward.placement
         self._vocab_size = module.config.get_text_config(decoder=True).vocab_size
         self.layout = probe_layout(forward.call_traced, forward.params)
-        accepted = set(inspect.signature(module.forward).parameters)
-        self._takes_positions = "position_ids" in accepted
-        self._takes_logits_to_keep = "logits_to_keep" in accepted
+        self._step_inputs = CachedStepInputs(module)
         self._prefill = Executables(self._prefill_program, static_argnums=(6,), donate_argnums=(1,))
         self._advance = Executables(self._advance_program, static_argnums=(4,), donate_argnums=(1,))
 
@@ -104,16 +101,7 @@ class JaxDecoder(Decoder):
         self, params: Any, kv: KVState, ids: jax.Array, positions: jax.Array, mask: jax.Array, empty: bool
     ):
         cache = TracedStaticCache(kv, self.layout, empty)
-        inputs = {
-            "input_ids": to_traced(ids),
-            "attention_mask": to_traced(mask),
-            "past_key_values": cache,
-            "use_cache": True,
-        }
-        if self._takes_positions:
-            inputs["position_ids"] = to_traced(positions)
-        if self._takes_logits_to_keep:
-            inputs["logits_to_keep"] = 1
+        inputs = self._step_inputs(to_traced(ids), to_traced(mask), cache, to_traced(positions))
         out = self._forward.call_traced(params, inputs)
         kv = self.layout.constrained(cache.state(ids.shape[1]), self._placement)
         return out.logits.jax()[:, -1], kv

@@ -11,9 +11,8 @@ back whether every row has finished only every few steps.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ import torch_xla
 import torch_xla.core.xla_model as xm
 from transformers import StaticCache
 
-from ttpu.backends.base import Decoder
+from ttpu.backends.base import CachedStepInputs, Decoder
 from ttpu.backends.torch_xla.sampling import TokenChooser
 from ttpu.generation.config import GenerationSettings
 
@@ -57,9 +56,8 @@ class XlaDecoder(Decoder):
         self._forward = forward
         self._module = forward.module
         self._config = self._module.config
-        accepted = set(inspect.signature(self._module.forward).parameters)
-        self._takes_positions = "position_ids" in accepted
-        self._takes_logits_to_keep = "logits_to_keep" in accepted
+        self._vocab_size = self._config.get_text_config(decoder=True).vocab_size
+        self._step_inputs = CachedStepInputs(self._module)
         self._compiles = 0
 
     @property
@@ -76,8 +74,7 @@ class XlaDecoder(Decoder):
     ) -> XlaGeneration:
         forward = self._forward
         device = forward.device
-        vocab_size = self._config.get_text_config(decoder=True).vocab_size
-        chooser = TokenChooser(settings, vocab_size, device)
+        chooser = TokenChooser(settings, self._vocab_size, device)
         xm.set_rng_state(seed % (1 << 63), device=str(device))
         batch, prompt_length = input_ids.shape
         with forward.counting_compiles() as compiled:
@@ -165,10 +162,5 @@ class XlaDecoder(Decoder):
 
     def _step(self, cache: StaticCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The model on ``ids`` with the cache: the last position's logits [batch, vocab]."""
-        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "past_key_values": cache, "use_cache": True}
-        if self._takes_positions:
-            inputs["position_ids"] = positions
-        if self._takes_logits_to_keep:
-            inputs["logits_to_keep"] = 1
         with torch.no_grad():
-            return self._module(**inputs).logits[:, -1]
+            return self._module(**self._step_inputs(ids, mask, cache, positions)).logits[:, -1]
