@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-from ttpu.backends.grouped_attention import mask_for_groups
+from ttpu.backends.attention_masks import mask_for_groups, materialised_mask
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.torchax_compat import import_torchax
 
@@ -172,14 +172,7 @@ def ttpu_attention_forward(
     return to_traced(out), None
 
 
-def ttpu_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """Boolean [batch, 1, q, kv] mask, always materialised (callers pass skip flags)."""
-    kwargs["allow_is_causal_skip"] = False
-    kwargs["allow_is_bidirectional_skip"] = False
-    return sdpa_mask(*args, **kwargs)
-
-
 def register_attention() -> None:
     """Register the "ttpu" attention and mask implementations with transformers."""
     AttentionInterface.register(ATTENTION_NAME, ttpu_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, ttpu_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, materialised_mask)

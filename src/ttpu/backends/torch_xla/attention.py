@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-from ttpu.backends.grouped_attention import mask_for_groups
+from ttpu.backends.attention_masks import mask_for_groups, materialised_mask
 
 ATTENTION_NAME = "ttpu_xla"
 # Queries shorter than one flash block (a decode step) are not worth the kernel's padding.
@@ -123,14 +123,6 @@ def _platform(tensor: torch.Tensor) -> str:
     import torch_xla.runtime as xr
 
     return xr.device_type().lower()
-
-
-def materialised_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """Boolean [batch, 1, q, kv] mask, never skipped for "causal only" inputs: skipping
-    reads mask values on the host, which would split the lazy graph by data."""
-    kwargs["allow_is_causal_skip"] = False
-    kwargs["allow_is_bidirectional_skip"] = False
-    return sdpa_mask(*args, **kwargs)
 
 
 def register_attention() -> None:
