@@ -3,6 +3,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # Eight virtual CPU devices for sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, str(Path(__file__).parent))
@@ -14,3 +16,10 @@ try:
     collect_ignore_glob: list[str] = []
 except importlib.metadata.PackageNotFoundError:
     collect_ignore_glob = ["torch_xla_backend/*"]
+
+
+@pytest.fixture(scope="session")
+def backend_name() -> str:
+    """The backend that backend-neutral tests (generation, ...) run on; the torch_xla
+    tests' conftest overrides it and imports those tests."""
+    return "jax"

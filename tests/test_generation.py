@@ -24,12 +24,12 @@ def hf_generate(module: torch.nn.Module, ids: np.ndarray, mask: np.ndarray, **kw
 
 
 @pytest.mark.parametrize("arch", CAUSAL, ids=lambda a: a.name)
-def test_greedy_matches_transformers(arch: Arch) -> None:
+def test_greedy_matches_transformers(arch: Arch, backend_name: str) -> None:
     module = arch.build()
     inputs = arch.make_inputs(module)  # two prompts, the first left-padded
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     expected = hf_generate(module, ids, mask, max_new_tokens=NEW_TOKENS)
-    model = AutoModelForTPU.from_model(module)
+    model = AutoModelForTPU.from_model(module, backend=backend_name)
     actual = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
     np.testing.assert_array_equal(actual, expected)
 
@@ -44,16 +44,16 @@ class CharTokenizer:
         return {"input_ids": np.array([[ord(c) - 0x100 for c in text]])}
 
 
-def build(name: str) -> tuple[torch.nn.Module, object]:
+def build(name: str, backend: str) -> tuple[torch.nn.Module, object]:
     arch = next(a for a in CAUSAL if a.name == name)
     module = arch.build()
-    return module, AutoModelForTPU.from_model(module, tokenizer=CharTokenizer())
+    return module, AutoModelForTPU.from_model(module, backend=backend, tokenizer=CharTokenizer())
 
 
 @pytest.fixture(scope="module")
-def gemma3():
+def gemma3(backend_name: str):
     """Tiny Gemma 3: sliding window of 8 on every other layer."""
-    return build("gemma3_text")
+    return build("gemma3_text", backend_name)
 
 
 def left_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
