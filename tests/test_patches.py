@@ -93,7 +93,7 @@ arch = next(a for a in ARCHITECTURES if a.name == "gemma3_text")
 module = arch.build()
 model = AutoModelForTPU.from_model(module)
 inputs = {k: model._forward.to_array(v) for k, v in arch.make_inputs(module).items()}
-text = model._forward._executables._jitted.lower(model.params, inputs, ()).as_text()
+text = model._forward._executables.lower(model.params, inputs, ()).as_text()
 print(hashlib.sha256(text.encode()).hexdigest())
 """
 

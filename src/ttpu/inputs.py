@@ -153,3 +153,23 @@ def _checked_array(
             raise InvalidArgumentError(f"input {name!r} must be floating point, got dtype {dtype}.")
         array = array.astype(float_dtype)
     return array
+
+
+TOKEN_ID_INPUTS = ("input_ids", "decoder_input_ids")
+
+
+def check_token_ids(ids: Any, vocab_size: int | None, name: str) -> None:
+    """Refuse token ids outside ``[0, vocab_size)``: a compiled embedding lookup would
+    clamp or zero them silently, where transformers raises."""
+    if vocab_size is None:
+        return
+    ids = np.asarray(ids)
+    if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise InvalidArgumentError(
+            f"{name} holds token id {bad}, outside the model's vocabulary of {vocab_size} ids "
+            f"(valid: 0..{vocab_size - 1}); tokenize with this model's tokenizer."
+        )

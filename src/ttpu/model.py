@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from ttpu.buckets import (
     probe_shapes,
     unpad_outputs,
 )
-from ttpu.inputs import bind_arguments, split_inputs
+from ttpu.inputs import TOKEN_ID_INPUTS, bind_arguments, check_token_ids, split_inputs
 from ttpu.patches import Patch
 from ttpu.sharding import ShardingPlan
 
@@ -94,6 +95,22 @@ class TPUModel:
         return self._forward.compile_count + decoder
 
     @property
+    def trace_count(self) -> int | None:
+        """How many programs this model traced in this process (not read back from the
+        program store); None where the backend traces every call (torch_xla)."""
+        counts = [self._forward.trace_count]
+        if self._decoder is not None:
+            counts.append(self._decoder.trace_count)
+        return None if None in counts else sum(counts)
+
+    @functools.cached_property
+    def vocabulary_size(self) -> int | None:
+        """Rows of the input embedding table: token ids must lie below it (None when the
+        model embeds its inputs some other way)."""
+        embeddings = self.torch_module.get_input_embeddings()
+        return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else None
+
+    @property
     def attn_implementation(self) -> str:
         return self.config._attn_implementation
 
@@ -103,6 +120,9 @@ class TPUModel:
             str(self.dtype).removeprefix("torch.")
         )
         arrays, constants = split_inputs(bound, self._forward.to_array, float_dtype)
+        for name in TOKEN_ID_INPUTS:
+            if name in arrays:
+                check_token_ids(self._forward.to_host(arrays[name]), self.vocabulary_size, name)
         output, padded = self._run(arrays, constants, self.sequence_padding != "off")
         if self.sequence_padding == "verify" and padded.sequence != padded.padded_sequence:
             self.sequence_padding = "on" if self._padding_is_invisible(arrays, constants) else "off"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ttpu.compat import CACHE_KEYWORD
 from ttpu.sharding import ShardingPlan
 
 if TYPE_CHECKING:
@@ -29,6 +30,12 @@ class CompiledForward(ABC):
     @abstractmethod
     def compile_count(self) -> int:
         """How many executables have been compiled so far."""
+
+    @property
+    def trace_count(self) -> int | None:
+        """How many programs were traced in this process (not read back from a store);
+        None for a backend that traces every call."""
+        return None
 
     @abstractmethod
     def __call__(self, arrays: Mapping[str, Any], constants: Mapping[str, Any]) -> Any:
@@ -73,6 +80,11 @@ class Decoder(ABC):
     def compile_count(self) -> int:
         """How many programs (prefill and decode) have been compiled so far."""
 
+    @property
+    def trace_count(self) -> int | None:
+        """Programs traced in this process (None: the backend traces every call)."""
+        return None
+
     @abstractmethod
     def start(
         self,
@@ -111,7 +123,7 @@ class CachedStepInputs:
         self._takes_logits_to_keep = "logits_to_keep" in accepted
 
     def __call__(self, ids: Any, mask: Any, cache: Any, positions: Any) -> dict[str, Any]:
-        inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": cache, "use_cache": True}
+        inputs = {"input_ids": ids, "attention_mask": mask, CACHE_KEYWORD: cache, "use_cache": True}
         if self._takes_positions:
             inputs["position_ids"] = positions
         if self._takes_logits_to_keep:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ttpu.errors import InvalidArgumentError
+from ttpu.inputs import check_token_ids
 from ttpu.generation.config import GenerationSettings, resolve_settings
 from ttpu.generation.stopping import StopStrings
 from ttpu.generation.streaming import TextPieces
@@ -41,7 +42,7 @@ def generate(
 ) -> np.ndarray:
     """Token ids [batch * num_return_sequences, prompt + new], as transformers returns them:
     the prompt as given, then the new tokens, padded after a row ends."""
-    ids, mask = _prompts(input_ids, attention_mask)
+    ids, mask = _prompts(input_ids, attention_mask, _vocab_size(model))
     settings = _settings(model, ids, generation_config, seed, kwargs)
     chunk = STOP_CHECK_EVERY if settings.stop_strings else settings.max_new_tokens
     generated = None
@@ -71,23 +72,39 @@ def stream(
         )
     if isinstance(prompt, str):
         prompt = tokenizer(prompt, return_tensors="np")["input_ids"]
-    ids, mask = _prompts(prompt, None)
-    if ids.shape[0] != 1:
-        raise InvalidArgumentError(f"stream() takes one prompt (got a batch of {ids.shape[0]})")
-    settings = _settings(model, ids, generation_config, seed, kwargs)
-    if settings.num_return_sequences != 1:
-        raise InvalidArgumentError("stream() generates one sequence: num_return_sequences must be 1")
     pieces = TextPieces(tokenizer, skip_special_tokens)
-    sent = 0
-    for generated in _decode_chunks(model, ids, mask, settings, tokenizer, chunk=1):
-        row = [int(t) for t in generated[0]]
-        piece = pieces.add(row[sent:])
-        sent = len(row)
+    tokens = stream_tokens(model, prompt, tokenizer=tokenizer, generation_config=generation_config, seed=seed, **kwargs)
+    for token in tokens:
+        piece = pieces.add([token])
         if piece:
             yield piece
     rest = pieces.flush()
     if rest:
         yield rest
+
+
+def stream_tokens(
+    model: TPUModel,
+    prompt: Any,
+    *,
+    tokenizer: Any = None,
+    generation_config: Any = None,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> Iterator[int]:
+    """The new token ids of one prompt (its token ids, one sequence), each as soon as it
+    is generated."""
+    ids, mask = _prompts(prompt, None, _vocab_size(model))
+    if ids.shape[0] != 1:
+        raise InvalidArgumentError(f"stream() takes one prompt (got a batch of {ids.shape[0]})")
+    settings = _settings(model, ids, generation_config, seed, kwargs)
+    if settings.num_return_sequences != 1:
+        raise InvalidArgumentError("stream() generates one sequence: num_return_sequences must be 1")
+    sent = 0
+    for generated in _decode_chunks(model, ids, mask, settings, tokenizer or model.tokenizer, chunk=1):
+        row = generated[0].tolist()
+        yield from row[sent:]
+        sent = len(row)
 
 
 def _settings(model: TPUModel, ids: np.ndarray, generation_config: Any, seed: int | None, kwargs: dict) -> GenerationSettings:
@@ -114,8 +131,9 @@ def _settings(model: TPUModel, ids: np.ndarray, generation_config: Any, seed: in
     return settings
 
 
-def _prompts(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts as int64 [batch, length] with a mask; clear errors for empty ones."""
+def _prompts(input_ids: Any, attention_mask: Any, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as int64 [batch, length] with a mask; clear errors for empty ones and for
+    token ids outside the vocabulary."""
     ids = _to_numpy(input_ids, "input_ids")
     if ids.ndim == 1:
         ids = ids[None]
@@ -125,6 +143,7 @@ def _prompts(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarra
         )
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise InvalidArgumentError(f"the prompt is empty (input_ids shape {ids.shape}); give at least one token")
+    check_token_ids(ids, vocab_size, "input_ids")
     mask = np.ones_like(ids) if attention_mask is None else _to_numpy(attention_mask, "attention_mask")
     mask = mask.reshape(ids.shape) if mask.size == ids.size else mask
     if mask.shape != ids.shape:
@@ -150,6 +169,10 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         raise InvalidArgumentError(f"{name} must be an array of token ids (got {type(value).__name__})") from exc
 
 
+def _vocab_size(model: TPUModel) -> int:
+    return model.vocabulary_size or model.config.get_text_config(decoder=True).vocab_size
+
+
 def _context_length(model: TPUModel) -> int | None:
     text = model.config.get_text_config(decoder=True)
     context = getattr(text, "max_position_embeddings", None)
@@ -169,7 +192,7 @@ def _decode_chunks(
     ids = np.repeat(ids, settings.num_return_sequences, axis=0)
     mask = np.repeat(mask, settings.num_return_sequences, axis=0)
     batch = ids.shape[0]
-    vocab_size = model.config.get_text_config(decoder=True).vocab_size
+    vocab_size = _vocab_size(model)
     # Bucket padding is masked out, but must still be a valid embedding row.
     filler = settings.pad_token_id if 0 <= settings.pad_token_id < vocab_size else 0
     padded_ids, padded_mask = _pad_prompts(model, ids, mask, filler)

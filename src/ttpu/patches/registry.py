@@ -76,9 +76,14 @@ def register(patch: Patch) -> Patch:
     return patch
 
 
+# The names of the patches applied to a module, recorded on it (keys of stored programs).
+APPLIED_PATCHES_ATTRIBUTE = "_ttpu_applied_patches"
+
+
 def apply_patches(module: torch.nn.Module) -> list[Patch]:
     """Apply every applicable patch to ``module``; returns those applied, in order."""
     applied = [p for p in PATCHES if p.is_applicable(module)]
     for patch in applied:
         patch.apply(module)
+    setattr(module, APPLIED_PATCHES_ATTRIBUTE, tuple(p.name for p in applied))
     return applied

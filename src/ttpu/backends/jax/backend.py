@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
@@ -23,6 +24,7 @@ from ttpu.backends.jax import attention, compile_cache, lowerings, pytrees, torc
 from ttpu.backends.jax.environment import cpu_to_jax, tracing_environment
 from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.placement import Placement
+from ttpu.backends.jax.program_store import model_context, open_store
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import CompilationError
 from ttpu.sharding import ShardingPlan
@@ -106,8 +108,10 @@ class JaxForward(CompiledForward):
                 return placement.weight(name, host)
 
             self._params = convert_weights(module, weights, place, release_host_weights)
+        self.program_store = open_store(model_context(module, self._params, self._buffer_names))
         self._executables = Executables(
-            self._forward, static_argnums=(2,), out_shardings=placement.output_sharding()
+            self._forward, static_argnums=(2,), out_shardings=placement.output_sharding(),
+            name="forward", store=self.program_store,
         )
 
     @property
@@ -117,6 +121,11 @@ class JaxForward(CompiledForward):
     @property
     def compile_count(self) -> int:
         return len(self._executables)
+
+    @property
+    def trace_count(self) -> int:
+        """How many programs of the forward were traced (not read from the program store)."""
+        return self._executables.traces
 
     def to_array(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):

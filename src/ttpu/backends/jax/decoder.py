@@ -53,14 +53,24 @@ class JaxDecoder(Decoder):
         self._forward = forward
         self._placement = forward.placement
         self._vocab_size = module.config.get_text_config(decoder=True).vocab_size
-        self.layout = probe_layout(forward.call_traced, forward.params)
+        store = forward.program_store
+        self.layout = probe_layout(forward.call_traced, forward.params, store)
         self._step_inputs = CachedStepInputs(module)
-        self._prefill = Executables(self._prefill_program, static_argnums=(6,), donate_argnums=(1,))
-        self._advance = Executables(self._advance_program, static_argnums=(4,), donate_argnums=(1,))
+        self._prefill = Executables(
+            self._prefill_program, static_argnums=(6,), donate_argnums=(1,), name="prefill", store=store
+        )
+        self._advance = Executables(
+            self._advance_program, static_argnums=(4,), donate_argnums=(1,), name="decode", store=store
+        )
 
     @property
     def compile_count(self) -> int:
         return len(self._prefill) + len(self._advance)
+
+    @property
+    def trace_count(self) -> int:
+        """Programs traced (not read from the program store) since this decoder was built."""
+        return self._prefill.traces + self._advance.traces
 
     def start(
         self,

@@ -4,7 +4,7 @@ transformers ``Cache``.
 The state that crosses ``jax.jit`` boundaries is :class:`KVState` (plain arrays: one
 key and one value array per layer plus the number of positions written). Inside a traced
 step it is wrapped as :class:`TracedStaticCache`, a transformers ``Cache`` built from
-``StaticLayer`` objects, and handed to the model as ``past_key_values``: the model writes
+``StaticLayer`` objects, and handed to the model as its cache argument: the model writes
 its new keys and values through the cache's own ``update`` (an in-place ``index_copy_``
 that torchax turns into a functional update), and the updated arrays are read back out.
 
@@ -26,7 +26,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
 
 from ttpu.backends.jax.environment import to_traced
+from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.placement import Placement
+from ttpu.backends.jax.program_store import ProgramStore
+from ttpu.compat import CACHE_OUTPUT
 from ttpu.errors import InvalidArgumentError
 
 
@@ -86,39 +89,52 @@ class CacheLayout(NamedTuple):
         )
 
 
-def probe_layout(call_traced: Callable[[Any, dict], Any], params: Any) -> CacheLayout:
+def probe_layout(call_traced: Callable[[Any, dict], Any], params: Any, store: ProgramStore | None) -> CacheLayout:
     """Learn the cache layout by tracing (not running) one token through the model with
     transformers' default cache: heads, head sizes and dtype per layer as the model
     really produces them (latent attention, shared heads and config quirks included).
-    ``call_traced(params, inputs)`` is the backend's traced forward."""
-    found: dict[str, Any] = {}
+    ``call_traced(params, inputs)`` is the backend's traced forward; with a ``store``, a
+    later process reads the layout back instead of tracing."""
 
-    def one_token(params: Any, ids: jax.Array) -> Any:
-        out = call_traced(params, {"input_ids": to_traced(ids), "use_cache": True})
-        cache = getattr(out, "past_key_values", None)
-        if not isinstance(cache, Cache):
-            raise InvalidArgumentError(
-                f"generate() needs a model that returns a transformers Cache; "
-                f"{type(out).__name__} has past_key_values={type(cache).__name__}."
-            )
-        found["cache"] = cache
+    def one_token(params: Any, ids: jax.Array) -> list[dict[str, tuple[jax.Array, jax.Array]]]:
+        inputs = {"input_ids": to_traced(ids), "use_cache": True}
+        cache = output_cache(call_traced(params, inputs))
         _refuse_unsupported_layers(cache)
-        return [(layer.keys.jax(), layer.values.jax()) for layer in cache.layers]
+        # Each layer's kind is part of the result's structure, so it is stored with it.
+        return [
+            {"sliding" if sliding else "full": (layer.keys.jax(), layer.values.jax())}
+            for layer, sliding in zip(cache.layers, cache.is_sliding)
+        ]
 
-    shapes = jax.eval_shape(one_token, params, jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    layers = tuple(
-        LayerShape(keys.shape[1], keys.shape[-1], values.shape[-1], bool(sliding))
-        for (keys, values), sliding in zip(shapes, found["cache"].is_sliding)
+    probe = Executables(one_token, name="cache_layout", store=store)
+    layers = probe.output_shapes(params, jax.ShapeDtypeStruct((1, 1), jnp.int32))
+    shapes = [next(iter(layer.items())) for layer in layers]
+    return CacheLayout(
+        tuple(LayerShape(k.shape[1], k.shape[-1], v.shape[-1], kind == "sliding") for kind, (k, v) in shapes),
+        shapes[0][1][0].dtype,
     )
-    return CacheLayout(layers, shapes[0][0].dtype)
+
+
+def output_cache(output: Any) -> Cache:
+    """The ``Cache`` a forward returned, with a clear error for models that return none."""
+    cache = getattr(output, CACHE_OUTPUT, None)
+    if not isinstance(cache, Cache):
+        raise InvalidArgumentError(
+            f"generate() needs a model that returns a transformers Cache; "
+            f"{type(output).__name__} has {CACHE_OUTPUT}={type(cache).__name__}."
+        )
+    return cache
 
 
 def _refuse_unsupported_layers(cache: Cache) -> None:
+    # Caches before transformers 5.23 know no linear or dummy (shared-KV) layers.
+    no_layers = [False] * len(cache.layers)
+    linear, dummy = getattr(cache, "is_linear", no_layers), getattr(cache, "is_dummy", no_layers)
     odd = sorted(
         {
             type(layer).__name__
-            for layer, linear, dummy in zip(cache.layers, cache.is_linear, cache.is_dummy)
-            if linear or dummy or not isinstance(layer, CacheLayerMixin)
+            for layer, is_linear, is_dummy in zip(cache.layers, linear, dummy)
+            if is_linear or is_dummy or not isinstance(layer, CacheLayerMixin)
         }
     )
     if odd:
