@@ -48,14 +48,11 @@ import numpy as np
 import torch
 import transformers
 
-from ttpu import AutoModelForTPU
+from ttpu import AutoModelForTPU, BucketPolicy
+from ttpu.generation.generate import cache_length
 from ttpu.models import resolve
+from ttpu.paths import COMPILE_CACHE_ENV, PROGRAM_CACHE_ENV
 
-COMPILE_CACHE_ENV = "TTPU_COMPILE_CACHE"
-# ttpu's generate() rounds the prompt up to a power of two (at least 16) and the KV cache
-# to the next power of two >= padded prompt + max_new_tokens (at least 32).
-MIN_PROMPT_BUCKET = 16
-MIN_CACHE_LENGTH = 32
 GIB = 1 << 30
 PARAGRAPH = (
     "The history of computing is a story of machines that learned to do more with less. "
@@ -181,21 +178,12 @@ class DecodePlan:
 # ----------------------------------------------------------------------------- helpers
 
 
-def next_power_of_two(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def cache_length(prompt_bucket: int, new_tokens: int) -> int:
-    """The KV-cache length ttpu's generate() allocates."""
-    return max(MIN_CACHE_LENGTH, next_power_of_two(prompt_bucket + new_tokens))
-
-
 def plan_decode(new_tokens: int) -> DecodePlan:
     """Pad the prompt to the power of two >= ``new_tokens``: then every count from 1 to
     ``new_tokens`` new tokens lands in the same cache bucket (twice the prompt bucket),
     and the short run can be as short as 1/8 of the long one."""
-    bucket = max(MIN_PROMPT_BUCKET, next_power_of_two(new_tokens))
+    buckets = BucketPolicy()  # generate() pads prompts to these sequence buckets
+    bucket = buckets.round_up(new_tokens, buckets.sequence)
     short = max(2, new_tokens // 8)
     plan = DecodePlan(bucket * 3 // 4, bucket, short, new_tokens, cache_length(bucket, new_tokens))
     assert cache_length(bucket, short) == plan.cache_length and short < new_tokens
@@ -385,12 +373,13 @@ def compile_probe(args: argparse.Namespace) -> CompileProbe:
 
 def run_compile_probe(args: argparse.Namespace, backend: str, cache: Path) -> CompileProbe:
     """Run :func:`compile_probe` for ``backend`` in a new Python process using the compile
-    cache ``cache`` (each process has its own random ``PYTHONHASHSEED``, as users' do)."""
+    and program caches under ``cache`` (each process has its own random ``PYTHONHASHSEED``, as users' do)."""
     command = [
         sys.executable, os.path.abspath(__file__), "--compile-probe", "--model", args.model,
         "--backend", backend, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
     ]
-    env = {**os.environ, COMPILE_CACHE_ENV: str(cache)}
+    # Traced programs are kept beside the compiled ones: cold means both empty.
+    env = {**os.environ, COMPILE_CACHE_ENV: str(cache), PROGRAM_CACHE_ENV: str(cache / "programs")}
     files_before = _file_count(cache)
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
     if done.returncode != 0:

@@ -46,8 +46,11 @@ os.environ.setdefault("TTPU_COMPILE_CACHE", "off")
 import jax  # after XLA_FLAGS is set
 import numpy as np
 
+from ttpu.sharding import strategies as sharding_strategies
+
 MODEL = "gemma-3-270m"
-STRATEGIES = {"single": None, "dp": "dp", "fsdp": "fsdp", "tp": "tp", "2d": "2d", "3d": "3d"}
+# One device, then every fixed strategy of the library ("auto" picks one of them).
+STRATEGIES = {"single": None, **{name: name for name in sharding_strategies.STRATEGIES if name != "auto"}}
 MIB = 1 << 20
 PROMPTS = [
     "The capital of France is",

@@ -118,6 +118,7 @@ def launch(kind: str, model: str, new_tokens: int, env: dict[str, str]) -> dict[
     if done.returncode != 0:
         raise SystemExit(f"{kind} process failed:\n{done.stderr[-4000:]}")
     events = json.loads(done.stdout.strip().splitlines()[-1])
+    log(f"  {kind}: " + ", ".join(f"{k}={v}" for k, v in events.items() if k != "tokens"))
     for name in ("imported", "loaded", "first", "last"):
         events[name] -= launched
     return events

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Every test: the main suite in .venv (JAX backend), then the torch_xla backend's tests in
-# their own environment on PJRT CPU.
+# Every test: the main suite in .venv (JAX backend, the newest transformers), a smoke subset
+# on the oldest transformers pyproject claims, then the torch_xla backend's tests in their
+# own environment on PJRT CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/python -m pytest
+# The oldest transformers pyproject claims (the newest is what pip resolved above).
+bash scripts/test-oldest-transformers.sh
 torch_xla_env="$(bash scripts/install-torch-xla.sh)"
 PJRT_DEVICE=CPU "$torch_xla_env/bin/python" -m pytest tests/torch_xla_backend --ignore tests/torch_xla_backend/test_spmd.py
 # SPMD mode is process-wide and CPU devices are counted when the runtime starts: own process.

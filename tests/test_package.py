@@ -30,6 +30,20 @@ def test_import_ttpu_loads_no_backend() -> None:
     assert out.strip() == "[]"
 
 
+def test_commands_import_only_what_they_use() -> None:
+    out = run_python(
+        """
+        import sys
+        from ttpu import cli
+        import ttpu.coverage, ttpu.launch, ttpu.logs, ttpu.paths
+        cli.build_parser().parse_args(["launch", "--nproc", "2", "script.py"])
+        heavy = [m for m in ("jax", "torchax", "torch", "transformers") if m in sys.modules]
+        print(heavy)
+        """
+    )
+    assert out.strip() == "[]"
+
+
 def test_compiled_executables_persist_in_the_configured_directory(tmp_path: Path) -> None:
     cache = tmp_path / "xla"
     out = run_python(

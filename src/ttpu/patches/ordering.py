@@ -5,11 +5,15 @@ Mistral-style hybrids ...) to build one rotary table or mask per kind of layer. 
 strings iterates in an order that changes with ``PYTHONHASHSEED``, i.e. from one process
 to the next, so the traced program computes the same values in a different order, its
 fingerprint changes, and jax's persistent compilation cache misses in about half of all
-new processes. Here such sets iterate in a fixed (sorted) order.
+new processes. Here such sets iterate in a fixed (sorted) order: ``set`` in those
+modeling modules is rebound only while ttpu traces the model (eager calls of any model
+see the builtin), and the set attributes built in ``__init__`` are converted on the
+patched module itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sys
@@ -59,10 +63,22 @@ def _applies(module: torch.nn.Module) -> bool:
 
 
 def _apply(module: torch.nn.Module) -> None:
-    for modeling in _modeling_modules(module):
-        modeling.set = StableOrderSet  # the module's own `set(...)` calls; builtins untouched
     for owner, name in _set_attributes(module):  # sets built in __init__
         setattr(owner, name, StableOrderSet(getattr(owner, name)))
+
+
+@contextlib.contextmanager
+def _stable_sets_while_tracing(module: torch.nn.Module) -> Iterator[None]:
+    """The modeling modules' own ``set(...)`` calls build StableOrderSets (builtins
+    untouched), until the trace ends."""
+    modeling = _modeling_modules(module)
+    for namespace in modeling:
+        namespace.set = StableOrderSet
+    try:
+        yield
+    finally:
+        for namespace in modeling:
+            vars(namespace).pop("set", None)
 
 
 register(
@@ -76,6 +92,7 @@ register(
         test="tests/test_patches.py::test_traced_program_is_the_same_in_every_process",
         applies_to=_applies,
         apply=_apply,
+        while_tracing=_stable_sets_while_tracing,
         transformers_versions=">=5.0,<6",
     )
 )

@@ -7,8 +7,9 @@ the loaded torch module (or on the backend's op table) and never at import time.
 
 from __future__ import annotations
 
+import contextlib
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ class Patch:
     applies_to: Callable[[torch.nn.Module], bool]
     apply: Callable[[torch.nn.Module], None]
     transformers_versions: str = ""  # PEP 440 specifier; empty = all versions
+    # What the patch changes outside the module (a modeling module's globals ...) is
+    # changed only while a backend traces the module: entered around every trace.
+    while_tracing: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None
 
     def is_applicable(self, module: torch.nn.Module) -> bool:
         version = Version(transformers.__version__)
@@ -87,3 +91,15 @@ def apply_patches(module: torch.nn.Module) -> list[Patch]:
         patch.apply(module)
     setattr(module, APPLIED_PATCHES_ATTRIBUTE, tuple(p.name for p in applied))
     return applied
+
+
+@contextlib.contextmanager
+def tracing_scope(module: torch.nn.Module) -> Iterator[None]:
+    """Enter the tracing-time changes of the patches applied to ``module``; backends
+    wrap each trace of it in this."""
+    applied = set(getattr(module, APPLIED_PATCHES_ATTRIBUTE, ()))
+    with contextlib.ExitStack() as stack:
+        for patch in PATCHES:
+            if patch.name in applied and patch.while_tracing is not None:
+                stack.enter_context(patch.while_tracing(module))
+        yield

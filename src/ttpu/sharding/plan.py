@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -13,6 +13,8 @@ from ttpu.sharding import rules as rules_engine
 from ttpu.sharding.mesh import MeshShape
 from ttpu.sharding.rules import ParameterSharding, Rule, Spec
 from ttpu.sharding.strategies import choose
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def plan_sharding(
         choice = choose(parallelism, device_count, _weight_bytes(module), device_memory)
         shape, strategy, reason = choice.mesh, choice.strategy, choice.reason
         if parallelism == "auto":
-            print(f"ttpu: parallelism='auto' chose {strategy} {shape}: {reason}", file=sys.stderr)
+            logger.info("parallelism='auto' chose %s %s: %s", strategy, shape, reason)
     parameters = rules_engine.parameter_shardings(module, shape, rules)
     return ShardingPlan(shape, strategy, reason, parameters)
 

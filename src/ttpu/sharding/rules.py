@@ -20,7 +20,7 @@ naming the parameter.
 from __future__ import annotations
 
 import re
-import warnings
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -29,6 +29,8 @@ import torch
 
 from ttpu.errors import InvalidArgumentError
 from ttpu.sharding.mesh import AXES, DATA_AXES, MeshShape
+
+logger = logging.getLogger(__name__)
 
 Axis = Union[str, tuple[str, ...], None]
 Spec = tuple[Axis, ...]
@@ -218,9 +220,8 @@ def _divisible(name: str, shape: tuple[int, ...], spec: Spec, mesh: MeshShape) -
         else:
             kept.append(axis)
     if dropped:
-        warnings.warn(
-            f"ttpu sharding: {name} {shape} is replicated along {'; '.join(dropped)}: "
-            "the size does not divide by the number of devices.",
-            stacklevel=4,
+        logger.warning(
+            "sharding: %s %s is replicated along %s: the size does not divide by the number of devices.",
+            name, shape, "; ".join(dropped),
         )
     return tuple(kept)

@@ -27,6 +27,8 @@ from ttpu.backends.jax.placement import Placement
 from ttpu.backends.jax.program_store import model_context, open_store
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import CompilationError
+from ttpu.logs import progress_enabled
+from ttpu.patches import tracing_scope
 from ttpu.sharding import ShardingPlan
 from ttpu.weights import convert_weights
 
@@ -102,7 +104,8 @@ class JaxForward(CompiledForward):
         weights = {**self._jittable.params, **self._jittable.buffers}
         self._jittable.params.clear()  # the placed arrays replace them
         self._jittable.buffers.clear()
-        with tqdm(total=len(weights), desc="placing weights", unit="tensor", disable=None, leave=False) as progress:
+        hidden = None if progress_enabled() else True
+        with tqdm(total=len(weights), desc="placing weights", unit="tensor", disable=hidden, leave=False) as progress:
             def place(name: str, host: np.ndarray) -> jax.Array:
                 progress.update()
                 return placement.weight(name, host)
@@ -174,12 +177,15 @@ class JaxForward(CompiledForward):
         env = self._env
         weights = env.j2t_iso(params)
         buffers = {k: weights.pop(k) for k in self._buffer_names}
-        with env, torch.no_grad(), _value_checks_off(), _module_state_kept(self._module), _module_tracker() as modules:
+        scopes = (env, torch.no_grad(), _value_checks_off(), tracing_scope(self._module), _module_state_kept(self._module))
+        with contextlib.ExitStack() as stack, _module_tracker() as modules:
+            for scope in scopes:
+                stack.enter_context(scope)
             try:
                 out = self._jittable.functional_call("forward", weights, buffers, **inputs)
             except Exception as exc:
                 raise CompilationError(_describe_failure(exc, modules)) from exc
-        pytrees.register_transformers_pytrees()  # output classes defined since __init__
+        pytrees.register_types_in(out)  # output classes of modules imported during the trace
         return out
 
 
@@ -238,7 +244,9 @@ def _freeze(constants: Mapping[str, Any]) -> Constants:
 
 # transformers' switch for its value assertions (torch_compilable_check): a compiled
 # program cannot raise on a traced value, so they are skipped while tracing, as under
-# torch.compile.
+# torch.compile. transformers reads it from the environment, so it is set for the
+# duration of each trace only (process-wide while it lasts: another thread running
+# transformers eagerly meanwhile would skip its checks too).
 DISABLE_VALUE_CHECKS_ENV = "TRANSFORMERS_DISABLE_TORCH_CHECK"
 
 

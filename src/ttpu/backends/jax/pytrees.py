@@ -175,3 +175,25 @@ def register_transformers_pytrees() -> None:
         _register_model_output(cls)
     for cls in _all_subclasses(Cache) | _all_subclasses(CacheLayerMixin):
         _register_cache_like(cls)
+
+
+def register_types_in(value: Any) -> None:
+    """Register the output, cache and cache-layer types found in ``value`` (a model's
+    output) that are not registered yet: classes defined by a modeling module imported
+    after :func:`register_transformers_pytrees` ran. Only walks ``value``."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ModelOutput):
+            _register_model_output(type(item))
+            stack.extend(item.values())
+        elif isinstance(item, (Cache, CacheLayerMixin)):
+            _register_cache_like(type(item))
+            stack.extend(vars(item).values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())

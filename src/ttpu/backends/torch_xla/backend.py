@@ -22,6 +22,7 @@ import torch.utils._pytree as torch_pytree
 from ttpu.backends.base import Backend, CompiledForward, Decoder, host_memory
 from ttpu.backends.torch_xla import attention
 from ttpu.backends.torch_xla.versions import import_torch_xla
+from ttpu.patches import tracing_scope
 from ttpu.paths import compile_cache_dir
 from ttpu.sharding import ShardingPlan
 from ttpu.weights import host_view
@@ -169,7 +170,7 @@ class XlaForward(CompiledForward):
             constants = {**constants, "use_cache": False}
         hosts = [np.asarray(value) for value in arrays.values()]
         specs = self.plan.input_specs([host.shape for host in hosts])
-        with torch.no_grad():
+        with torch.no_grad(), tracing_scope(self._module):
             return self._module(
                 **{name: self.place(host, spec) for name, host, spec in zip(arrays, hosts, specs)}, **constants
             )

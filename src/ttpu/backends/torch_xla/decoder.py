@@ -23,6 +23,7 @@ from transformers import StaticCache
 from ttpu.backends.base import CachedStepInputs, Decoder
 from ttpu.backends.torch_xla.sampling import TokenChooser
 from ttpu.generation.config import GenerationSettings
+from ttpu.patches import tracing_scope
 
 if TYPE_CHECKING:
     from ttpu.backends.torch_xla.backend import XlaForward
@@ -162,5 +163,5 @@ class XlaDecoder(Decoder):
 
     def _step(self, cache: StaticCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The model on ``ids`` with the cache: the last position's logits [batch, vocab]."""
-        with torch.no_grad():
+        with torch.no_grad(), tracing_scope(self._module):
             return self._module(**self._step_inputs(ids, mask, cache, positions)).logits[:, -1]

@@ -1,0 +1,5 @@
+import sys
+
+from ttpu.coverage.cli import main
+
+sys.exit(main())

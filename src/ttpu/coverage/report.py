@@ -1,0 +1,153 @@
+"""The sweep's markdown and JSON reports and their summary."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ttpu.coverage.classify import classify
+from ttpu.coverage.run import RTOL
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import ttpu
+
+    out = {"python": platform.python_version(), "ttpu": ttpu.__version__ + _revision()}
+    for name in ("transformers", "torch", "jax", "jaxlib", "torchax"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _revision() -> str:
+    """" (git abc1234)" for a source checkout, or $TTPU_COVERAGE_REVISION."""
+    rev = os.environ.get("TTPU_COVERAGE_REVISION")
+    if not rev:
+        import subprocess
+
+        try:
+            rev = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout.strip()
+        except Exception:  # noqa: BLE001
+            rev = ""
+    return f" (git {rev})" if rev else ""
+
+
+def _fmt_err(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.1e}"
+
+
+def _mark(value: Any) -> str:
+    return {True: "yes", False: "no", None: "?"}.get(value, str(value))
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    eager = [r for r in results if r.get("eager")]
+    matches = [r for r in eager if r.get("matches")]
+    compiles = [r for r in eager if r.get("compiles")]
+    causes = Counter(classify(r) for r in results if classify(r))
+    return {
+        "model_types": len(results),
+        "eager": len(eager),
+        "compiles": len(compiles),
+        "matches": len(matches),
+        "headline": (100.0 * len(matches) / len(eager)) if eager else 0.0,
+        "causes": dict(causes.most_common()),
+    }
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str,
+                   elapsed: float | None = None) -> None:
+    summary = summarize(results)
+    versions = _versions()
+    lines = [
+        "# ttpu model coverage",
+        "",
+        f"**{summary['matches']} / {summary['eager']} = {summary['headline']:.1f}%** of the model "
+        "types whose eager torch forward runs also match under ttpu "
+        f"(relative error <= {RTOL:g} on the main output, non-padded positions).",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- command: `{command}`",
+        f"- model types swept: {summary['model_types']}; eager runs: {summary['eager']}; "
+        f"ttpu compiles: {summary['compiles']}; matches: {summary['matches']}"
+        + (f"; sweep time: {elapsed / 60:.0f} min" if elapsed else ""),
+        "",
+        "Models are random-weight tiny configs derived generically from each config class's "
+        "defaults (`ttpu.coverage.tiny_config`), built with `torch.manual_seed(0)` in float32 "
+        "eval mode; text inputs are a batch of 2 x 24 tokens with 6 padded positions in one row "
+        "(left padding for causal LMs, right padding otherwise), compared with `use_cache=False`. "
+        "\"text-only (multimodal)\" means a multimodal model run on its text inputs alone.",
+        "",
+        "## Failure causes",
+        "",
+        "| cause | count | examples |",
+        "|---|---:|---|",
+    ]
+    by_cause: dict[str, list[str]] = {}
+    for r in results:
+        c = classify(r)
+        if c:
+            by_cause.setdefault(c, []).append(r["model_type"])
+    for cause, count in summary["causes"].items():
+        examples = ", ".join(by_cause[cause][:4])
+        lines.append(f"| {_cell(cause)} | {count} | {_cell(examples)} |")
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| model_type | class | inputs | eager | compiles | matches | rel err | cause |",
+        "|---|---|---|---|---|---|---:|---|",
+    ]
+    for r in results:
+        cause = classify(r)
+        error = r.get("error") or {}
+        if cause and error.get("message") and not r.get("not_attempted"):
+            cause = f"{cause} — {error.get('type', '')}: {error['message'][:120]}"
+            if error.get("failing_line"):
+                cause += f" (at {error['failing_line'].split(': ', 1)[0]})"
+        lines.append(
+            f"| {r['model_type']} | {r.get('class', '')} | {r.get('inputs', '')} | "
+            f"{_mark(r.get('eager'))} | {_mark(r.get('compiles'))} | {_mark(r.get('matches'))} | "
+            f"{_fmt_err(r.get('rel_err'))} | {_cell(cause)} |"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_json(results: list[dict[str, Any]], path: str | Path, command: str = "") -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "command": command,
+        "rtol": RTOL,
+        "summary": summarize(results),
+        "results": [{**r, "cause": classify(r)} for r in results],
+    }
+    path.write_text(json.dumps(payload, indent=1, default=str))
+
+

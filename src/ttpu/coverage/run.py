@@ -1,0 +1,283 @@
+"""One model type end to end: eager torch forward, the same module under ttpu, compared."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ttpu.coverage.configs import resolve_class, tiny_config
+from ttpu.coverage.inputs import input_candidates
+
+RTOL = 1e-5
+MAX_PARAMS = 60_000_000  # tiny configs larger than this are not attempted
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    root = exc
+    seen = set()
+    while root.__cause__ is not None and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__
+    message = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    outer = str(exc).strip().splitlines()
+    failing_module = next((x.split(":", 1)[1].strip() for x in outer if "failing module:" in x), "")
+    failing_line = next((x.split(":", 1)[1].strip() for x in outer if "failing line:" in x), "")
+    frames = traceback.extract_tb(root.__traceback__)[-6:]
+    return {
+        "type": type(root).__name__,
+        "message": message[:500],
+        "wrapper": type(exc).__name__ if root is not exc else "",
+        "failing_module": failing_module[-300:],
+        "failing_line": failing_line[:300],
+        "where": [f"{_short_path(f.filename)}:{f.lineno} {f.name}" for f in frames],
+    }
+
+
+def _is_tensorish(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and len(getattr(value, "shape", ())) > 0
+
+
+def _children(value: Any) -> list[tuple[str, Any]]:
+    if hasattr(value, "keys") and hasattr(value, "__getitem__"):
+        return [(str(k), value[k]) for k in value.keys()]
+    if isinstance(value, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(value)]
+    return []
+
+
+def _first_tensor(value: Any, path: str = "") -> tuple[str, Any] | None:
+    if _is_tensorish(value):
+        return path or "output", value
+    for key, child in _children(value):
+        found = _first_tensor(child, f"{path}.{key}" if path else key)
+        if found:
+            return found
+    return None
+
+
+def _short_path(filename: str) -> str:
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "src"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    return "/".join(parts[-2:])
+
+
+def _main_output(output: Any) -> tuple[str, Any]:
+    """(path, tensor): logits, else last_hidden_state, else the first tensor."""
+    keys = list(output.keys()) if hasattr(output, "keys") else []
+    for key in ("logits", "last_hidden_state", "prediction_logits", "audio_values"):
+        if key in keys and output[key] is not None:
+            found = _first_tensor(output[key], key)
+            if found:
+                return found
+    found = _first_tensor(output)
+    if found is None:
+        raise TypeError(f"no tensor output in {type(output).__name__}")
+    return found
+
+
+def _pick(output: Any, path: str) -> Any:
+    if path == "output":
+        return output
+    value = output
+    for part in path.split("."):
+        if hasattr(value, "keys") and part in value.keys():
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.isdigit():
+            value = value[int(part)]
+        else:
+            raise KeyError(f"ttpu output lacks {path!r}")
+    return value
+
+
+def _relative_error(reference: Any, actual: Any, mask: Any) -> float:
+    import numpy as np
+
+    ref = np.asarray(reference.detach().float().numpy() if hasattr(reference, "detach") else reference,
+                     dtype=np.float64)
+    act = np.asarray(actual, dtype=np.float64)
+    if ref.shape != act.shape:
+        raise ValueError(f"shape mismatch: torch {ref.shape} vs ttpu {act.shape}")
+    if mask is not None and ref.ndim >= 2 and ref.shape[:2] == mask.shape:
+        keep = mask.astype(bool)
+        ref, act = ref[keep], act[keep]
+    finite = np.isfinite(ref)
+    if (np.isfinite(act) != finite).any():
+        return float("nan")  # non-finite values where torch has finite ones (or vice versa)
+    ref, act = ref[finite], act[finite]
+    denom = np.linalg.norm(ref)
+    diff = np.linalg.norm(act - ref)
+    if denom == 0:
+        return float(diff)
+    return float(diff / denom)
+
+
+def config_for_class(cls: type, config: Any) -> Any:
+    """The (sub-)config ``cls`` expects: composite configs hold it as text_config etc."""
+    expected = getattr(cls, "config_class", None)
+    if not isinstance(expected, type) or isinstance(config, expected):
+        return config
+    for value in vars(config).values():
+        if isinstance(value, expected):
+            return value
+    return config
+
+
+def _count_params_meta(cls: type, config: Any) -> int:
+    import torch
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build(cls: type, config: Any) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(config)
+    model = model.float().eval()
+    _randomize_constant_matrices(model)
+    return model
+
+
+def _randomize_constant_matrices(model: Any) -> None:
+    """Weight matrices initialised to a constant (zero-init MoE routers, gates) get small
+    random values: with random weights elsewhere, a constant router makes every expert
+    score tie, and torch and XLA break top-k ties differently."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2 and param.numel() > 1 and param.is_floating_point():
+                flat = param.detach().reshape(-1)
+                if bool((flat == flat[0]).all()):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+
+def _to_torch(inputs: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
+
+
+def _is_causal(cls: type, source: str) -> bool:
+    return "CAUSAL_LM" in source or cls.__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def run_one(model_type: str) -> dict[str, Any]:
+    """Build, run eagerly, run through ttpu and compare one model type."""
+    import torch
+
+    result: dict[str, Any] = {
+        "model_type": model_type, "class": "", "config": "", "inputs": "", "eager": False,
+        "compiles": False, "matches": False, "rel_err": None, "output": "", "stage": "",
+        "error": None, "not_attempted": "", "times": {}, "params": None,
+    }
+    torch.set_grad_enabled(False)
+    t0 = time.time()
+    attempts: list[tuple[str, Any]] = []
+    errors = []
+    for aggressive in (True, False):
+        try:
+            attempts.append(("tiny" if aggressive else "tiny (widths kept)", tiny_config(model_type, aggressive)))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(("config", exc))
+    if not attempts:
+        result.update(stage="config", error=error_info(errors[0][1]),
+                      not_attempted="tiny config could not be built")
+        return result
+    cls, source = resolve_class(model_type, attempts[0][1])
+    if cls is None:
+        result.update(stage="class", not_attempted="no model class in transformers' auto mappings")
+        return result
+    result["class"] = cls.__name__
+    causal = _is_causal(cls, source)
+    first_failure: tuple[str, BaseException] | None = None
+    chosen = None
+    log = result["attempts"] = [f"config {type(e).__name__}: {str(e)[:200]}" for _, e in errors]
+    for label, config in attempts:
+        config = config_for_class(cls, config)
+        try:
+            n = _count_params_meta(cls, config)
+            if n > MAX_PARAMS:
+                raise ValueError(f"tiny config still has {n:,} parameters")
+            model = _build(cls, config)
+        except Exception as exc:  # noqa: BLE001
+            first_failure = first_failure or ("build", exc)
+            log.append(f"{label} build {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        candidates, reason = input_candidates(model, config, causal)
+        if not candidates:
+            result.update(config=label, stage="inputs", not_attempted=reason, params=n)
+            return result
+        for cand in candidates:
+            try:
+                with torch.no_grad():
+                    ref = model(**_to_torch(copy.deepcopy(cand.inputs)))
+                key, ref_main = _main_output(ref)
+                if not isinstance(ref_main, torch.Tensor):
+                    raise TypeError(f"main output {key!r} is {type(ref_main).__name__}")
+            except Exception as exc:  # noqa: BLE001
+                first_failure = first_failure or ("eager", exc)
+                log.append(f"{label} {cand.kind} eager {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            chosen = (label, config, model, cand, key, ref_main, n)
+            break
+        if chosen:
+            break
+    result["times"]["eager"] = round(time.time() - t0, 2)
+    if chosen is None:
+        stage, exc = first_failure or ("eager", RuntimeError("no attempt"))
+        result.update(stage=stage, error=error_info(exc))
+        return result
+    label, config, model, cand, key, ref_main, n = chosen
+    result.update(config=label, inputs=cand.kind, eager=True, output=key, params=n,
+                  input_shapes={k: list(v.shape) for k, v in cand.inputs.items() if hasattr(v, "shape")})
+    if os.environ.get("TTPU_COVERAGE_EAGER_ONLY"):
+        return result
+    # ttpu
+    t1 = time.time()
+    try:
+        from ttpu.auto import AutoModelForTPU
+
+        try:
+            clone = copy.deepcopy(model)
+        except Exception:  # noqa: BLE001
+            clone = _build(cls, config)
+            clone.load_state_dict(model.state_dict())
+        tpu = AutoModelForTPU.from_model(clone)
+        out = tpu(**copy.deepcopy(cand.inputs))
+        actual = _pick(out, key)
+        import jax
+
+        actual = jax.device_get(actual)
+    except Exception as exc:  # noqa: BLE001
+        result["times"]["ttpu"] = round(time.time() - t1, 2)
+        result.update(stage="ttpu", error=error_info(exc))
+        return result
+    result["times"]["ttpu"] = round(time.time() - t1, 2)
+    result["compiles"] = True
+    try:
+        err = _relative_error(ref_main, actual, cand.mask)
+    except Exception as exc:  # noqa: BLE001
+        result.update(stage="compare", error=error_info(exc))
+        return result
+    result["rel_err"] = err
+    result["matches"] = bool(err <= RTOL)
+    if not result["matches"]:
+        result["stage"] = "compare"
+    return result
+
+
