@@ -103,3 +103,20 @@ def test_doctor_with_parallelism_reports_the_mesh(model_dir, capsys) -> None:
     out = capsys.readouterr().out
     assert "sharding:    fsdp {fsdp: 8} (parallelism='fsdp' requested)" in out
     assert "compiles:    yes" in out
+
+
+def test_generate_prints_no_deprecation_noise(model_dir) -> None:
+    """transformers' renamed keywords (5.24: ``cache``) are followed: a fresh process's
+    ``ttpu generate`` writes no deprecation warning, with Python's warnings all shown."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-m", "ttpu.cli", "generate", "the quick", "--model", model_dir,
+         "--max-new-tokens", "4"],
+        capture_output=True, text=True, env={**os.environ, "TTPU_PROGRAM_CACHE": "off"},
+    )
+    assert done.returncode == 0, done.stderr
+    noise = [line for line in done.stderr.splitlines() if "deprecat" in line.lower() or "Warning" in line]
+    assert not noise, noise

@@ -192,3 +192,18 @@ def test_bad_requests_are_clear_errors_and_leave_no_state(gemma3, ids, kwargs) -
         model.generate(ids, **kwargs)
     assert model.compile_count == compiled
     np.testing.assert_array_equal(model.generate(np.array([[3, 4, 5]]), max_new_tokens=3), before)
+
+
+@pytest.mark.parametrize("bad", [300, -1])
+def test_token_ids_outside_the_vocabulary_are_an_error(bad: int) -> None:
+    arch = next(a for a in CAUSAL if a.name == "llama")
+    model = AutoModelForTPU.from_model(arch.build())
+    before = model.compile_count
+    ids = np.array([[bad, 5]])
+    with pytest.raises(InvalidArgumentError, match=f"token id {bad}, outside the model's vocabulary of 256"):
+        model.generate(ids, max_new_tokens=3)
+    with pytest.raises(InvalidArgumentError, match="outside the model's vocabulary"):
+        list(model.stream(ids[0], max_new_tokens=3, tokenizer=CharTokenizer()))
+    with pytest.raises(InvalidArgumentError, match="outside the model's vocabulary"):
+        model(input_ids=ids)
+    assert model.compile_count == before  # refused before anything ran

@@ -119,3 +119,26 @@ def test_traced_program_is_the_same_in_every_process() -> None:
     unpatched = {_program_fingerprint(seed, "unpatched") for seed in seeds}
     assert len(unpatched) == 2, "the seeds should trace differently without the patch"
     assert len({_program_fingerprint(seed, "patched") for seed in seeds}) == 1
+
+
+def test_stable_set_order_is_scoped_to_tracing() -> None:
+    """The modeling module's ``set`` is ttpu's only while ttpu traces; eager code of the
+    same module sees the builtin before and after."""
+    import sys
+
+    from architectures import ARCHITECTURES
+
+    from ttpu.patches import tracing_scope
+    from ttpu.patches.ordering import StableOrderSet
+
+    arch = next(a for a in ARCHITECTURES if a.name == "gemma3_text")
+    module = arch.build()
+    modeling = sys.modules[type(module).__module__]
+    model = AutoModelForTPU.from_model(module)
+    assert "stable_layer_type_order" in [p.name for p in model.patches]
+    assert "set" not in vars(modeling)
+    with tracing_scope(module):
+        assert modeling.set is StableOrderSet
+    assert "set" not in vars(modeling)
+    model(**{k: v for k, v in arch.make_inputs(module).items()})
+    assert "set" not in vars(modeling)
