@@ -109,7 +109,10 @@ class TPUModel:
     def vocabulary_size(self) -> int | None:
         """Rows of the input embedding table: token ids must lie below it (None when the
         model embeds its inputs some other way)."""
-        embeddings = self.torch_module.get_input_embeddings()
+        try:
+            embeddings = self.torch_module.get_input_embeddings()
+        except (NotImplementedError, AttributeError):  # composite models (CLIP, ...) have none
+            return None
         return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else None
 
     @property

@@ -27,6 +27,7 @@ from ttpu.backends.jax.program_store import model_context, open_store
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import CompilationError
 from ttpu.logs import progress_enabled
+from ttpu.paths import program_cache_dir
 from ttpu.patches import tracing_scope
 from ttpu.sharding import ShardingPlan
 from ttpu.weights import convert_weights
@@ -57,6 +58,7 @@ class JaxBackend(Backend):
         return [
             ("torchax fix", f"torch 2.13 named-overload import fix {fix}"),
             ("xla cache", str(compile_cache.compile_cache_dir() or "off")),
+            ("programs", str(program_cache_dir() or "off") + " (traced programs, jax.export)"),
         ]
 
     def attention_implementation(self) -> str:
