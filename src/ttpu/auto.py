@@ -78,11 +78,9 @@ class AutoModelForTPU:
                 )
         except OSError as exc:
             raise ModelNotFoundError(_weights_error(source, exc)) from exc
+        tokenizer = _load_tokenizer(source, trust_remote_code)
         sharding = _Sharding(parallelism, mesh, sharding_rules, release_host_weights=True)
-        model = cls._wrap(module, runtime, task, torch_dtype, attn_implementation, None, buckets, sharding)
-        # Loaded last: the backend's warm-up (compiling stored programs) runs meanwhile.
-        model.tokenizer = _load_tokenizer(source, trust_remote_code)
-        return model
+        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets, sharding)
 
     @classmethod
     def from_model(

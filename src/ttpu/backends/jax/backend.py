@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
@@ -113,8 +114,6 @@ class JaxForward(CompiledForward):
 
             self._params = convert_weights(module, weights, place, release_host_weights)
         self.program_store = open_store(model_context(module, self._params, self._buffer_names))
-        if self.program_store is not None:  # the programs this model ran last time, compiled meanwhile
-            self.program_store.warm_up(self._params, placement.mesh)
         self._executables = Executables(
             self._forward, static_argnums=(2,), out_shardings=placement.output_sharding(),
             name="forward", store=self.program_store,

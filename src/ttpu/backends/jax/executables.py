@@ -102,16 +102,10 @@ class Executables:
         leaves = jax.tree.leaves(self._dynamic(args))
         if self._store is not None:
             try:
-                key = self._store.key(self._name, _stable(("program", signature)))
-                warm = self._store.take_warm(key)
-                if warm is None:
-                    stored = self._stored(
-                        ("program", signature), lambda: export_program(flat, leaves, donated, self._out_shardings)
-                    )
-                    executable = compile_program(stored, leaves, donated, self._out_shardings)
-                else:
-                    stored, executable = warm
-                self._store.note_used(key, leaves, donated)
+                stored = self._stored(
+                    ("program", signature), lambda: export_program(flat, leaves, donated, self._out_shardings)
+                )
+                executable = compile_program(stored, leaves, donated, self._out_shardings)
                 return _Program(executable, in_tree, stored.out_tree)
             except CompilationError:
                 raise  # the model itself does not trace

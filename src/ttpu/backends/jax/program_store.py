@@ -19,13 +19,11 @@ and numpy.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import io
-import json
 import logging
 import os
 import pickle
@@ -37,7 +35,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import torch
 
 from ttpu.paths import program_cache_dir
@@ -47,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 # Bumped when the stored format changes.
 FORMAT_VERSION = 1
-RECENT_PROGRAMS = 16  # remembered per model for the warm-up
 VERSIONED_PACKAGES = ("transformers", "torch", "torchax", "jax", "jaxlib", "flatbuffers")
 
 
@@ -62,78 +58,13 @@ class StoredProgram(NamedTuple):
 
 class ProgramStore:
     """Programs of one model, under ``directory``; ``context`` names what the model's
-    programs depend on beyond their own signature (see the module docstring).
-
-    The store also remembers which programs this model ran recently, with their argument
-    shapes: :meth:`warm_up` compiles those in a background thread (and runs each once on
-    dummy inputs, which XLA's first run of an executable needs) while the process goes on
-    loading, and :meth:`take_warm` hands them over."""
+    programs depend on beyond their own signature (see the module docstring)."""
 
     def __init__(self, directory: Path, context: Mapping[str, Any]) -> None:
         self.directory = directory
         self._context = digest({**environment_context(), **context})
         self.loaded = 0  # programs read back instead of traced
         self.saved = 0
-        self.warmed = 0  # programs the warm-up had compiled when they were needed
-        self._warm: dict[str, concurrent.futures.Future] = {}
-        self._params: dict[int, int] = {}  # id of each weight array -> its index
-
-    def warm_up(self, params: Mapping[str, jax.Array], mesh: jax.sharding.Mesh) -> None:
-        """Start compiling this model's recently used programs in a background thread."""
-        weights = jax.tree.leaves(dict(params))
-        self._params = {id(w): i for i, w in enumerate(weights)}
-        entries = [e for e in self._recent() if self._path(e["key"]).exists()]
-        if not entries:
-            return
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ttpu-warm-up")
-        for entry in entries:
-            self._warm[entry["key"]] = pool.submit(self._compile_and_run, entry, weights, mesh)
-        pool.shutdown(wait=False)
-
-    def take_warm(self, key: str) -> tuple[StoredProgram, Any] | None:
-        """The program and its executable if the warm-up compiled it (waiting for it if
-        still under way); None otherwise."""
-        future = self._warm.pop(key, None)
-        if future is None:
-            return None
-        try:
-            warm = future.result()
-        except Exception as exc:
-            logger.debug("warm-up of %s failed (%s); compiling it now", key, exc)
-            return None
-        self.warmed += 1
-        return warm
-
-    def note_used(self, key: str, leaves: list[Any], donated: tuple[int, ...]) -> None:
-        """Remember that program ``key`` ran with arguments shaped like ``leaves``."""
-        entry = {"key": key, "donated": list(donated), "leaves": [self._describe(x) for x in leaves]}
-        recent = [e for e in self._recent() if e["key"] != key][-(RECENT_PROGRAMS - 1):]
-        _write_atomically(self._recent_path(), json.dumps([*recent, entry]).encode())
-
-    def _describe(self, leaf: Any) -> list[Any]:
-        if id(leaf) in self._params:
-            return ["weight", self._params[id(leaf)]]
-        spec = list(leaf.sharding.spec) if isinstance(leaf.sharding, jax.sharding.NamedSharding) else []
-        return ["array", list(leaf.shape), str(leaf.dtype), [s if s is None or isinstance(s, str) else list(s) for s in spec]]
-
-    def _compile_and_run(self, entry: dict, weights: list[jax.Array], mesh: jax.sharding.Mesh) -> tuple[StoredProgram, Any]:
-        stored = self.load(entry["key"])
-        if stored is None or stored.exported is None:
-            raise LookupError("not stored")
-        leaves = [weights[d[1]] if d[0] == "weight" else _dummy(d, mesh) for d in entry["leaves"]]
-        donated = tuple(entry["donated"])
-        executable = compile_program(stored, leaves, donated, None)
-        jax.block_until_ready(executable(*leaves))  # dummies only are donated
-        return stored, executable
-
-    def _recent(self) -> list[dict]:
-        try:
-            return json.loads(self._recent_path().read_text())
-        except (OSError, ValueError):
-            return []
-
-    def _recent_path(self) -> Path:
-        return self.directory / f"{self._context}.recent.json"
 
     def key(self, name: str, signature: Any) -> str:
         """The file key of program ``name`` with this ``signature`` (a value whose repr
@@ -163,39 +94,23 @@ class ProgramStore:
     def save(self, key: str, program: StoredProgram) -> None:
         """Write ``program`` atomically; a failure (disk full, read-only cache) is logged,
         never raised: the program runs anyway."""
-        if _write_atomically(self._path(key), pickle.dumps(program, protocol=pickle.HIGHEST_PROTOCOL)):
+        path = self._path(key)
+        temporary = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as file:
+                temporary = file.name
+                pickle.dump(program, file, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(temporary, path)
             self.saved += 1
+        except Exception as exc:
+            logger.warning("could not store program %s (%s)", path, exc)
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.program"
-
-
-def _write_atomically(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` through a temporary file renamed into place; a failure
-    is logged and returns False."""
-    temporary = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as file:
-            temporary = file.name
-            file.write(data)
-        os.replace(temporary, path)
-        return True
-    except Exception as exc:
-        logger.warning("could not write %s (%s)", path, exc)
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-        return False
-
-
-def _dummy(description: list[Any], mesh: jax.sharding.Mesh) -> jax.Array:
-    """Zeros shaped, typed and laid out as a recorded argument (a PRNG key for key types)."""
-    _, shape, dtype, spec = description
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*[tuple(s) if isinstance(s, list) else s for s in spec]))
-    if dtype.startswith("key<"):
-        return jax.device_put(jax.random.split(jax.random.key(0), shape) if shape else jax.random.key(0), sharding)
-    return jnp.zeros(shape, dtype, device=sharding)
 
 
 def open_store(context: Mapping[str, Any]) -> ProgramStore | None:
