@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import jax
-import pytest
 
 from ttpu.backends.jax import program_store
 from ttpu.backends.jax.program_store import ProgramStore, StoredProgram
@@ -112,7 +111,6 @@ def test_store_key_changes_with_every_component(monkeypatch, tmp_path) -> None:
 
 
 def test_model_context_sees_code_patches_and_constants() -> None:
-    import torch
     import transformers
 
     config = transformers.LlamaConfig(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping

@@ -79,7 +79,7 @@ class Executables:
         shapes = self._shapes.get(signature)
         if shapes is None:
             with compile_errors():
-                stored = self._stored(("shapes", signature), lambda: self._trace_shapes(args))
+                stored = self._stored(self._key(("shapes", signature)), lambda: self._trace_shapes(args))
             shapes = jax.tree.unflatten(
                 stored.out_tree, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in stored.out_shapes]
             )
@@ -103,7 +103,7 @@ class Executables:
         if self._store is not None:
             try:
                 stored = self._stored(
-                    ("program", signature), lambda: export_program(flat, leaves, donated, self._out_shardings)
+                    self._key(("program", signature)), lambda: export_program(flat, leaves, donated, self._out_shardings)
                 )
                 executable = compile_program(stored, leaves, donated, self._out_shardings)
                 return _Program(executable, in_tree, stored.out_tree)
@@ -116,9 +116,12 @@ class Executables:
         executable = jitted.lower(*leaves).compile()
         return _Program(executable, in_tree, flat.out_tree)
 
-    def _stored(self, kind: tuple[str, tuple], trace: Callable[[], StoredProgram]) -> StoredProgram:
-        """The stored program of this kind and signature, traced (and stored) on a miss."""
-        key = self._store.key(self._name, _stable(kind)) if self._store is not None else None
+    def _key(self, kind: tuple[str, tuple]) -> str | None:
+        """The store key of this kind of record ("program", "shapes") for a signature."""
+        return self._store.key(self._name, repr(kind)) if self._store is not None else None
+
+    def _stored(self, key: str | None, trace: Callable[[], StoredProgram]) -> StoredProgram:
+        """The stored record under ``key``, traced (and stored) on a miss."""
         stored = self._store.load(key) if key is not None else None
         if stored is None:
             self.traces += 1
@@ -183,11 +186,6 @@ class _Program:
 
     def as_text(self) -> str:
         return self.executable.as_text()
-
-
-def _stable(value: Any) -> Any:
-    """A signature in a form whose repr is the same in every process."""
-    return repr(value)
 
 
 def _sharded(out_shardings: Any) -> dict[str, Any]:
