@@ -127,7 +127,7 @@ class TPUModel:
         arrays, constants = split_inputs(bound, self._forward.to_array, float_dtype)
         for name in TOKEN_ID_INPUTS:
             if name in arrays:
-                check_token_ids(self._forward.to_host(arrays[name]), self.vocabulary_size, name)
+                check_token_ids(arrays[name], self.vocabulary_size, name)  # numpy or jax: read as numpy
         output, padded = self._run(arrays, constants, self.sequence_padding != "off")
         if self.sequence_padding == "verify" and padded.sequence != padded.padded_sequence:
             self.sequence_padding = "on" if self._padding_is_invisible(arrays, constants) else "off"
