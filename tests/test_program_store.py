@@ -36,7 +36,8 @@ model = AutoModelForTPU.from_model(transformers.LlamaForCausalLM(config).eval())
 ids = np.array([[5, 6, 7, 8, 9]])
 logits = np.asarray(model(input_ids=ids).logits)
 tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
-print(json.dumps({"traces": model.trace_count, "logits": logits.round(5).tolist(), "tokens": tokens.tolist()}))
+warmed = model.compiled_forward.program_store.warm_up.taken  # compiled while the model loaded
+print(json.dumps({"traces": model.trace_count, "warmed": warmed, "logits": logits.round(5).tolist(), "tokens": tokens.tolist()}))
 """
 
 
@@ -61,11 +62,13 @@ def test_second_process_runs_stored_programs_without_tracing(tmp_path) -> None:
     files = stored_files(store)
     assert len(files) >= 5  # those, the forward's output shapes and the cache layout
     second = run(store, forbid=True)  # tracing would raise
-    assert second == {**first, "traces": 0}
+    # The forward, prefill and decode loop were compiled (and run once) while it loaded.
+    assert first["warmed"] == 0 and second["warmed"] == 3
+    assert second == {**first, "traces": 0, "warmed": 3}
     assert stored_files(store) == files
     # A changed model (same shapes, another constant) misses and traces again.
     changed = run(store, eps="1e-5")
-    assert changed["traces"] == first["traces"]
+    assert changed["traces"] == first["traces"] and changed["warmed"] == 0
     assert changed["logits"] != first["logits"]
 
 
@@ -75,8 +78,8 @@ def test_unreadable_entries_are_replaced(tmp_path) -> None:
     for path in stored_files(store):
         path.write_bytes(b"not a program")
     again = run(store)
-    assert again == first  # every program traced again
-    assert run(store, forbid=True) == {**first, "traces": 0}  # and stored anew
+    assert again == first  # every program traced again (the warm-up found none readable)
+    assert run(store, forbid=True) == {**first, "traces": 0, "warmed": 3}  # and stored anew
 
 
 def test_store_key_changes_with_every_component(monkeypatch, tmp_path) -> None:

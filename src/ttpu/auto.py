@@ -78,9 +78,12 @@ class AutoModelForTPU:
                 )
         except OSError as exc:
             raise ModelNotFoundError(_weights_error(source, exc)) from exc
-        tokenizer = _load_tokenizer(source, trust_remote_code)
         sharding = _Sharding(parallelism, mesh, sharding_rules, release_host_weights=True)
-        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets, sharding)
+        model = cls._wrap(module, runtime, task, torch_dtype, attn_implementation, None, buckets, sharding)
+        # Loaded last: the backend's warm-up (compiling and first-running the programs
+        # this model ran last time) proceeds meanwhile.
+        model.tokenizer = _load_tokenizer(source, trust_remote_code)
+        return model
 
     @classmethod
     def from_model(

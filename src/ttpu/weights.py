@@ -32,6 +32,11 @@ def host_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def host_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype :func:`host_view` gives tensors of ``dtype``."""
+    return host_view(torch.empty(0, dtype=dtype)).dtype
+
+
 def convert_weights(
     module: torch.nn.Module,
     tensors: dict[str, torch.Tensor],

@@ -25,12 +25,13 @@ from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.placement import Placement
 from ttpu.backends.jax.program_store import model_context, open_store
 from ttpu.backends.jax.torchax_compat import import_torchax
+from ttpu.backends.jax.warm_up import WarmUp
 from ttpu.errors import CompilationError
 from ttpu.logs import progress_enabled
 from ttpu.paths import program_cache_dir
 from ttpu.patches import tracing_scope
 from ttpu.sharding import ShardingPlan
-from ttpu.weights import convert_weights
+from ttpu.weights import convert_weights, host_dtype
 
 torchax = import_torchax()
 
@@ -105,14 +106,28 @@ class JaxForward(CompiledForward):
         weights = {**self._jittable.params, **self._jittable.buffers}
         self._jittable.params.clear()  # the placed arrays replace them
         self._jittable.buffers.clear()
+        described = {
+            name: jax.ShapeDtypeStruct(tuple(t.shape), host_dtype(t.dtype), sharding=placement.weight_sharding(name))
+            for name, t in weights.items()
+        }
+        self.program_store = open_store(model_context(module, described, self._buffer_names))
+        warm_up = None
+        if self.program_store is not None:  # last time's programs compile while the weights are placed
+            warm_up = self.program_store.warm_up = WarmUp(self.program_store, described, placement.mesh)
         hidden = None if progress_enabled() else True
         with tqdm(total=len(weights), desc="placing weights", unit="tensor", disable=hidden, leave=False) as progress:
             def place(name: str, host: np.ndarray) -> jax.Array:
                 progress.update()
                 return placement.weight(name, host)
 
-            self._params = convert_weights(module, weights, place, release_host_weights)
-        self.program_store = open_store(model_context(module, self._params, self._buffer_names))
+            try:
+                self._params = convert_weights(module, weights, place, release_host_weights)
+            except BaseException:
+                if warm_up is not None:
+                    warm_up.cancel()
+                raise
+        if warm_up is not None:
+            warm_up.weights_placed(self._params)
         self._executables = Executables(
             self._forward, static_argnums=(2,), out_shardings=placement.output_sharding(),
             name="forward", store=self.program_store,

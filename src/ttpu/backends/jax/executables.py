@@ -102,10 +102,15 @@ class Executables:
         leaves = jax.tree.leaves(self._dynamic(args))
         if self._store is not None:
             try:
-                stored = self._stored(
-                    self._key(("program", signature)), lambda: export_program(flat, leaves, donated, self._out_shardings)
-                )
-                executable = compile_program(stored, leaves, donated, self._out_shardings)
+                key = self._key(("program", signature))
+                warm = self._store.warm_up.take(key) if self._store.warm_up else None
+                if warm is None:
+                    stored = self._stored(key, lambda: export_program(flat, leaves, donated, self._out_shardings))
+                    executable = compile_program(stored, leaves, donated, self._out_shardings)
+                else:
+                    stored, executable = warm
+                if self._store.warm_up:
+                    self._store.warm_up.record(key, leaves, donated)
                 return _Program(executable, in_tree, stored.out_tree)
             except CompilationError:
                 raise  # the model itself does not trace

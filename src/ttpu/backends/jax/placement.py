@@ -45,13 +45,17 @@ class Placement:
         its slice, copied straight from ``host`` (never aliased, as CPU devices otherwise
         may). Returns once the copies are done (transfers are asynchronous), so the
         caller may release ``host`` right away."""
-        found = self.plan.parameters.get(name)
-        sharding = self.sharding(found.spec if found else ())
+        sharding = self.weight_sharding(name)
         shards = [
             jax.device_put(host[index], device, may_alias=False)
             for device, index in sharding.addressable_devices_indices_map(host.shape).items()
         ]
         return jax.make_array_from_single_device_arrays(host.shape, sharding, shards).block_until_ready()
+
+    def weight_sharding(self, name: str) -> NamedSharding:
+        """Where weight ``name`` lives (replicated unless the plan splits it)."""
+        found = self.plan.parameters.get(name)
+        return self.sharding(found.spec if found else ())
 
     def batch(self, value: Any) -> jax.Array:
         """An input with the batch first (a scalar is replicated), split along the batch."""

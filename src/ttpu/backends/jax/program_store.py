@@ -15,6 +15,10 @@ that cannot be read is deleted and replaced.
 Files are written atomically (a temporary file renamed into place) and read with an
 unpickler that only rebuilds the pytree node types of transformers, ttpu, torch, jax
 and numpy.
+
+The store also remembers, per model, which programs ran most recently and with which
+argument shapes (a small JSON index), so that a later process can compile them before
+they are asked for (:mod:`ttpu.backends.jax.warm_up`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import json
 import logging
 import os
 import pickle
@@ -44,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 # Bumped when the stored format changes.
 FORMAT_VERSION = 1
+RECENT_PROGRAMS = 8  # remembered per model, for the next process's warm-up
 VERSIONED_PACKAGES = ("transformers", "torch", "torchax", "jax", "jaxlib", "flatbuffers")
 
 
@@ -56,15 +62,55 @@ class StoredProgram(NamedTuple):
     out_shapes: tuple[tuple[tuple[int, ...], str], ...]
 
 
+class ArgumentSpec(NamedTuple):
+    """One flat argument of a recorded program run: its shape, dtype and partition spec,
+    and the weight it was (None for other arguments)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    spec: tuple[Any, ...]
+    weight: str | None
+
+
+class RecentProgram(NamedTuple):
+    """A program the model ran: its store key, arguments and donated argument positions."""
+
+    key: str
+    arguments: tuple[ArgumentSpec, ...]
+    donated: tuple[int, ...]
+
+
 class ProgramStore:
     """Programs of one model, under ``directory``; ``context`` names what the model's
-    programs depend on beyond their own signature (see the module docstring)."""
+    programs depend on beyond their own signature (see the module docstring).
+    ``warm_up`` is the background compilation of the programs it ran last time, if any."""
 
     def __init__(self, directory: Path, context: Mapping[str, Any]) -> None:
         self.directory = directory
         self._context = digest({**environment_context(), **context})
         self.loaded = 0  # programs read back instead of traced
         self.saved = 0
+        self.warm_up: Any = None  # a ttpu.backends.jax.warm_up.WarmUp once started
+
+    def recent(self) -> list[RecentProgram]:
+        """The programs this model ran most recently (oldest first); [] if none or unreadable."""
+        try:
+            entries = json.loads(self._recent_path().read_text())
+            return [
+                RecentProgram(e["key"], tuple(ArgumentSpec(tuple(a[0]), a[1], _spec(a[2]), a[3]) for a in e["arguments"]), tuple(e["donated"]))
+                for e in entries
+            ]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return []
+
+    def note_used(self, program: RecentProgram) -> None:
+        """Record that ``program`` ran (it becomes the most recent)."""
+        recent = [p for p in self.recent() if p.key != program.key][-(RECENT_PROGRAMS - 1):]
+        entries = [{"key": p.key, "arguments": [list(a) for a in p.arguments], "donated": list(p.donated)} for p in [*recent, program]]
+        _write_atomically(self._recent_path(), json.dumps(entries).encode(), "the recent-programs index")
+
+    def _recent_path(self) -> Path:
+        return self.directory / "recent" / f"{self._context}.json"
 
     def key(self, name: str, signature: Any) -> str:
         """The file key of program ``name`` with this ``signature`` (a value whose repr
@@ -94,23 +140,35 @@ class ProgramStore:
     def save(self, key: str, program: StoredProgram) -> None:
         """Write ``program`` atomically; a failure (disk full, read-only cache) is logged,
         never raised: the program runs anyway."""
-        path = self._path(key)
-        temporary = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as file:
-                temporary = file.name
-                pickle.dump(program, file, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(temporary, path)
+        if _write_atomically(self._path(key), pickle.dumps(program, protocol=pickle.HIGHEST_PROTOCOL), "program"):
             self.saved += 1
-        except Exception as exc:
-            logger.warning("could not store program %s (%s)", path, exc)
-            if temporary is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.program"
+
+
+def _spec(entries: list[Any]) -> tuple[Any, ...]:
+    """A partition spec read back from JSON (axis tuples come back as lists)."""
+    return tuple(tuple(e) if isinstance(e, list) else e for e in entries)
+
+
+def _write_atomically(path: Path, data: bytes, what: str) -> bool:
+    """Write ``data`` through a temporary file renamed into place; a failure is logged
+    and returns False."""
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as file:
+            temporary = file.name
+            file.write(data)
+        os.replace(temporary, path)
+        return True
+    except Exception as exc:
+        logger.warning("could not write %s %s (%s)", what, path, exc)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        return False
 
 
 def open_store(context: Mapping[str, Any]) -> ProgramStore | None:
@@ -144,18 +202,21 @@ def _out_shardings(out_shardings: Any) -> dict[str, Any]:
     return {} if out_shardings is None else {"out_shardings": out_shardings}
 
 
-def model_context(module: torch.nn.Module, params: Mapping[str, jax.Array], traced_buffers: frozenset[str]) -> dict[str, Any]:
+def model_context(
+    module: torch.nn.Module, weights: Mapping[str, jax.ShapeDtypeStruct | jax.Array], traced_buffers: frozenset[str]
+) -> dict[str, Any]:
     """What a model's traced programs depend on besides their inputs and the library
     versions: its class, config, attention and experts implementations, weights
-    (names, shapes, dtypes, shardings), the buffers baked in as constants, and code
-    that is not transformers' or ttpu's own."""
+    (names, shapes, dtypes, shardings: placed arrays, or their description before they
+    are placed), the buffers baked in as constants, and code that is not transformers'
+    or ttpu's own."""
     config = module.config
     return {
         "module": f"{type(module).__module__}.{type(module).__qualname__}",
         "config": config.to_json_string(use_diff=False),
         "attention": config._attn_implementation,
         "experts": getattr(config, "_experts_implementation", None),
-        "weights": [(name, a.shape, str(a.dtype), repr(a.sharding)) for name, a in sorted(params.items())],
+        "weights": [(name, tuple(a.shape), str(a.dtype), repr(a.sharding)) for name, a in sorted(weights.items())],
         "constants": _constant_buffers_digest(module, traced_buffers),
         "code": _model_code_digest(module),
     }
