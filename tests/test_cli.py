@@ -21,7 +21,8 @@ def test_doctor_reports_how_the_model_runs(model_dir, capsys) -> None:
     out = capsys.readouterr().out
     for expected in ("backend:     jax on cpu", "LlamaForCausalLM", "task:        causal-lm",
                      "dtype:       float32", "attention:   ttpu", "patches:     0 applied",
-                     "aten._grouped_mm", "compiles:    yes"):
+                     "aten._grouped_mm", "compiles:    yes",
+                     "generate:    compiled decode loop; cache: 2 full attention layers"):
         assert expected in out
 
 

@@ -207,3 +207,40 @@ def test_token_ids_outside_the_vocabulary_are_an_error(bad: int) -> None:
     with pytest.raises(InvalidArgumentError, match="outside the model's vocabulary"):
         model(input_ids=ids)
     assert model.compile_count == before  # refused before anything ran
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"forced_eos_token_id": 3},
+        {"forced_bos_token_id": 2},
+        {"suppress_tokens": [21, 40, 77]},
+        {"begin_suppress_tokens": [21, 40, 77]},
+        {"bad_words_ids": [[40], [21, 77], [5, 6, 7]]},
+    ],
+    ids=lambda s: next(iter(s)),
+)
+def test_config_logits_processors_match_transformers(settings: dict, backend_name: str) -> None:
+    """Processors transformers applies from a model's generation config (bart sets a forced
+    EOS, whisper suppresses tokens) run in the compiled sampler, token for token."""
+    if backend_name != "jax":
+        pytest.skip("implemented on the JAX backend only; torch_xla refuses them with a clear error")
+    module, model = build("llama", backend_name)
+    prompts = [[5, 6], [8, 9, 10, 11]] if "forced_bos_token_id" not in settings else [[5], [6]]
+    ids, mask = left_padded(prompts)
+    # The choices these processors change: make the banned tokens the model's favourites.
+    reference = hf_generate(module, ids, mask, max_new_tokens=8)
+    if "suppress_tokens" in settings or "begin_suppress_tokens" in settings:
+        settings = {k: [int(reference[0, ids.shape[1]]), int(reference[1, ids.shape[1]]), *v] for k, v in settings.items()}
+    if "bad_words_ids" in settings:
+        first, second = (int(t) for t in reference[1, ids.shape[1] : ids.shape[1] + 2])
+        settings = {"bad_words_ids": [*settings["bad_words_ids"], [first, second], [int(reference[0, -1])]]}
+    module.generation_config.update(**settings)
+    try:
+        expected = hf_generate(module, ids, mask, max_new_tokens=8)
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+    finally:
+        for name in settings:
+            setattr(module.generation_config, name, None)
+    assert not np.array_equal(expected, reference)  # the processor changed something
+    np.testing.assert_array_equal(actual, expected)

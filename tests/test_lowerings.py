@@ -121,3 +121,34 @@ def test_linear_by_keyword() -> None:
     ):
         expected = call(*map(torch.from_numpy, (x, w, b))).numpy()
         np.testing.assert_allclose(run_traced(call, x, w, b), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_copy_from_a_slice() -> None:
+    """Linear-attention caches copy the last columns of a longer state into their own."""
+
+    def keep_last_two(state: torch.Tensor, longer: torch.Tensor) -> torch.Tensor:
+        state = state.clone()
+        state.copy_(longer[..., -2:])
+        head = state[..., :1]
+        head.copy_(longer[..., :1] * 10)  # into a view of the target too
+        return state
+
+    state = np.zeros((2, 3, 2), np.float32)
+    longer = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    expected = keep_last_two(torch.from_numpy(state), torch.from_numpy(longer)).numpy()
+    np.testing.assert_array_equal(run_traced(keep_last_two, state, longer), expected)
+
+
+def test_type_as_a_slice_converts_a_copy() -> None:
+    """Gemma 3n's norms call ``x.type_as(hidden)`` on a slice; torchax's own type_as
+    converted ``x`` in place and failed on a View."""
+
+    def convert(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        converted = x.type_as(other[:, :1])
+        return converted + x.to(torch.float32) * 0.5  # x itself unchanged
+
+    x = np.arange(6, dtype=np.int32).reshape(2, 3)
+    other = np.zeros((2, 3), np.float32)
+    with lowerings.tensor_method_fixes():
+        actual = run_traced(convert, x, other)
+    np.testing.assert_array_equal(actual, convert(torch.from_numpy(x), torch.from_numpy(other)).numpy())

@@ -124,7 +124,7 @@ def test_kv_cache_is_split_over_heads_and_batch() -> None:
 
     settings = _settings(model, ids, None, 0, {"max_new_tokens": 4})
     run = decoder.advance(decoder.start(ids, np.ones_like(ids), 32, settings, seed=0), 2)
-    for array in (*run.state.kv.keys, *run.state.kv.values):
+    for array in (a for layer in run.state.cache.layers for name, a in layer.items() if name in ('keys', 'values')):
         assert tuple(array.sharding.spec)[:2] == ("data", "tensor")
         assert array.addressable_shards[0].data.shape == (2, 2, 32, 8)
 

@@ -127,6 +127,14 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"compiles:    NO\n{exc}")
         return 1
     print(f"compiles:    yes ({time.perf_counter() - start:.1f} s, {model.compile_count} executable)")
+    if model.task == "causal-lm":
+        try:
+            layout = getattr(model.decoder(), "layout", None)
+        except Exception as exc:  # report, don't crash
+            print(f"generate:    NO ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+            return 1
+        cache = layout.describe() if layout is not None else "transformers' StaticCache"
+        print(f"generate:    compiled decode loop; cache: {cache}")
     return 0
 
 

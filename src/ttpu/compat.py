@@ -16,3 +16,9 @@ RENAMED_CACHE = Version("5.24.0")
 # The forward's keyword for a cache, and the output field holding the cache.
 CACHE_KEYWORD = "cache" if TRANSFORMERS_VERSION >= RENAMED_CACHE else "past_key_values"
 CACHE_OUTPUT = CACHE_KEYWORD
+
+# Cache layers that hold nothing (shared-KV or attention-free layers): transformers >= 5.23.
+try:
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # older caches have no such layers
+    DummyLayer = None

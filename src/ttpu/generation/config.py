@@ -25,6 +25,7 @@ SUPPORTED = {
     "pad_token_id", "bos_token_id", "stop_strings", "num_return_sequences", "use_cache",
     "cache_implementation", "decoder_start_token_id", "transformers_version",
     "_from_model_config", "output_attentions", "output_hidden_states", "return_dict_in_generate",
+    "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",
 }
 
 
@@ -45,6 +46,20 @@ class GenerationSettings:
     stop_strings: tuple[str, ...] = ()
     num_return_sequences: int = 1
     seed: int | None = None
+    prompt_length: int = 0  # the prompts' width as given (before bucket padding)
+    # Logits processors transformers applies from a model's generation config.
+    forced_bos_token_id: int | None = None  # the first token when the prompt is one token long
+    forced_eos_token_ids: tuple[int, ...] = ()  # the last token allowed by max_new_tokens
+    suppress_tokens: tuple[int, ...] = ()  # never generated
+    begin_suppress_tokens: tuple[int, ...] = ()  # not generated first
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never completed
+
+    @property
+    def uses_config_processors(self) -> bool:
+        return bool(
+            self.forced_bos_token_id is not None or self.forced_eos_token_ids or self.suppress_tokens
+            or self.begin_suppress_tokens or self.bad_words_ids
+        )
 
 
 def resolve_settings(
@@ -103,6 +118,12 @@ def resolve_settings(
         stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
         num_return_sequences=int(value("num_return_sequences")),
         seed=seed,
+        prompt_length=int(prompt_length),
+        forced_bos_token_id=None if config.forced_bos_token_id is None else int(config.forced_bos_token_id),
+        forced_eos_token_ids=_token_list(config.forced_eos_token_id),
+        suppress_tokens=_token_list(config.suppress_tokens),
+        begin_suppress_tokens=_token_list(config.begin_suppress_tokens),
+        bad_words_ids=tuple(tuple(int(t) for t in words) for words in config.bad_words_ids or ()),
     )
     validate(settings)
     return settings
@@ -127,6 +148,8 @@ def validate(settings: GenerationSettings) -> None:
          f"num_return_sequences must be >= 1 (got {settings.num_return_sequences})"),
         (all(isinstance(s, str) and s for s in settings.stop_strings),
          f"stop_strings must be non-empty strings (got {settings.stop_strings!r})"),
+        (all(settings.bad_words_ids),
+         f"bad_words_ids must be non-empty lists of token ids (got {settings.bad_words_ids!r})"),
     ]
     for ok, message in checks:
         if not ok:
@@ -146,7 +169,8 @@ def _refuse_unsupported(config: GenerationConfig, defaults: dict[str, Any]) -> N
         raise InvalidArgumentError(
             f"ttpu's generate() does not implement {', '.join(unsupported)} yet; it supports "
             "greedy and sampled decoding with temperature, top_k, top_p, min_p, "
-            "repetition_penalty, min/max new tokens, EOS tokens and stop strings."
+            "repetition_penalty, min/max new tokens, EOS tokens, stop strings, forced BOS/EOS "
+            "tokens, suppressed tokens and bad words (no beam search, no no_repeat_ngram_size)."
         )
 
 

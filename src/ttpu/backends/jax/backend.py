@@ -193,7 +193,10 @@ class JaxForward(CompiledForward):
         env = self._env
         weights = env.j2t_iso(params)
         buffers = {k: weights.pop(k) for k in self._buffer_names}
-        scopes = (env, torch.no_grad(), _value_checks_off(), tracing_scope(self._module), _module_state_kept(self._module))
+        scopes = (
+            env, torch.no_grad(), _value_checks_off(), tracing_scope(self._module), _module_state_kept(self._module),
+            lowerings.tensor_method_fixes(),
+        )
         with contextlib.ExitStack() as stack, _module_tracker() as modules:
             for scope in scopes:
                 stack.enter_context(scope)

@@ -1,5 +1,5 @@
 """The JAX decode loop: a jitted prefill and a jitted ``lax.while_loop`` of decode
-steps, the whole state (KV cache, tokens, PRNG key) passed in, donated and returned.
+steps, the whole state (cache, tokens, PRNG key) passed in, donated and returned.
 
 The prefill writes indices ``0..P-1`` of the cache and picks the first new token (index
 ``P``); each step feeds the token at index ``cache.length`` and writes the next one
@@ -21,7 +21,7 @@ from ttpu.backends.base import CachedStepInputs, Decoder
 from ttpu.backends.jax.backend import JaxForward
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
-from ttpu.backends.jax.kv_cache import KVState, TracedStaticCache, probe_layout
+from ttpu.backends.jax.kv_cache import CacheState, TracedCache, probe_layout
 from ttpu.backends.jax.sampling import SamplingMode, SamplingValues, next_tokens, split_settings
 from ttpu.generation.config import GenerationSettings
 
@@ -29,7 +29,7 @@ from ttpu.generation.config import GenerationSettings
 class DecodeState(NamedTuple):
     """Everything the loop carries from one token to the next."""
 
-    kv: KVState
+    cache: CacheState  # every layer's cache arrays (keys and values, linear states, ...)
     tokens: jax.Array  # [batch, max_length] every token at its cache index
     mask: jax.Array  # [batch, max_length] 1 where a real token sits
     positions: jax.Array  # [batch] position id of the token fed next
@@ -57,7 +57,7 @@ class JaxDecoder(Decoder):
         self.layout = probe_layout(forward.call_traced, forward.params, store)
         self._step_inputs = CachedStepInputs(module)
         self._prefill = Executables(
-            self._prefill_program, static_argnums=(6,), donate_argnums=(1,), name="prefill", store=store
+            self._prefill_program, static_argnums=(6, 7), donate_argnums=(1,), name="prefill", store=store
         )
         self._advance = Executables(
             self._advance_program, static_argnums=(4,), donate_argnums=(1,), name="decode", store=store
@@ -83,10 +83,10 @@ class JaxDecoder(Decoder):
         place = self._placement
         mode, values = split_settings(settings, self._vocab_size)
         values = jax.tree.map(lambda v: place.put(v, ()), values)
-        kv = self.layout.empty(input_ids.shape[0], max_length, place)
+        cache = self.layout.empty(input_ids.shape[0], max_length, place)
         state = self._prefill(
-            self._forward.params, kv, place.batch(input_ids.astype(np.int32)),
-            place.batch(prompt_mask.astype(np.int32)), place.put(jax.random.key(seed), ()), values, mode,
+            self._forward.params, cache, place.batch(input_ids.astype(np.int32)),
+            place.batch(prompt_mask.astype(np.int32)), place.put(jax.random.key(seed), ()), values, mode, max_length,
         )
         return Generation(state, mode, values)
 
@@ -108,25 +108,26 @@ class JaxDecoder(Decoder):
         return state._replace(state=state.state._replace(finished=finished))
 
     def _model_step(
-        self, params: Any, kv: KVState, ids: jax.Array, positions: jax.Array, mask: jax.Array, empty: bool
+        self, params: Any, cache: CacheState, ids: jax.Array, positions: jax.Array, mask: jax.Array, empty: bool
     ):
-        cache = TracedStaticCache(kv, self.layout, empty)
-        inputs = self._step_inputs(to_traced(ids), to_traced(mask), cache, to_traced(positions))
+        traced = TracedCache(cache, self.layout, empty)
+        inputs = self._step_inputs(to_traced(ids), to_traced(mask), traced, to_traced(positions))
         out = self._forward.call_traced(params, inputs)
-        kv = self.layout.constrained(cache.state(ids.shape[1]), self._placement)
-        return out.logits.jax()[:, -1], kv
+        cache = self.layout.constrained(traced.state(ids.shape[1]), self._placement)
+        return out.logits.jax()[:, -1], cache
 
-    def _prefill_program(self, params, kv, ids, prompt_mask, key, values: SamplingValues, mode: SamplingMode):
+    def _prefill_program(
+        self, params, cache, ids, prompt_mask, key, values: SamplingValues, mode: SamplingMode, max_length: int
+    ):
         batch, prompt_length = ids.shape
-        max_length = kv.keys[0].shape[2]
         positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
         mask = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
-        logits, kv = self._model_step(params, kv, ids, positions, mask[:, :prompt_length], empty=True)
+        logits, cache = self._model_step(params, cache, ids, positions, mask[:, :prompt_length], empty=True)
         tokens = jnp.full((batch, max_length), values.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
         key, draw = jax.random.split(key)
-        token = next_tokens(logits, draw, tokens, mask, jnp.int32(0), mode, values)
+        token = next_tokens(logits, draw, tokens, mask, jnp.int32(0), mode, values, prompt_length - 1)
         return DecodeState(
-            kv=kv,
+            cache=cache,
             tokens=tokens.at[:, prompt_length].set(token),
             mask=mask.at[:, prompt_length].set(1),
             positions=positions[:, -1] + 1,
@@ -142,15 +143,15 @@ class JaxDecoder(Decoder):
             return (s.generated < limit) & ~jnp.all(s.finished)
 
         def step(s: DecodeState) -> DecodeState:
-            index = s.kv.length
+            index = s.cache.length
             fed = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)
-            logits, kv = self._model_step(params, s.kv, fed, s.positions[:, None], s.mask, empty=False)
+            logits, cache = self._model_step(params, s.cache, fed, s.positions[:, None], s.mask, empty=False)
             key, draw = jax.random.split(s.key)
-            token = next_tokens(logits, draw, s.tokens, s.mask, s.generated, mode, values)
+            token = next_tokens(logits, draw, s.tokens, s.mask, s.generated, mode, values, index)
             token = jnp.where(s.finished, values.pad_id, token)
             ones = jnp.ones((token.shape[0], 1), jnp.int32)
             return DecodeState(
-                kv=kv,
+                cache=cache,
                 tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], index + 1, axis=1),
                 mask=jax.lax.dynamic_update_slice_in_dim(s.mask, ones, index + 1, axis=1),
                 positions=s.positions + 1,

@@ -1,15 +1,27 @@
-"""The KV cache of compiled generation: fixed-size jax arrays, seen by the model as a
+"""The cache of compiled generation: fixed-size jax arrays, seen by the model as a
 transformers ``Cache``.
 
-The state that crosses ``jax.jit`` boundaries is :class:`KVState` (plain arrays: one
-key and one value array per layer plus the number of positions written). Inside a traced
-step it is wrapped as :class:`TracedStaticCache`, a transformers ``Cache`` built from
-``StaticLayer`` objects, and handed to the model as its cache argument: the model writes
-its new keys and values through the cache's own ``update`` (an in-place ``index_copy_``
-that torchax turns into a functional update), and the updated arrays are read back out.
+The state that crosses ``jax.jit`` boundaries is :class:`CacheState`: per layer a dict
+of plain arrays, and the number of positions written. What a layer holds depends on the
+kind of layer transformers' own cache gives it (learnt once by :func:`probe_layout`):
 
-Every layer holds the full length, sliding-window and chunked layers too: the write
-position is a traced value (one executable serves every step), and the masks
+* attention layers (full, sliding, chunked): ``keys`` and ``values``
+  [batch, kv_heads, max_length, head_dim], written at the traced position;
+* sparse-attention layers with an indexer (DSA): also ``indexer`` [batch, max_length, dim];
+* linear-attention, SSM and short-convolution layers (mamba, gated delta net, conv):
+  ``conv.<i>`` and ``recurrent.<i>`` per state index, fixed-size states that the model
+  replaces at every step;
+* hybrid layers: both attention arrays and linear states;
+* dummy layers (shared-KV or attention-free layers): nothing.
+
+Inside a traced step the state is wrapped as :class:`TracedCache`, a transformers
+``Cache`` whose layers are transformers' own layer classes over traced arrays, already
+initialised: the model writes through their ``update`` / ``update_conv_state`` /
+``update_recurrent_state`` / ``update_indexer`` (in-place tensor updates that torchax
+turns into functional ones), and the updated arrays are read back out.
+
+Every attention layer holds the full length, sliding-window and chunked layers too: the
+write position is a traced value (one executable serves every step), and the masks
 transformers builds from the window size and absolute positions keep those layers exact.
 transformers' own sliding layers are ring buffers driven by a Python counter, which would
 compile once per step.
@@ -17,102 +29,173 @@ compile once per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+    StaticLayer,
+)
 
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.placement import Placement
 from ttpu.backends.jax.program_store import ProgramStore
-from ttpu.compat import CACHE_OUTPUT
+from ttpu.compat import CACHE_OUTPUT, DummyLayer
 from ttpu.errors import InvalidArgumentError
 
+LENGTH = -1  # in an array layout: the axis of cache positions
+KEYS, VALUES, INDEXER = "keys", "values", "indexer"
+CONV, RECURRENT = "conv", "recurrent"  # names "conv.<state index>", "recurrent.<state index>"
 
-class KVState(NamedTuple):
-    """Keys and values of every layer, [batch, kv_heads, max_length, head_dim] each, and
-    how many positions have been written (a scalar shared by all rows: prompts are
-    left-padded to one length)."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+class ArrayLayout(NamedTuple):
+    """One cache array of a layer: its shape without the batch (``LENGTH`` where the
+    cache length goes) and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def full_shape(self, batch: int, max_length: int) -> tuple[int, ...]:
+        return (batch, *(max_length if d == LENGTH else d for d in self.shape))
+
+
+class LayerLayout(NamedTuple):
+    """One layer's cache arrays by name, and whether its attention is a sliding window."""
+
+    arrays: tuple[tuple[str, ArrayLayout], ...]
+    sliding: bool
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(name for name, _ in self.arrays)
+
+    def state_indices(self, kind: str) -> list[int]:
+        return sorted(int(name.split(".")[1]) for name in self.names if name.startswith(kind + "."))
+
+
+class CacheState(NamedTuple):
+    """Every layer's cache arrays and how many positions have been written (a scalar
+    shared by all rows: prompts are left-padded to one length)."""
+
+    layers: tuple[dict[str, jax.Array], ...]
     length: jax.Array
 
 
-class LayerShape(NamedTuple):
-    kv_heads: int
-    key_dim: int
-    value_dim: int
-    sliding: bool
-
-
 class CacheLayout(NamedTuple):
-    """Per-layer cache shapes of a model and the cache dtype."""
+    """Per-layer cache layout of a model."""
 
-    layers: tuple[LayerShape, ...]
-    dtype: Any
+    layers: tuple[LayerLayout, ...]
 
-    @property
-    def sliding(self) -> tuple[bool, ...]:
-        return tuple(layer.sliding for layer in self.layers)
+    def describe(self) -> str:
+        """What the compiled loop carries per layer, for ``ttpu doctor``."""
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            attention, linear = KEYS in layer.names, any(n.startswith((CONV, RECURRENT)) for n in layer.names)
+            kind = "hybrid" if attention and linear else "linear-attention/SSM" if linear else "dummy" if not attention else (
+                "sliding attention" if layer.sliding else "full attention"
+            )
+            kind += " + indexer" if INDEXER in layer.names else ""
+            counts[kind] = counts.get(kind, 0) + 1
+        return ", ".join(f"{n} {kind}" for kind, n in counts.items()) + " layers"
 
-    def shapes(self, batch: int, max_length: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-        """Shapes of every layer's keys and values."""
-        keys = [(batch, l.kv_heads, max_length, l.key_dim) for l in self.layers]
-        values = [(batch, l.kv_heads, max_length, l.value_dim) for l in self.layers]
-        return keys, values
-
-    def empty(self, batch: int, max_length: int, placement: Placement) -> KVState:
+    def empty(self, batch: int, max_length: int, placement: Placement) -> CacheState:
         """A zeroed cache for ``batch`` sequences of up to ``max_length`` positions, each
         array created directly in its sharded layout."""
-        keys, values = self.shapes(batch, max_length)
-        key_shardings, value_shardings = placement.kv_cache_shardings(keys), placement.kv_cache_shardings(values)
-        return KVState(
-            tuple(jnp.zeros(shape, self.dtype, device=s) for shape, s in zip(keys, key_shardings)),
-            tuple(jnp.zeros(shape, self.dtype, device=s) for shape, s in zip(values, value_shardings)),
-            jnp.zeros((), jnp.int32, device=placement.replicated),
-        )
+        layers = []
+        for layer in self.layers:
+            arrays = {}
+            for name, array in layer.arrays:
+                shape = array.full_shape(batch, max_length)
+                arrays[name] = jnp.zeros(shape, array.dtype, device=_sharding(name, shape, placement))
+            layers.append(arrays)
+        return CacheState(tuple(layers), jnp.zeros((), jnp.int32, device=placement.replicated))
 
     @staticmethod
-    def constrained(state: KVState, placement: Placement) -> KVState:
+    def constrained(state: CacheState, placement: Placement) -> CacheState:
         """``state`` kept in the cache's sharded layout inside a traced program."""
-        keys = placement.kv_cache_shardings([k.shape for k in state.keys])
-        values = placement.kv_cache_shardings([v.shape for v in state.values])
-        return KVState(
-            tuple(jax.lax.with_sharding_constraint(k, s) for k, s in zip(state.keys, keys)),
-            tuple(jax.lax.with_sharding_constraint(v, s) for v, s in zip(state.values, values)),
-            state.length,
+        layers = tuple(
+            {name: jax.lax.with_sharding_constraint(a, _sharding(name, a.shape, placement)) for name, a in layer.items()}
+            for layer in state.layers
         )
+        return CacheState(layers, state.length)
+
+
+def _sharding(name: str, shape: tuple[int, ...], placement: Placement) -> jax.sharding.NamedSharding:
+    """Attention keys and values over batch and heads (the plan's KV-cache rule); the
+    other arrays over the batch only."""
+    if name in (KEYS, VALUES):
+        return placement.sharding(placement.plan.kv_cache_spec(shape))
+    return placement.sharding(placement.plan.batch_spec(shape))
 
 
 def probe_layout(call_traced: Callable[[Any, dict], Any], params: Any, store: ProgramStore | None) -> CacheLayout:
     """Learn the cache layout by tracing (not running) one token through the model with
-    transformers' default cache: heads, head sizes and dtype per layer as the model
-    really produces them (latent attention, shared heads and config quirks included).
-    ``call_traced(params, inputs)`` is the backend's traced forward; with a ``store``, a
-    later process reads the layout back instead of tracing."""
+    transformers' default cache: the kind of every layer and the shapes and dtypes of its
+    arrays as the model really produces them (latent attention, shared heads, state
+    sizes and config quirks included). ``call_traced(params, inputs)`` is the backend's
+    traced forward; with a ``store``, a later process reads the layout back instead of
+    tracing."""
 
-    def one_token(params: Any, ids: jax.Array) -> list[dict[str, tuple[jax.Array, jax.Array]]]:
+    def one_token(params: Any, ids: jax.Array) -> list[dict[str, jax.Array]]:
         inputs = {"input_ids": to_traced(ids), "use_cache": True}
         cache = output_cache(call_traced(params, inputs))
-        _refuse_unsupported_layers(cache)
-        # Each layer's kind is part of the result's structure, so it is stored with it.
-        return [
-            {"sliding" if sliding else "full": (layer.keys.jax(), layer.values.jax())}
-            for layer, sliding in zip(cache.layers, cache.is_sliding)
-        ]
+        # Each layer's kind is in the names of its arrays, so it is stored with them.
+        return [_layer_arrays(layer, index) for index, layer in enumerate(cache.layers)]
 
     probe = Executables(one_token, name="cache_layout", store=store)
     layers = probe.output_shapes(params, jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    shapes = [next(iter(layer.items())) for layer in layers]
-    return CacheLayout(
-        tuple(LayerShape(k.shape[1], k.shape[-1], v.shape[-1], kind == "sliding") for kind, (k, v) in shapes),
-        shapes[0][1][0].dtype,
-    )
+    return CacheLayout(tuple(_layer_layout(layer) for layer in layers))
+
+
+def _layer_arrays(layer: Any, index: int) -> dict[str, jax.Array]:
+    """The arrays one layer of transformers' default cache holds after one token, by name
+    (attention arrays prefixed ``sliding:`` for sliding-window layers)."""
+    if DummyLayer is not None and isinstance(layer, DummyLayer):
+        return {}
+    arrays = {}
+    if isinstance(layer, LinearAttentionCacheLayerMixin):
+        for i in range(layer.number_of_states):
+            if layer.is_conv_states_initialized[i]:
+                arrays[f"{CONV}.{i}"] = layer.conv_states[i].jax()
+            if layer.is_recurrent_states_initialized[i]:
+                arrays[f"{RECURRENT}.{i}"] = layer.recurrent_states[i].jax()
+    if isinstance(layer, CacheLayerMixin):
+        if getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None:
+            raise InvalidArgumentError(f"cache layer {index} ({type(layer).__name__}) holds no keys after a forward")
+        prefix = "sliding:" if getattr(layer, "is_sliding", False) else ""
+        arrays[prefix + KEYS], arrays[prefix + VALUES] = layer.keys.jax(), layer.values.jax()
+        if getattr(layer, "indexer_keys", None) is not None:
+            arrays[INDEXER] = layer.indexer_keys.jax()
+    if not arrays:
+        raise InvalidArgumentError(
+            f"generate() does not know cache layer {index}'s kind ({type(layer).__name__}); ttpu's compiled "
+            "generation handles transformers' attention, indexed, linear-attention/SSM, hybrid and dummy "
+            "layers. Call the model directly (model(...)) for its forward pass."
+        )
+    return arrays
+
+
+def _layer_layout(arrays: Mapping[str, jax.ShapeDtypeStruct]) -> LayerLayout:
+    """A layer's layout from the one-token arrays of the probe: attention arrays
+    [1, heads, 1, dim] and indexer keys [1, 1, dim] grow along the length."""
+    layout, sliding = [], False
+    for name, array in sorted(arrays.items()):
+        sliding = sliding or name.startswith("sliding:")
+        name = name.removeprefix("sliding:")
+        shape = tuple(array.shape[1:])
+        if name in (KEYS, VALUES):
+            shape = (shape[0], LENGTH, shape[2])
+        elif name == INDEXER:
+            shape = (LENGTH, shape[1])
+        layout.append((name, ArrayLayout(shape, str(array.dtype))))
+    return LayerLayout(tuple(layout), sliding)
 
 
 def output_cache(output: Any) -> Cache:
@@ -126,36 +209,17 @@ def output_cache(output: Any) -> Cache:
     return cache
 
 
-def _refuse_unsupported_layers(cache: Cache) -> None:
-    # Caches before transformers 5.23 know no linear or dummy (shared-KV) layers.
-    no_layers = [False] * len(cache.layers)
-    linear, dummy = getattr(cache, "is_linear", no_layers), getattr(cache, "is_dummy", no_layers)
-    odd = sorted(
-        {
-            type(layer).__name__
-            for layer, is_linear, is_dummy in zip(cache.layers, linear, dummy)
-            if is_linear or is_dummy or not isinstance(layer, CacheLayerMixin)
-        }
-    )
-    if odd:
-        raise InvalidArgumentError(
-            f"generate() supports decoders whose every layer caches attention keys and values; "
-            f"this model also has {odd} cache layers (recurrent, linear-attention or shared KV). "
-            "Call the model directly (model(...)) for its forward pass."
-        )
-
-
 class TracedStaticLayer(StaticLayer):
     """A ``StaticLayer`` over traced arrays, already initialised; transformers' own
     ``update`` writes into it at the traced position ``cumulative_length``.
 
     ``empty``: known at trace time to hold nothing yet (the prefill). Attention then runs
-    over the new keys and values only, not the whole (still empty) cache length.
+    over the new keys and values only, not the whole (still empty) cache length. An
+    ``indexer`` array (sparse attention) is written at the same positions.
     """
 
-    def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, sliding: bool, empty: bool
-    ):
+    def __init__(self, arrays: Mapping[str, torch.Tensor], length: torch.Tensor, sliding: bool, empty: bool):
+        keys, values = arrays[KEYS], arrays[VALUES]
         super().__init__(max_cache_len=keys.shape[2])
         self.is_sliding = sliding
         self.empty = empty
@@ -165,31 +229,92 @@ class TracedStaticLayer(StaticLayer):
         self.batch_size, self.num_heads = keys.shape[:2]
         self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
         self.is_initialized = True
+        self.indexer_keys = arrays.get(INDEXER)
+        self.indexer_position_ids = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         return (key_states, value_states) if self.empty else (keys, values)
 
+    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        """Write the new indexer keys at the positions the keys went to (the prefill
+        sees the new ones only, as for keys and values)."""
+        if self.indexer_keys is None:
+            raise InvalidArgumentError("update_indexer on a layer whose cache layout has no indexer keys")
+        positions = torch.arange(indexer_key_states.shape[1], device=self.device) + self.cumulative_length
+        self.indexer_keys.index_copy_(1, positions, indexer_key_states)
+        return indexer_key_states if self.empty else self.indexer_keys
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return (query_length, 0) if self.empty else super().get_mask_sizes(query_length)
 
 
-class TracedStaticCache(Cache):
-    """A transformers ``Cache`` over a :class:`KVState`, for use inside a traced step."""
+class TracedLinearLayer(LinearAttentionLayer):
+    """A linear-attention / SSM / convolution layer over traced states, already
+    initialised; ``empty`` (the prefill) means no previous state, as transformers'
+    layer says before its first update."""
 
-    def __init__(self, state: KVState, layout: CacheLayout, empty: bool = False) -> None:
-        layers = [
-            # Each layer counts its own writes, as transformers' layers do.
-            TracedStaticLayer(*to_traced((k, v, state.length)), sliding, empty)
-            for k, v, sliding in zip(state.keys, state.values, layout.sliding)
-        ]
+    def __init__(self, arrays: Mapping[str, torch.Tensor], layout: LayerLayout, empty: bool):
+        conv, recurrent = layout.state_indices(CONV), layout.state_indices(RECURRENT)
+        LinearAttentionLayer.__init__(self, number_of_states=max([*conv, *recurrent]) + 1)
+        for i in conv:
+            self.conv_states[i] = arrays[f"{CONV}.{i}"]
+            self.conv_kernel_size[i] = self.conv_states[i].shape[-1]
+            self.is_conv_states_initialized[i] = True
+            self.has_previous_state[i] = not empty
+        for i in recurrent:
+            self.recurrent_states[i] = arrays[f"{RECURRENT}.{i}"]
+            self.is_recurrent_states_initialized[i] = True
+            self.has_previous_state[i] = not empty
+        first = self.conv_states.get(conv[0]) if conv else self.recurrent_states[recurrent[0]]
+        self.dtype, self.device = first.dtype, first.device
+
+    def linear_arrays(self) -> dict[str, torch.Tensor]:
+        arrays = {f"{CONV}.{i}": s for i, s in self.conv_states.items() if self.is_conv_states_initialized[i]}
+        arrays.update({f"{RECURRENT}.{i}": s for i, s in self.recurrent_states.items() if self.is_recurrent_states_initialized[i]})
+        return arrays
+
+
+class TracedHybridLayer(TracedLinearLayer, TracedStaticLayer):
+    """A layer with both linear states and attention keys and values (transformers'
+    ``LinearAttentionAnd*AttentionLayer``)."""
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], layout: LayerLayout, length: torch.Tensor, empty: bool):
+        TracedStaticLayer.__init__(self, arrays, length, layout.sliding, empty)
+        TracedLinearLayer.__init__(self, arrays, layout, empty)
+
+
+class TracedCache(Cache):
+    """A transformers ``Cache`` over a :class:`CacheState`, for use inside a traced step."""
+
+    def __init__(self, state: CacheState, layout: CacheLayout, empty: bool = False) -> None:
+        layers: list[Any] = []
+        for arrays, layer in zip(state.layers, layout.layers):
+            # Each attention layer counts its own writes, as transformers' layers do.
+            traced = {name: to_traced(a) for name, a in arrays.items()}
+            attention = KEYS in layer.names
+            linear = bool(layer.state_indices(CONV) or layer.state_indices(RECURRENT))
+            if attention and linear:
+                layers.append(TracedHybridLayer(traced, layer, to_traced(state.length), empty))
+            elif attention:
+                layers.append(TracedStaticLayer(traced, to_traced(state.length), layer.sliding, empty))
+            elif linear:
+                layers.append(TracedLinearLayer(traced, layer, empty))
+            else:
+                layers.append(DummyLayer())
         super().__init__(layers=layers)
         self._start = state.length
 
-    def state(self, written: int) -> KVState:
+    def state(self, written: int) -> CacheState:
         """The arrays after the model ran, ``written`` more positions filled."""
-        return KVState(
-            tuple(layer.keys.jax() for layer in self.layers),
-            tuple(layer.values.jax() for layer in self.layers),
-            self._start + written,
-        )
+        layers = []
+        for layer in self.layers:
+            arrays: dict[str, Any] = {}
+            if isinstance(layer, TracedLinearLayer):
+                arrays.update(layer.linear_arrays())
+            if isinstance(layer, TracedStaticLayer):
+                arrays[KEYS], arrays[VALUES] = layer.keys, layer.values
+                if layer.indexer_keys is not None:
+                    arrays[INDEXER] = layer.indexer_keys
+            layers.append({name: a.jax() for name, a in arrays.items()})
+        return CacheState(tuple(layers), self._start + written)

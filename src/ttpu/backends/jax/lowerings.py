@@ -7,7 +7,8 @@ import time) and are listed by ``ttpu doctor``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,10 @@ class OpLowering:
     op: Any  # a torch OpOverload / OpOverloadPacket
     reason: str
     test: str
-    jax_impl: Callable[..., Any]  # takes and returns jax arrays
+    jax_impl: Callable[..., Any]  # takes and returns jax arrays; see view_op
+    # True: an in-place op whose impl takes torch-level arguments (torchax Tensors and
+    # Views, the environment as ``env``) and mutates its first one.
+    view_op: bool = False
 
     @property
     def name(self) -> str:
@@ -90,6 +94,22 @@ def linear(input: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -
     return out if bias is None else out + bias
 
 
+def copy_into(target: Any, source: Any, non_blocking: bool = False, *, env: Any) -> Any:
+    """``Tensor.copy_`` from a torchax View too (torchax's own reads the source's
+    ``_elem``, which a View lacks: ``state.copy_(x[..., -k:])``)."""
+    if isinstance(source, torchax.view.View):
+        source = source.torch()
+    elif isinstance(source, torch.Tensor) and not isinstance(source, torchax.tensor.Tensor):
+        source = env.to_xla(source)
+    current = target.torch()._elem if isinstance(target, torchax.view.View) else target._elem
+    value = jnp.broadcast_to(source._elem.astype(current.dtype), current.shape)
+    if isinstance(target, torchax.view.View):
+        target.update(torchax.tensor.Tensor(value, env))
+    else:
+        target._elem = value
+    return target
+
+
 LOWERINGS: list[OpLowering] = [
     OpLowering(
         torch.ops.aten._grouped_mm.default,
@@ -119,6 +139,14 @@ LOWERINGS: list[OpLowering] = [
         "tests/test_lowerings.py::test_linear_by_keyword",
         linear,
     ),
+    OpLowering(
+        torch.ops.aten.copy_.default,
+        "torchax's copy_ reads its source's array directly, which a View (a slice) lacks: "
+        "transformers' linear-attention caches copy a slice into their conv state",
+        "tests/test_lowerings.py::test_copy_from_a_slice",
+        copy_into,
+        view_op=True,
+    ),
     *(
         OpLowering(
             sdpa,
@@ -136,6 +164,24 @@ LOWERINGS: list[OpLowering] = [
 ]
 
 
+def type_as(self: Any, other: torch.Tensor) -> Any:
+    """``Tensor.type_as``: a converted copy (torchax 0.0.13's converts ``self`` in place
+    and reads ``other``'s array, which a View lacks)."""
+    return self.to(other.dtype)
+
+
+@contextlib.contextmanager
+def tensor_method_fixes() -> Iterator[None]:
+    """torchax Tensor methods that bypass op dispatch, fixed while ttpu traces (and
+    restored afterwards: other torchax users in the process keep torchax's own)."""
+    original = torchax.tensor.Tensor.type_as
+    torchax.tensor.Tensor.type_as = type_as
+    try:
+        yield
+    finally:
+        torchax.tensor.Tensor.type_as = original
+
+
 def _as_torch_op(jax_impl: Callable[..., Any]) -> Callable[..., Any]:
     view_jax = torchax.interop.jax_view
 
@@ -148,5 +194,9 @@ def _as_torch_op(jax_impl: Callable[..., Any]) -> Callable[..., Any]:
 def install_lowerings(env: Any) -> list[OpLowering]:
     """Register every lowering in the torchax environment ``env`` (idempotent)."""
     for lowering in LOWERINGS:
-        env.override_op_definition(lowering.op, _as_torch_op(lowering.jax_impl))
+        if lowering.view_op:
+            impl = lowering.jax_impl
+            env.override_op_definition(lowering.op, lambda *a, _impl=impl, **k: _impl(*a, **k, env=env), is_view_op=True)
+        else:
+            env.override_op_definition(lowering.op, _as_torch_op(lowering.jax_impl))
     return LOWERINGS

@@ -1,7 +1,9 @@
 """Choosing the next token in JAX, with transformers' logits processors semantics.
 
-Order as in ``transformers``: repetition penalty, minimum new tokens (EOS suppressed),
-then for sampling temperature, top-k, top-p, min-p, and a draw with an explicit PRNG key.
+Order as in ``transformers``: repetition penalty, bad words, minimum new tokens (EOS
+suppressed), forced BOS and EOS tokens, suppressed tokens (always, and at the first
+position), then for sampling temperature, top-k, top-p, min-p, and a draw with an
+explicit PRNG key.
 Numeric settings are traced (:class:`SamplingValues`): changing them does not recompile.
 What changes the program's shape is static (:class:`SamplingMode`): greedy or sampled,
 the top-k size, and which filters are on.
@@ -28,6 +30,11 @@ class SamplingMode(NamedTuple):
     min_p: bool
     repetition_penalty: bool
     eos_count: int
+    forced_bos: bool = False
+    forced_eos: bool = False
+    suppress: bool = False
+    begin_suppress: bool = False
+    bad_words: tuple[int, ...] = ()  # the length of each bad-word sequence
 
 
 class SamplingValues(NamedTuple):
@@ -41,6 +48,12 @@ class SamplingValues(NamedTuple):
     max_new_tokens: jax.Array
     eos_ids: jax.Array  # [eos_count]
     pad_id: jax.Array
+    prompt_length: jax.Array  # the prompts' width as given
+    forced_bos_id: jax.Array
+    forced_eos_ids: jax.Array  # [n]
+    suppress_ids: jax.Array  # [n]
+    begin_suppress_ids: jax.Array  # [n]
+    bad_words: jax.Array  # [n, longest] token sequences, left-aligned (padded with -1)
 
 
 def split_settings(settings: GenerationSettings, vocab_size: int) -> tuple[SamplingMode, SamplingValues]:
@@ -52,7 +65,14 @@ def split_settings(settings: GenerationSettings, vocab_size: int) -> tuple[Sampl
         min_p=settings.do_sample and settings.min_p > 0.0,
         repetition_penalty=settings.repetition_penalty != 1.0,
         eos_count=len(settings.eos_token_ids),
+        forced_bos=settings.forced_bos_token_id is not None,
+        forced_eos=bool(settings.forced_eos_token_ids),
+        suppress=bool(settings.suppress_tokens),
+        begin_suppress=bool(settings.begin_suppress_tokens),
+        bad_words=tuple(len(words) for words in settings.bad_words_ids),
     )
+    longest = max((len(words) for words in settings.bad_words_ids), default=1)
+    bad_words = [list(words) + [-1] * (longest - len(words)) for words in settings.bad_words_ids]
     values = SamplingValues(
         temperature=jnp.float32(settings.temperature),
         top_p=jnp.float32(settings.top_p),
@@ -62,6 +82,12 @@ def split_settings(settings: GenerationSettings, vocab_size: int) -> tuple[Sampl
         max_new_tokens=jnp.int32(settings.max_new_tokens),
         eos_ids=jnp.asarray(settings.eos_token_ids, jnp.int32).reshape(-1),
         pad_id=jnp.int32(settings.pad_token_id),
+        prompt_length=jnp.int32(settings.prompt_length),
+        forced_bos_id=jnp.int32(settings.forced_bos_token_id or 0),
+        forced_eos_ids=jnp.asarray(settings.forced_eos_token_ids, jnp.int32).reshape(-1),
+        suppress_ids=jnp.asarray(settings.suppress_tokens, jnp.int32).reshape(-1),
+        begin_suppress_ids=jnp.asarray(settings.begin_suppress_tokens, jnp.int32).reshape(-1),
+        bad_words=jnp.asarray(bad_words, jnp.int32).reshape(len(bad_words), longest),
     )
     return mode, values
 
@@ -74,19 +100,43 @@ def next_tokens(
     generated: jax.Array,
     mode: SamplingMode,
     values: SamplingValues,
+    last: jax.Array | int = 0,
 ) -> jax.Array:
     """The next token of each row from its last logits [batch, vocab].
 
     ``seen`` [batch, n] holds the tokens so far (prompt and generated), ``seen_mask``
-    which of them are real; ``generated`` counts the tokens generated before this one.
+    which of them are real, ``last`` the index of the latest one; ``generated`` counts
+    the tokens generated before this one.
     """
     logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+
+    def tokens(ids: jax.Array) -> jax.Array:  # [vocab] True at ids
+        return jnp.zeros(vocab, jnp.bool_).at[ids].set(True, mode="drop")
+
     if mode.repetition_penalty:
         logits = _penalize_repetitions(logits, seen, seen_mask, values.repetition_penalty)
+    for index, length in enumerate(mode.bad_words):
+        words = values.bad_words[index]
+        # The last length-1 tokens equal the sequence's start: its last token is banned.
+        recent = jax.lax.dynamic_slice_in_dim(seen, last - (length - 2), length - 1, axis=1) if length > 1 else None
+        completes = jnp.all(recent == words[: length - 1], axis=1) if length > 1 else jnp.ones(seen.shape[0], bool)
+        logits = jnp.where(completes[:, None] & tokens(words[length - 1]), NEG_INF, logits)
     if mode.eos_count:
         too_early = generated < values.min_new_tokens
-        eos = jnp.zeros(logits.shape[-1], jnp.bool_).at[values.eos_ids].set(True)
-        logits = jnp.where(too_early & eos, NEG_INF, logits)
+        logits = jnp.where(too_early & tokens(values.eos_ids), NEG_INF, logits)
+    if mode.forced_bos:
+        first = values.prompt_length + generated == 1
+        logits = jnp.where(first, jnp.where(tokens(values.forced_bos_id), 0.0, NEG_INF), logits)
+    if mode.forced_eos:
+        final = generated == values.max_new_tokens - 1
+        logits = jnp.where(final, jnp.where(tokens(values.forced_eos_ids), 0.0, NEG_INF), logits)
+    if mode.suppress:
+        logits = jnp.where(tokens(values.suppress_ids), NEG_INF, logits)
+    if mode.begin_suppress:
+        # transformers' begin index: the prompt's end, one later when a forced BOS follows a 1-token prompt
+        begin = jnp.where((values.prompt_length == 1) & mode.forced_bos, 1, 0)
+        logits = jnp.where((generated == begin) & tokens(values.begin_suppress_ids), NEG_INF, logits)
     if not mode.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, mode, values), axis=-1).astype(jnp.int32)

@@ -19,6 +19,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ttpu.errors import InvalidArgumentError
 from ttpu.generation.config import GenerationSettings
 
 
@@ -26,6 +27,12 @@ class TokenChooser:
     """Picks each row's next token from its last logits, as ``settings`` say."""
 
     def __init__(self, settings: GenerationSettings, vocab_size: int, device: torch.device) -> None:
+        if settings.uses_config_processors:
+            raise InvalidArgumentError(
+                "forced BOS/EOS tokens, suppress_tokens, begin_suppress_tokens and bad_words_ids are "
+                "implemented on the JAX backend only so far; use backend='jax', or clear them in the "
+                "generation config."
+            )
         self._settings = settings
         self._eos = torch.zeros(vocab_size, dtype=torch.bool)
         self._eos[[t for t in settings.eos_token_ids if 0 <= t < vocab_size]] = True  # others never come
