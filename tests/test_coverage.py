@@ -44,6 +44,33 @@ def test_report_has_the_headline_table_and_causes(tmp_path) -> None:
     assert "1 / 2 = 50.0%" in text and "aten::foo" in text and "| bad |" in text
 
 
+def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
+    ok = {"eager": True, "matches": True, "stage": ""}
+    results = [
+        {"model_type": "good", "eager": True, "matches": True, "generate": ok},
+        {"model_type": "nocache", "eager": True, "matches": True, "generate": {
+            "eager": True, "matches": False, "stage": "ttpu",
+            "error": {"type": "InvalidArgumentError",
+                      "message": "generate() needs a model that returns a transformers Cache; ..."}}},
+        {"model_type": "differs", "eager": True, "matches": True,
+         "generate": {"eager": True, "matches": False, "stage": "compare"}},
+        {"model_type": "broken", "eager": True, "matches": True,
+         "generate": {"eager": False, "matches": False, "stage": "eager"}},
+        {"model_type": "encoder", "eager": True, "matches": True},
+    ]
+    summary = coverage.summarize(results)
+    assert (summary["generate_eager"], summary["generate_matches"]) == (3, 1)
+    assert summary["generate_causes"] == {
+        "forward returns no Cache": 1, "different tokens": 1, "eager generate failed": 1,
+    }
+    path = tmp_path / "COVERAGE.md"
+    coverage.write_markdown(results, path, command="ttpu coverage")
+    text = path.read_text()
+    assert "generate: 1 / 3 = 33.3%" in text
+    assert "| nocache | " in text and "no (forward returns no Cache)" in text
+    assert "| encoder |" in text and "| - |" in text
+
+
 @pytest.mark.slow
 def test_a_sample_of_the_sweep_does_not_regress() -> None:
     """A fixed sample of the model types that matched eager in the recorded sweep

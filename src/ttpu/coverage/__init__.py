@@ -10,7 +10,7 @@ build), ``inputs`` (generic forward inputs), ``run`` (one model type end to end)
     ttpu coverage --filter '^(llama|gpt2|bert)$' --out-md docs/COVERAGE.md
 """
 
-from ttpu.coverage.classify import classify
+from ttpu.coverage.classify import classify, classify_generate
 from ttpu.coverage.cli import main, run_coverage
 from ttpu.coverage.configs import tiny_config
 from ttpu.coverage.report import summarize, write_json, write_markdown
@@ -18,6 +18,6 @@ from ttpu.coverage.run import run_one
 from ttpu.coverage.sweep import select_model_types, sweep
 
 __all__ = [
-    "classify", "main", "run_coverage", "run_one", "select_model_types", "summarize",
+    "classify", "classify_generate", "main", "run_coverage", "run_one", "select_model_types", "summarize",
     "sweep", "tiny_config", "write_json", "write_markdown",
 ]

@@ -58,6 +58,39 @@ def classify(result: dict[str, Any]) -> str:
         return "numerical mismatch"
     if stage == "compare":
         return f"output structure differs: {error.get('type', '')}"
+    return _error_cause(error)
+
+
+# generate-only causes, tried before the forward's
+_GENERATE_CAUSES: list[tuple[str, re.Pattern]] = [
+    ("forward returns no Cache", re.compile(r"needs a model that returns a transformers Cache")),
+    ("generation setting not implemented: {0}", re.compile(r"does not implement ([\w_]+)")),
+    ("cache layer of its own: {0}", re.compile(r"does not know cache layer \d+'s kind \((\w+)\)")),
+    ("model's own cache class", re.compile(r"uses cache of its own")),
+    ("forward does not compile", re.compile(r"forward does not compile under ttpu")),
+]
+
+
+def classify_generate(check: dict[str, Any] | None) -> str:
+    """A short failure cause of the generate check ("" when it matches or was not run)."""
+    if not check or check.get("matches"):
+        return ""
+    if not check.get("eager"):
+        return "eager generate failed"
+    if check.get("stage") == "compare":
+        return "different tokens"
+    error = check.get("error") or {}
+    text = f"{error.get('type', '')}: {error.get('message', '')}"
+    for label, pattern in _GENERATE_CAUSES:
+        m = pattern.search(text)
+        if m:
+            return label.format(*(g for g in m.groups() if g))
+    return _error_cause(error)
+
+
+def _error_cause(error: dict[str, Any]) -> str:
+    """The cause named by an error (type, message, innermost frames)."""
+    text = f"{error.get('type', '')}: {error.get('message', '')}"
     for label, pattern in _CAUSES:
         m = pattern.search(text)
         if m:

@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ttpu.coverage.classify import classify
-from ttpu.coverage.run import RTOL
+from ttpu.coverage.classify import classify, classify_generate
+from ttpu.coverage.run import GENERATE_TOKENS, RTOL
 
 
 def _versions() -> dict[str, str]:
@@ -62,6 +62,10 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     matches = [r for r in eager if r.get("matches")]
     compiles = [r for r in eager if r.get("compiles")]
     causes = Counter(classify(r) for r in results if classify(r))
+    checked = [r["generate"] for r in results if r.get("generate")]
+    generate_eager = [g for g in checked if g.get("eager")]
+    generate_matches = [g for g in generate_eager if g.get("matches")]
+    generate_causes = Counter(classify_generate(g) for g in checked if classify_generate(g))
     return {
         "model_types": len(results),
         "eager": len(eager),
@@ -69,6 +73,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "matches": len(matches),
         "headline": (100.0 * len(matches) / len(eager)) if eager else 0.0,
         "causes": dict(causes.most_common()),
+        "generate_checked": len(checked),
+        "generate_eager": len(generate_eager),
+        "generate_matches": len(generate_matches),
+        "generate_headline": (100.0 * len(generate_matches) / len(generate_eager)) if generate_eager else 0.0,
+        "generate_causes": dict(generate_causes.most_common()),
     }
 
 
@@ -86,6 +95,10 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
         f"**{summary['matches']} / {summary['eager']} = {summary['headline']:.1f}%** of the model "
         "types whose eager torch forward runs also match under ttpu "
         f"(relative error <= {RTOL:g} on the main output, non-padded positions).",
+        "",
+        f"**generate: {summary['generate_matches']} / {summary['generate_eager']} = "
+        f"{summary['generate_headline']:.1f}%** of the causal LMs whose transformers `generate` runs "
+        f"give the same greedy tokens under ttpu ({GENERATE_TOKENS} new tokens, the same left-padded batch).",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
@@ -113,12 +126,26 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
     for cause, count in summary["causes"].items():
         examples = ", ".join(by_cause[cause][:4])
         lines.append(f"| {_cell(cause)} | {count} | {_cell(examples)} |")
+    generate_by_cause: dict[str, list[str]] = {}
+    for r in results:
+        c = classify_generate(r.get("generate"))
+        if c:
+            generate_by_cause.setdefault(c, []).append(r["model_type"])
+    lines += [
+        "",
+        "## generate failure causes",
+        "",
+        "| cause | count | model types |",
+        "|---|---:|---|",
+    ]
+    for cause, count in summary["generate_causes"].items():
+        lines.append(f"| {_cell(cause)} | {count} | {_cell(', '.join(generate_by_cause[cause]))} |")
     lines += [
         "",
         "## Results",
         "",
-        "| model_type | class | inputs | eager | compiles | matches | rel err | cause |",
-        "|---|---|---|---|---|---|---:|---|",
+        "| model_type | class | inputs | eager | compiles | matches | rel err | generate | cause |",
+        "|---|---|---|---|---|---|---:|---|---|",
     ]
     for r in results:
         cause = classify(r)
@@ -130,11 +157,20 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
         lines.append(
             f"| {r['model_type']} | {r.get('class', '')} | {r.get('inputs', '')} | "
             f"{_mark(r.get('eager'))} | {_mark(r.get('compiles'))} | {_mark(r.get('matches'))} | "
-            f"{_fmt_err(r.get('rel_err'))} | {_cell(cause)} |"
+            f"{_fmt_err(r.get('rel_err'))} | {_generate_cell(r.get('generate'))} | {_cell(cause)} |"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _generate_cell(check: dict[str, Any] | None) -> str:
+    """yes / no (cause) / "-" when not a causal LM or not checked."""
+    if not check:
+        return "-"
+    if check.get("matches"):
+        return "yes"
+    return _cell(f"no ({classify_generate(check)})")
 
 
 def write_json(results: list[dict[str, Any]], path: str | Path, command: str = "") -> None:
@@ -146,7 +182,7 @@ def write_json(results: list[dict[str, Any]], path: str | Path, command: str = "
         "command": command,
         "rtol": RTOL,
         "summary": summarize(results),
-        "results": [{**r, "cause": classify(r)} for r in results],
+        "results": [{**r, "cause": classify(r), "generate_cause": classify_generate(r.get("generate"))} for r in results],
     }
     path.write_text(json.dumps(payload, indent=1, default=str))
 

@@ -15,6 +15,7 @@ from ttpu.coverage.inputs import input_candidates
 
 RTOL = 1e-5
 MAX_PARAMS = 60_000_000  # tiny configs larger than this are not attempted
+GENERATE_TOKENS = 8  # greedy new tokens of the generate check
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
@@ -247,7 +248,21 @@ def run_one(model_type: str) -> dict[str, Any]:
                   input_shapes={k: list(v.shape) for k, v in cand.inputs.items() if hasattr(v, "shape")})
     if os.environ.get("TTPU_COVERAGE_EAGER_ONLY"):
         return result
-    # ttpu
+    tpu = _compare_forward(result, cls, config, model, cand, key, ref_main)
+    causal_class = _causal_lm_class(model_type)
+    if causal_class is not None:
+        t2 = time.time()
+        if causal_class is cls and "input_ids" in cand.inputs:
+            result["generate"] = check_generate(model, tpu, cand.inputs)
+        else:
+            result["generate"] = _check_generate_of_class(causal_class, config)
+        result["times"]["generate"] = round(time.time() - t2, 2)
+    return result
+
+
+def _compare_forward(result: dict[str, Any], cls: type, config: Any, model: Any, cand: Any, key: str, ref_main: Any) -> Any:
+    """Run ``model``'s copy under ttpu on ``cand`` and compare with the eager output
+    (into ``result``); the ttpu model, or None when it failed."""
     t1 = time.time()
     try:
         from ttpu.auto import AutoModelForTPU
@@ -266,18 +281,91 @@ def run_one(model_type: str) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         result["times"]["ttpu"] = round(time.time() - t1, 2)
         result.update(stage="ttpu", error=error_info(exc))
-        return result
+        return None
     result["times"]["ttpu"] = round(time.time() - t1, 2)
     result["compiles"] = True
     try:
         err = _relative_error(ref_main, actual, cand.mask)
     except Exception as exc:  # noqa: BLE001
         result.update(stage="compare", error=error_info(exc))
-        return result
+        return tpu
     result["rel_err"] = err
     result["matches"] = bool(err <= RTOL)
     if not result["matches"]:
         result["stage"] = "compare"
-    return result
+    return tpu
 
 
+def _causal_lm_class(model_type: str) -> type | None:
+    """The model type's causal-LM class in transformers' auto mappings, if any."""
+    import transformers
+    import transformers.models.auto.modeling_auto as auto
+
+    name = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if name else None
+
+
+def _check_generate_of_class(cls: type, config: Any) -> dict[str, Any]:
+    """The generate check on ``cls`` (a causal LM other than the class the forward was
+    compared on: BartForCausalLM beside BartForConditionalGeneration ...)."""
+    try:
+        config = config_for_class(cls, config)
+        module = _build(cls, config)
+        candidates, reason = input_candidates(module, config, causal=True)
+        text = next((c for c in candidates if "input_ids" in c.inputs), None)
+        if text is None:
+            raise ValueError(f"no token inputs ({reason or 'the forward takes none'})")
+        from ttpu.auto import AutoModelForTPU
+
+        tpu = AutoModelForTPU.from_model(copy.deepcopy(module), task="causal-lm")
+    except Exception as exc:  # noqa: BLE001
+        return {"eager": False, "matches": False, "stage": "build", "error": error_info(exc)}
+    return check_generate(module, tpu, text.inputs)
+
+
+def check_generate(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Greedy ``generate`` of the (left-padded) batch: transformers' on the eager module
+    against ttpu's, token for token. ``eager`` says whether transformers' own runs (only
+    then is ttpu's compared), ``matches`` whether the tokens are equal."""
+    import numpy as np
+    import torch
+
+    if tpu is None:  # the forward did not compile: generate cannot either, but does eager's run?
+        tpu = _Unavailable()
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    mask = np.ones_like(ids) if mask is None else mask
+    config = module.generation_config
+    eos = config.eos_token_id
+    pad = config.pad_token_id
+    if pad is None:
+        pad = (eos[0] if isinstance(eos, list) and eos else eos) if eos is not None else 0
+    settings = {"max_new_tokens": GENERATE_TOKENS, "do_sample": False, "pad_token_id": int(pad)}
+    check: dict[str, Any] = {"eager": False, "matches": False, "stage": "eager", "error": None}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = module.generate(
+                torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings
+            ).numpy()
+    except Exception as exc:  # noqa: BLE001
+        check["error"] = error_info(exc)
+        return check
+    check.update(eager=True, stage="ttpu")
+    try:
+        actual = np.asarray(tpu.generate(ids, attention_mask=mask, **settings))
+    except Exception as exc:  # noqa: BLE001
+        check["error"] = error_info(exc)
+        return check
+    check.update(stage="compare", matches=actual.shape == expected.shape and bool((actual == expected).all()))
+    if not check["matches"]:
+        check["tokens"] = {"transformers": expected.tolist(), "ttpu": actual.tolist()}
+    else:
+        check["stage"] = ""
+    return check
+
+
+class _Unavailable:
+    """Stands in for a ttpu model that could not be built: generate raises that."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the model's forward does not compile under ttpu (see the forward column)")
