@@ -64,3 +64,23 @@ def test_sampling_is_reproducible_and_nothing_recompiles_within_a_bucket(statefu
     short, short_mask = left_padded([p[:4] for p in PROMPTS], pad=0)
     model.generate(short, short_mask, seed=4, **{**settings, "max_new_tokens": 9})
     assert model.compile_count == compiled
+
+
+def test_a_model_whose_forward_keeps_no_cache_recomputes_each_step(caplog) -> None:
+    """GPT-1 returns no cache: each step runs the forward over the whole (masked) token
+    buffer, in the same compiled loop, and says so."""
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(tiny_config("openai-gpt")).eval()
+    model = AutoModelForTPU.from_model(module)
+    ids, mask = left_padded(PROMPTS, pad=0)
+    with torch.no_grad():
+        expected = module.generate(
+            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=16,
+            do_sample=False, pad_token_id=0,
+        ).numpy()
+    with caplog.at_level("WARNING", logger="ttpu"):
+        actual = model.generate(ids, mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(actual, expected)
+    layout = model.decoder().layout
+    assert layout.recompute and "recomputes the whole sequence" in layout.describe()
+    assert "recomputes the whole sequence at every step" in caplog.text

@@ -121,6 +121,16 @@ class CachedStepInputs:
         accepted = set(inspect.signature(module.forward).parameters)
         self._takes_positions = "position_ids" in accepted
         self._takes_logits_to_keep = "logits_to_keep" in accepted
+        self._takes_use_cache = "use_cache" in accepted
+
+    def without_cache(self, ids: Any, mask: Any, positions: Any) -> dict[str, Any]:
+        """The forward over whole sequences, no cache (models whose forward keeps none)."""
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self._takes_positions:
+            inputs["position_ids"] = positions
+        if self._takes_use_cache:
+            inputs["use_cache"] = False
+        return inputs
 
     def __call__(self, ids: Any, mask: Any, cache: Any, positions: Any) -> dict[str, Any]:
         inputs = {"input_ids": ids, "attention_mask": mask, CACHE_KEYWORD: cache, "use_cache": True}

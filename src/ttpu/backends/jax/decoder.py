@@ -9,6 +9,7 @@ finished.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -24,6 +25,8 @@ from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import CacheState, TracedCache, probe_layout
 from ttpu.backends.jax.sampling import SamplingMode, SamplingValues, next_tokens, split_settings
 from ttpu.generation.config import GenerationSettings
+
+logger = logging.getLogger(__name__)
 
 
 class DecodeState(NamedTuple):
@@ -55,6 +58,11 @@ class JaxDecoder(Decoder):
         self._vocab_size = module.config.get_text_config(decoder=True).vocab_size
         store = forward.program_store
         self.layout = probe_layout(forward.call_traced, forward.params, store)
+        if self.layout.recompute:
+            logger.warning(
+                "%s's forward returns no cache: generate() recomputes the whole sequence at every "
+                "step (O(length) per token)", type(module).__name__,
+            )
         self._step_inputs = CachedStepInputs(module)
         self._prefill = Executables(
             self._prefill_program, static_argnums=(6, 7), donate_argnums=(1,), name="prefill", store=store
@@ -110,11 +118,21 @@ class JaxDecoder(Decoder):
     def _model_step(
         self, params: Any, cache: CacheState, ids: jax.Array, positions: jax.Array, mask: jax.Array, empty: bool
     ):
+        """The next-token logits [batch, vocab] after ``ids`` and the cache they leave."""
         traced = TracedCache(cache, self.layout, empty)
         inputs = self._step_inputs(to_traced(ids), to_traced(mask), traced, to_traced(positions))
         out = self._forward.call_traced(params, inputs)
         cache = self.layout.constrained(traced.state(ids.shape[1]), self._placement)
         return out.logits.jax()[:, -1], cache
+
+    def _recompute_step(self, params: Any, cache: CacheState, tokens: jax.Array, mask: jax.Array, last: jax.Array):
+        """For models whose forward keeps no cache: the forward over the whole token
+        buffer (later positions masked out), the logits at ``last``; the cache is only a
+        position counter."""
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        inputs = self._step_inputs.without_cache(to_traced(tokens), to_traced(mask), to_traced(positions))
+        logits = self._forward.call_traced(params, inputs).logits.jax()
+        return jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), cache._replace(length=last + 1)
 
     def _prefill_program(
         self, params, cache, ids, prompt_mask, key, values: SamplingValues, mode: SamplingMode, max_length: int
@@ -122,8 +140,11 @@ class JaxDecoder(Decoder):
         batch, prompt_length = ids.shape
         positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
         mask = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
-        logits, cache = self._model_step(params, cache, ids, positions, mask[:, :prompt_length], empty=True)
         tokens = jnp.full((batch, max_length), values.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
+        if self.layout.recompute:
+            logits, cache = self._recompute_step(params, cache, tokens, mask, jnp.int32(prompt_length - 1))
+        else:
+            logits, cache = self._model_step(params, cache, ids, positions, mask[:, :prompt_length], empty=True)
         key, draw = jax.random.split(key)
         token = next_tokens(logits, draw, tokens, mask, jnp.int32(0), mode, values, prompt_length - 1)
         return DecodeState(
@@ -144,8 +165,11 @@ class JaxDecoder(Decoder):
 
         def step(s: DecodeState) -> DecodeState:
             index = s.cache.length
-            fed = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)
-            logits, cache = self._model_step(params, s.cache, fed, s.positions[:, None], s.mask, empty=False)
+            if self.layout.recompute:
+                logits, cache = self._recompute_step(params, s.cache, s.tokens, s.mask, index)
+            else:
+                fed = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)
+                logits, cache = self._model_step(params, s.cache, fed, s.positions[:, None], s.mask, empty=False)
             key, draw = jax.random.split(s.key)
             token = next_tokens(logits, draw, s.tokens, s.mask, s.generated, mode, values, index)
             token = jnp.where(s.finished, values.pad_id, token)

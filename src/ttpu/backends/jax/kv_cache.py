@@ -89,12 +89,16 @@ class CacheState(NamedTuple):
 
 
 class CacheLayout(NamedTuple):
-    """Per-layer cache layout of a model."""
+    """Per-layer cache layout of a model; ``recompute``: its forward keeps no cache, so
+    each step runs it over the whole sequence (no layers)."""
 
     layers: tuple[LayerLayout, ...]
+    recompute: bool = False
 
     def describe(self) -> str:
         """What the compiled loop carries per layer, for ``ttpu doctor``."""
+        if self.recompute:
+            return "none: the forward returns no cache, each step recomputes the whole sequence (O(length) per token)"
         counts: dict[str, int] = {}
         for layer in self.layers:
             attention, linear = KEYS in layer.names, any(n.startswith((CONV, RECURRENT)) for n in layer.names)
@@ -143,14 +147,18 @@ def probe_layout(call_traced: Callable[[Any, dict], Any], params: Any, store: Pr
     traced forward; with a ``store``, a later process reads the layout back instead of
     tracing."""
 
-    def one_token(params: Any, ids: jax.Array) -> list[dict[str, jax.Array]]:
+    def one_token(params: Any, ids: jax.Array) -> list[dict[str, jax.Array]] | None:
         inputs = {"input_ids": to_traced(ids), "use_cache": True}
-        cache = output_cache(call_traced(params, inputs))
+        cache = getattr(call_traced(params, inputs), CACHE_OUTPUT, None)
+        if not isinstance(cache, Cache):
+            return None  # no cache (BERT-style LM heads, GPT-1, RWKV's own state ...)
         # Each layer's kind is in the names of its arrays, so it is stored with them.
         return [_layer_arrays(layer, index) for index, layer in enumerate(cache.layers)]
 
     probe = Executables(one_token, name="cache_layout", store=store)
     layers = probe.output_shapes(params, jax.ShapeDtypeStruct((1, 1), jnp.int32))
+    if layers is None:
+        return CacheLayout((), recompute=True)
     return CacheLayout(tuple(_layer_layout(layer) for layer in layers))
 
 
@@ -196,17 +204,6 @@ def _layer_layout(arrays: Mapping[str, jax.ShapeDtypeStruct]) -> LayerLayout:
             shape = (LENGTH, shape[1])
         layout.append((name, ArrayLayout(shape, str(array.dtype))))
     return LayerLayout(tuple(layout), sliding)
-
-
-def output_cache(output: Any) -> Cache:
-    """The ``Cache`` a forward returned, with a clear error for models that return none."""
-    cache = getattr(output, CACHE_OUTPUT, None)
-    if not isinstance(cache, Cache):
-        raise InvalidArgumentError(
-            f"generate() needs a model that returns a transformers Cache; "
-            f"{type(output).__name__} has {CACHE_OUTPUT}={type(cache).__name__}."
-        )
-    return cache
 
 
 class TracedStaticLayer(StaticLayer):
