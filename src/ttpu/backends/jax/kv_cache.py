@@ -228,6 +228,9 @@ class TracedStaticLayer(StaticLayer):
         self.is_initialized = True
         self.indexer_keys = arrays.get(INDEXER)
         self.indexer_position_ids = None
+        # Where this step's indexer keys go: the attention update (called first) moves
+        # cumulative_length on, in place.
+        self.indexer_start = length.jax()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
@@ -238,7 +241,7 @@ class TracedStaticLayer(StaticLayer):
         sees the new ones only, as for keys and values)."""
         if self.indexer_keys is None:
             raise InvalidArgumentError("update_indexer on a layer whose cache layout has no indexer keys")
-        positions = torch.arange(indexer_key_states.shape[1], device=self.device) + self.cumulative_length
+        positions = torch.arange(indexer_key_states.shape[1], device=self.device) + to_traced(self.indexer_start)
         self.indexer_keys.index_copy_(1, positions, indexer_key_states)
         return indexer_key_states if self.empty else self.indexer_keys
 
