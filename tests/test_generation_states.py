@@ -111,3 +111,24 @@ def test_sparse_attention_indexer_keys_are_cached_where_their_keys_are() -> None
     np.testing.assert_array_equal(model.generate(ids, **settings), expected)
     kinds = {n.split(".")[0] for layer in model.decoder().layout.layers for n in layer.names}
     assert kinds == {KEYS, VALUES, INDEXER}
+
+
+def test_causal_lms_named_otherwise_generate_and_an_unbounded_context_is_no_limit() -> None:
+    """BertGenerationDecoder is what AutoModelForCausalLM builds (its task is causal-lm,
+    though its name says nothing); XLNet's max_position_embeddings of -1 means no limit."""
+    from transformers import BertGenerationConfig, BertGenerationDecoder, XLNetConfig
+
+    from ttpu.generation.generate import _context_length
+    from ttpu.tasks import task_from_config
+
+    config = BertGenerationConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, is_decoder=True)
+    assert task_from_config(config, BertGenerationDecoder.__name__) == "causal-lm"
+    module = BertGenerationDecoder(config).eval()
+    assert AutoModelForTPU.from_model(module).task == "causal-lm"
+
+    class Unbounded:
+        config = XLNetConfig(vocab_size=64, d_model=16, n_layer=1, n_head=2, d_inner=32)
+
+    assert Unbounded.config.max_position_embeddings == -1
+    assert _context_length(Unbounded) is None

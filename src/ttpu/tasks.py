@@ -46,6 +46,8 @@ def task_from_config(config: PretrainedConfig, module_class: str | None = None) 
     """The task implied by the module's class name, else by ``config.architectures``."""
     names = [module_class] if module_class else list(config.architectures or ())
     for architecture in names:
+        if architecture in _causal_lm_classes():  # BertGenerationDecoder, ... named otherwise
+            return "causal-lm"
         for suffix, task in _ARCHITECTURE_SUFFIXES:
             if architecture.endswith(suffix):
                 return task
@@ -60,3 +62,10 @@ def auto_class(task: str) -> type:
     import transformers
 
     return getattr(transformers, TASK_AUTO_CLASSES[check_task(task)])
+
+
+def _causal_lm_classes() -> set[str]:
+    """The classes transformers' AutoModelForCausalLM builds."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

@@ -176,7 +176,7 @@ def _vocab_size(model: TPUModel) -> int:
 def _context_length(model: TPUModel) -> int | None:
     text = model.config.get_text_config(decoder=True)
     context = getattr(text, "max_position_embeddings", None)
-    return context if isinstance(context, int) else None
+    return context if isinstance(context, int) and context > 0 else None  # XLNet: -1, unbounded
 
 
 def _decode_chunks(

@@ -176,6 +176,8 @@ def _layer_arrays(layer: Any, index: int) -> dict[str, jax.Array]:
                 arrays[f"{RECURRENT}.{i}"] = layer.recurrent_states[i].jax()
     if isinstance(layer, CacheLayerMixin):
         if getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None:
+            if not arrays and DummyLayer is not None:
+                return {}  # never written (Mllama's cross-attention without an image): stateless
             raise InvalidArgumentError(f"cache layer {index} ({type(layer).__name__}) holds no keys after a forward")
         prefix = "sliding:" if getattr(layer, "is_sliding", False) else ""
         arrays[prefix + KEYS], arrays[prefix + VALUES] = layer.keys.jax(), layer.values.jax()
