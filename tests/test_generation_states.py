@@ -132,3 +132,17 @@ def test_causal_lms_named_otherwise_generate_and_an_unbounded_context_is_no_limi
 
     assert Unbounded.config.max_position_embeddings == -1
     assert _context_length(Unbounded) is None
+
+
+def test_models_positioned_by_index_keep_their_prompt_length() -> None:
+    """Marian's decoder takes no position ids (its positions count from the first token):
+    bucket padding would shift them, so its prompts are not padded to a bucket."""
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(tiny_config("marian")).eval()
+    eager = copy.deepcopy(module)
+    model = AutoModelForTPU.from_model(module)
+    ids, mask = left_padded(PROMPTS[:2], pad=0)
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = eager.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings).numpy()
+    np.testing.assert_array_equal(model.generate(ids, mask, **settings), expected)

@@ -9,6 +9,8 @@ stream text; without either, one call runs the whole generation.
 
 from __future__ import annotations
 
+import inspect
+
 import secrets
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -228,16 +230,28 @@ def _decode_chunks(
 
 
 def _pad_prompts(model: TPUModel, ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad the prompt length and repeat the last row up to the buckets."""
+    """Left-pad the prompt length and repeat the last row up to the buckets (not the
+    length where padding would shift positions: :func:`_padding_shifts_positions`)."""
     batch, length = ids.shape
     policy = model.buckets
-    padded_length = policy.round_up(length, policy.sequence)
+    shifts = _padding_shifts_positions(model.torch_module)
+    padded_length = length if shifts else policy.round_up(length, policy.sequence)
     padded_batch = policy.round_up(batch, policy.batch)
     left = padded_length - length
     ids = np.pad(ids, ((0, 0), (left, 0)), constant_values=pad_id)
     mask = np.pad(mask, ((0, 0), (left, 0)))
     rows = np.minimum(np.arange(padded_batch), batch - 1)
     return ids[rows], mask[rows]
+
+
+def _padding_shifts_positions(module: torch.nn.Module) -> bool:
+    """Whether more left padding changes what the model computes: its forward takes no
+    position ids but it embeds positions by index from the first token (Marian, Pegasus,
+    Whisper: their positional-embedding modules). Models without positions (Mamba) or
+    with positions from the mask (BLOOM's ALiBi) are unaffected."""
+    if "position_ids" in inspect.signature(module.forward).parameters:
+        return False
+    return any("Position" in type(m).__name__ and "Embedding" in type(m).__name__ for m in module.modules())
 
 
 def _check_stop_strings(
