@@ -129,8 +129,7 @@ class JaxDecoder(Decoder):
         """For models whose forward keeps no cache: the forward over the whole token
         buffer (later positions masked out), the logits at ``last``; the cache is only a
         position counter."""
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        inputs = self._step_inputs.without_cache(to_traced(tokens), to_traced(mask), to_traced(positions))
+        inputs = self._step_inputs.without_cache(to_traced(tokens), to_traced(mask), to_traced(_positions(mask)))
         logits = self._forward.call_traced(params, inputs).logits.jax()
         return jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), cache._replace(length=last + 1)
 
@@ -138,7 +137,7 @@ class JaxDecoder(Decoder):
         self, params, cache, ids, prompt_mask, key, values: SamplingValues, mode: SamplingMode, max_length: int
     ):
         batch, prompt_length = ids.shape
-        positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+        positions = _positions(prompt_mask)
         mask = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
         tokens = jnp.full((batch, max_length), values.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
         if self.layout.recompute:
@@ -185,3 +184,8 @@ class JaxDecoder(Decoder):
             )
 
         return jax.lax.while_loop(more, step, state)
+
+
+def _positions(mask: jax.Array) -> jax.Array:
+    """Position ids of left-padded rows: real tokens count from 0 (padding sits at 0)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)

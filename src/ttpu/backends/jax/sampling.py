@@ -118,9 +118,11 @@ def next_tokens(
         logits = _penalize_repetitions(logits, seen, seen_mask, values.repetition_penalty)
     for index, length in enumerate(mode.bad_words):
         words = values.bad_words[index]
-        # The last length-1 tokens equal the sequence's start: its last token is banned.
-        recent = jax.lax.dynamic_slice_in_dim(seen, last - (length - 2), length - 1, axis=1) if length > 1 else None
-        completes = jnp.all(recent == words[: length - 1], axis=1) if length > 1 else jnp.ones(seen.shape[0], bool)
+        # Where the last length-1 tokens equal the sequence's start, its last token is banned.
+        completes = jnp.ones(seen.shape[0], bool)
+        if length > 1:
+            recent = jax.lax.dynamic_slice_in_dim(seen, last - (length - 2), length - 1, axis=1)
+            completes = jnp.all(recent == words[: length - 1], axis=1)
         logits = jnp.where(completes[:, None] & tokens(words[length - 1]), NEG_INF, logits)
     if mode.eos_count:
         too_early = generated < values.min_new_tokens
