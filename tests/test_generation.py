@@ -244,3 +244,24 @@ def test_config_logits_processors_match_transformers(settings: dict, backend_nam
             setattr(module.generation_config, name, None)
     assert not np.array_equal(expected, reference)  # the processor changed something
     np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize("setting", ["no_repeat_ngram_size", "encoder_no_repeat_ngram_size"])
+def test_repeated_ngrams_are_blocked_as_transformers_does(setting: str, size: int, backend_name: str) -> None:
+    """n-gram blocking over the prompt and generated tokens (``encoder_``: the prompt's
+    n-grams only, as transformers applies it to a decoder-only model), with prompts of
+    different lengths (left padding and bucket padding must not count)."""
+    if backend_name != "jax":
+        pytest.skip("implemented on the JAX backend only; torch_xla refuses it with a clear error")
+    module, model = build("llama", backend_name)
+    ids, mask = left_padded([[5, 6], [8, 9, 10, 11]])
+    # Prompts holding the model's own continuations (twice over), so its next choices repeat their n-grams.
+    for _ in range(2):
+        free = hf_generate(module, ids, mask, max_new_tokens=8)
+        ids, mask = left_padded([list(free[0, 2:]), list(free[1])])
+    reference = hf_generate(module, ids, mask, max_new_tokens=10)
+    expected = hf_generate(module, ids, mask, max_new_tokens=10, **{setting: size})
+    actual = model.generate(ids, attention_mask=mask, max_new_tokens=10, **{setting: size})
+    assert not np.array_equal(expected, reference)  # the blocking changed something
+    np.testing.assert_array_equal(actual, expected)

@@ -26,6 +26,7 @@ SUPPORTED = {
     "cache_implementation", "decoder_start_token_id", "transformers_version",
     "_from_model_config", "output_attentions", "output_hidden_states", "return_dict_in_generate",
     "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
 }
 
 
@@ -53,12 +54,15 @@ class GenerationSettings:
     suppress_tokens: tuple[int, ...] = ()  # never generated
     begin_suppress_tokens: tuple[int, ...] = ()  # not generated first
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never completed
+    no_repeat_ngram_size: int = 0  # n-grams of the prompt and generated tokens occur once (0: off)
+    prompt_no_repeat_ngram_size: int = 0  # n-grams of the prompt are not generated (0: off)
 
     @property
     def uses_config_processors(self) -> bool:
         return bool(
             self.forced_bos_token_id is not None or self.forced_eos_token_ids or self.suppress_tokens
-            or self.begin_suppress_tokens or self.bad_words_ids
+            or self.begin_suppress_tokens or self.bad_words_ids or self.no_repeat_ngram_size
+            or self.prompt_no_repeat_ngram_size
         )
 
 
@@ -124,6 +128,9 @@ def resolve_settings(
         suppress_tokens=_token_list(config.suppress_tokens),
         begin_suppress_tokens=_token_list(config.begin_suppress_tokens),
         bad_words_ids=tuple(tuple(int(t) for t in words) for words in config.bad_words_ids or ()),
+        no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
+        # transformers' encoder_no_repeat_ngram_size: a decoder-only model's "encoder input" is its prompt.
+        prompt_no_repeat_ngram_size=int(config.encoder_no_repeat_ngram_size or 0),
     )
     validate(settings)
     return settings
@@ -150,6 +157,8 @@ def validate(settings: GenerationSettings) -> None:
          f"stop_strings must be non-empty strings (got {settings.stop_strings!r})"),
         (all(settings.bad_words_ids),
          f"bad_words_ids must be non-empty lists of token ids (got {settings.bad_words_ids!r})"),
+        (settings.no_repeat_ngram_size >= 0 and settings.prompt_no_repeat_ngram_size >= 0,
+         "no_repeat_ngram_size and encoder_no_repeat_ngram_size must be >= 0 (0 turns them off)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -170,7 +179,7 @@ def _refuse_unsupported(config: GenerationConfig, defaults: dict[str, Any]) -> N
             f"ttpu's generate() does not implement {', '.join(unsupported)} yet; it supports "
             "greedy and sampled decoding with temperature, top_k, top_p, min_p, "
             "repetition_penalty, min/max new tokens, EOS tokens, stop strings, forced BOS/EOS "
-            "tokens, suppressed tokens and bad words (no beam search, no no_repeat_ngram_size)."
+            "tokens, suppressed tokens, bad words and (encoder_)no_repeat_ngram_size; no beam search."
         )
 
 

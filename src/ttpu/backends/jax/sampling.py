@@ -1,7 +1,7 @@
 """Choosing the next token in JAX, with transformers' logits processors semantics.
 
-Order as in ``transformers``: repetition penalty, bad words, minimum new tokens (EOS
-suppressed), forced BOS and EOS tokens, suppressed tokens (always, and at the first
+Order as in ``transformers``: repetition penalty, repeated n-grams (of the whole
+sequence, of the prompt), bad words, minimum new tokens (EOS suppressed), forced BOS and EOS tokens, suppressed tokens (always, and at the first
 position), then for sampling temperature, top-k, top-p, min-p, and a draw with an
 explicit PRNG key.
 Numeric settings are traced (:class:`SamplingValues`): changing them does not recompile.
@@ -35,6 +35,8 @@ class SamplingMode(NamedTuple):
     suppress: bool = False
     begin_suppress: bool = False
     bad_words: tuple[int, ...] = ()  # the length of each bad-word sequence
+    no_repeat_ngram: int = 0  # n-gram size; 0: off
+    prompt_no_repeat_ngram: int = 0
 
 
 class SamplingValues(NamedTuple):
@@ -70,6 +72,8 @@ def split_settings(settings: GenerationSettings, vocab_size: int) -> tuple[Sampl
         suppress=bool(settings.suppress_tokens),
         begin_suppress=bool(settings.begin_suppress_tokens),
         bad_words=tuple(len(words) for words in settings.bad_words_ids),
+        no_repeat_ngram=settings.no_repeat_ngram_size,
+        prompt_no_repeat_ngram=settings.prompt_no_repeat_ngram_size,
     )
     longest = max((len(words) for words in settings.bad_words_ids), default=1)
     bad_words = [list(words) + [-1] * (longest - len(words)) for words in settings.bad_words_ids]
@@ -116,6 +120,15 @@ def next_tokens(
 
     if mode.repetition_penalty:
         logits = _penalize_repetitions(logits, seen, seen_mask, values.repetition_penalty)
+    # The prompt as given sits just before the generated tokens (bucket padding before it).
+    prompt_end = last + 1 - generated
+    prompt_start = prompt_end - values.prompt_length
+    if mode.no_repeat_ngram:
+        banned = _ngram_completions(seen, last, mode.no_repeat_ngram, prompt_start, last + 1, vocab)
+        logits = jnp.where(banned, NEG_INF, logits)
+    if mode.prompt_no_repeat_ngram:
+        banned = _ngram_completions(seen, last, mode.prompt_no_repeat_ngram, prompt_start, prompt_end, vocab)
+        logits = jnp.where(banned, NEG_INF, logits)
     for index, length in enumerate(mode.bad_words):
         words = values.bad_words[index]
         # Where the last length-1 tokens equal the sequence's start, its last token is banned.
@@ -165,6 +178,26 @@ def filter_logits(logits: jax.Array, mode: SamplingMode, values: SamplingValues)
         floor = values.min_p * jnp.max(probs, axis=-1, keepdims=True)
         logits = jnp.where(probs < floor, NEG_INF, logits)
     return logits
+
+
+def _ngram_completions(
+    seen: jax.Array, last: jax.Array | int, size: int, start: jax.Array, end: jax.Array, vocab: int
+) -> jax.Array:
+    """[batch, vocab] True for the tokens that, after ``seen[:, last]``, would repeat a
+    ``size``-gram lying in ``seen[:, start:end]`` (transformers' n-gram blocking: none
+    while the sequence from ``start`` is shorter than ``size - 1`` tokens)."""
+    batch, width = seen.shape
+    windows = width - size + 1
+    if windows <= 0:
+        return jnp.zeros((batch, vocab), bool)
+    suffix = jax.lax.dynamic_slice_in_dim(seen, last - (size - 2), size - 1, axis=1)
+    first = jnp.arange(windows)
+    match = jnp.broadcast_to((first >= start) & (first + size <= end), (batch, windows))
+    for k in range(size - 1):
+        match = match & (seen[:, k : k + windows] == suffix[:, k : k + 1])
+    match = match & (last + 2 - start >= size)
+    rows = jnp.arange(batch)[:, None]
+    return jnp.zeros((batch, vocab), bool).at[rows, seen[:, size - 1 :]].max(match)
 
 
 def _penalize_repetitions(

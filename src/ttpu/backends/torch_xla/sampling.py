@@ -29,7 +29,7 @@ class TokenChooser:
     def __init__(self, settings: GenerationSettings, vocab_size: int, device: torch.device) -> None:
         if settings.uses_config_processors:
             raise InvalidArgumentError(
-                "forced BOS/EOS tokens, suppress_tokens, begin_suppress_tokens and bad_words_ids are "
+                "forced BOS/EOS tokens, suppress_tokens, begin_suppress_tokens, bad_words_ids and n-gram blocking are "
                 "implemented on the JAX backend only so far; use backend='jax', or clear them in the "
                 "generation config."
             )
