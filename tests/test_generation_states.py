@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ttpu import AutoModelForTPU
-from ttpu.backends.jax.kv_cache import CONV, INDEXER, KEYS, RECURRENT, VALUES
+from ttpu.backends.jax.kv_cache import CONV, INDEXER, KEYS, RECURRENT, UNWRITTEN, VALUES
 from ttpu.coverage import tiny_config
 
 NEW_TOKENS = 32
@@ -74,15 +74,45 @@ def test_sampling_is_reproducible_and_nothing_recompiles_within_a_bucket(statefu
     assert model.compile_count == compiled
 
 
-def test_a_model_whose_forward_keeps_no_cache_recomputes_each_step(caplog) -> None:
-    """GPT-1 returns no cache: each step runs the forward over the whole (masked) token
-    buffer, in the same compiled loop, and says so."""
+@pytest.mark.parametrize("cross_attention_layers", [[1], [0, 1]])
+def test_cross_attention_layers_without_their_inputs_stay_empty(cross_attention_layers: list[int]) -> None:
+    """Mllama's cross-attention layers hold nothing without an image; the model asks its
+    cache whether they do (``is_initialized``), so they stay transformers' empty layers,
+    also when every layer is one (then no layer counts positions, in transformers too)."""
+    config = tiny_config("mllama")
+    config.text_config.cross_attention_layers = cross_attention_layers
     torch.manual_seed(0)
-    module = AutoModelForCausalLM.from_config(tiny_config("openai-gpt")).eval()
+    module = AutoModelForCausalLM.from_config(config).eval()
+    eager = copy.deepcopy(module)
+    model = AutoModelForTPU.from_model(module)
+    ids, mask = left_padded(PROMPTS, pad=0)
+    settings = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = eager.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings).numpy()
+    np.testing.assert_array_equal(model.generate(ids, mask, **settings), expected)
+    layers = model.decoder().layout.layers
+    assert [UNWRITTEN in layer.names for layer in layers] == [i in cross_attention_layers for i in range(2)]
+
+
+@pytest.mark.parametrize(
+    "model_type, reason",
+    [
+        ("openai-gpt", "the forward returns no cache"),
+        ("xglm", "its cached step reads a traced value in Python (modeling_xglm.py"),
+        ("minimax", "the model keeps a cache of its own (MiniMaxCache)"),
+    ],
+)
+def test_a_model_generate_cannot_carry_a_cache_for_recomputes_each_step(model_type: str, reason: str, caplog) -> None:
+    """GPT-1 returns no cache, XGLM's cached step compares the cache length in Python,
+    MiniMax refuses any cache but its own: each step runs the forward over the whole
+    (masked) token buffer, in the same compiled loop, and says why."""
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    eager = copy.deepcopy(module)
     model = AutoModelForTPU.from_model(module)
     ids, mask = left_padded(PROMPTS, pad=0)
     with torch.no_grad():
-        expected = module.generate(
+        expected = eager.generate(
             torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=16,
             do_sample=False, pad_token_id=0,
         ).numpy()
@@ -90,8 +120,8 @@ def test_a_model_whose_forward_keeps_no_cache_recomputes_each_step(caplog) -> No
         actual = model.generate(ids, mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     np.testing.assert_array_equal(actual, expected)
     layout = model.decoder().layout
-    assert layout.recompute and "recomputes the whole sequence" in layout.describe()
-    assert "recomputes the whole sequence at every step" in caplog.text
+    assert reason in layout.describe() and "recomputes the whole sequence" in layout.describe()
+    assert "recomputes the whole sequence at every step" in caplog.text and reason in caplog.text
 
 
 def test_sparse_attention_indexer_keys_are_cached_where_their_keys_are() -> None:

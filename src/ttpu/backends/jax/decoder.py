@@ -22,7 +22,7 @@ from ttpu.backends.base import CachedStepInputs, Decoder
 from ttpu.backends.jax.backend import JaxForward
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
-from ttpu.backends.jax.kv_cache import CacheState, TracedCache, probe_layout
+from ttpu.backends.jax.kv_cache import CacheLayout, CacheState, TracedCache, probe_layout
 from ttpu.backends.jax.sampling import SamplingMode, SamplingValues, next_tokens, split_settings
 from ttpu.generation.config import GenerationSettings
 
@@ -57,13 +57,13 @@ class JaxDecoder(Decoder):
         self._placement = forward.placement
         self._vocab_size = module.config.get_text_config(decoder=True).vocab_size
         store = forward.program_store
-        self.layout = probe_layout(forward.call_traced, forward.params, store)
+        self._step_inputs = CachedStepInputs(module)
+        self.layout = probe_layout(forward.call_traced, forward.params, store, self._probe_step)
         if self.layout.recompute:
             logger.warning(
-                "%s's forward returns no cache: generate() recomputes the whole sequence at every "
-                "step (O(length) per token)", type(module).__name__,
+                "generate() on %s recomputes the whole sequence at every step (O(length) per token): %s",
+                type(module).__name__, self.layout.recompute,
             )
-        self._step_inputs = CachedStepInputs(module)
         self._prefill = Executables(
             self._prefill_program, static_argnums=(6, 7), donate_argnums=(1,), name="prefill", store=store
         )
@@ -116,14 +116,29 @@ class JaxDecoder(Decoder):
         return state._replace(state=state.state._replace(finished=finished))
 
     def _model_step(
-        self, params: Any, cache: CacheState, ids: jax.Array, positions: jax.Array, mask: jax.Array, empty: bool
+        self,
+        params: Any,
+        cache: CacheState,
+        ids: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        empty: bool,
+        layout: CacheLayout | None = None,
     ):
-        """The next-token logits [batch, vocab] after ``ids`` and the cache they leave."""
-        traced = TracedCache(cache, self.layout, empty)
+        """The next-token logits [batch, vocab] after ``ids`` and the cache they leave
+        (laid out as ``layout``, by default the model's)."""
+        layout = layout or self.layout
+        traced = TracedCache(cache, layout, empty)
         inputs = self._step_inputs(to_traced(ids), to_traced(mask), traced, to_traced(positions))
         out = self._forward.call_traced(params, inputs)
-        cache = self.layout.constrained(traced.state(ids.shape[1]), self._placement)
+        cache = layout.constrained(traced.state(ids.shape[1]), self._placement)
         return out.logits.jax()[:, -1], cache
+
+    def _probe_step(self, params: Any, cache: CacheState, layout: CacheLayout) -> jax.Array:
+        """One decode step of one row over a cache holding one position (traced while
+        the layout is probed)."""
+        one = jnp.ones((1, 1), jnp.int32)
+        return self._model_step(params, cache, one, one, jnp.ones((1, 2), jnp.int32), False, layout)[0]
 
     def _recompute_step(self, params: Any, cache: CacheState, tokens: jax.Array, mask: jax.Array, last: jax.Array):
         """For models whose forward keeps no cache: the forward over the whole token

@@ -12,7 +12,9 @@ kind of layer transformers' own cache gives it (learnt once by :func:`probe_layo
   ``conv.<i>`` and ``recurrent.<i>`` per state index, fixed-size states that the model
   replaces at every step;
 * hybrid layers: both attention arrays and linear states;
-* dummy layers (shared-KV or attention-free layers): nothing.
+* dummy layers (shared-KV or attention-free layers): nothing;
+* attention layers a token-only forward never writes (Mllama's cross-attention without
+  an image): transformers' empty layer, as in its default cache, and a marker array.
 
 Inside a traced step the state is wrapped as :class:`TracedCache`, a transformers
 ``Cache`` whose layers are transformers' own layer classes over traced arrays, already
@@ -38,6 +40,7 @@ import torch
 from transformers.cache_utils import (
     Cache,
     CacheLayerMixin,
+    DynamicLayer,
     LinearAttentionCacheLayerMixin,
     LinearAttentionLayer,
     StaticLayer,
@@ -48,10 +51,11 @@ from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.placement import Placement
 from ttpu.backends.jax.program_store import ProgramStore
 from ttpu.compat import CACHE_OUTPUT, DummyLayer
-from ttpu.errors import InvalidArgumentError
+from ttpu.errors import CompilationError, InvalidArgumentError
 
 LENGTH = -1  # in an array layout: the axis of cache positions
 KEYS, VALUES, INDEXER = "keys", "values", "indexer"
+UNWRITTEN = "unwritten"  # a marker: an attention layer no forward writes (stays transformers' empty layer)
 CONV, RECURRENT = "conv", "recurrent"  # names "conv.<state index>", "recurrent.<state index>"
 
 
@@ -89,37 +93,41 @@ class CacheState(NamedTuple):
 
 
 class CacheLayout(NamedTuple):
-    """Per-layer cache layout of a model; ``recompute``: its forward keeps no cache, so
-    each step runs it over the whole sequence (no layers)."""
+    """Per-layer cache layout of a model. ``recompute``, when set, says why generation
+    cannot carry a cache for it (the forward returns none, the model keeps a cache class
+    of its own, its cached step reads a traced value in Python): each step
+    then runs the forward over the whole sequence (no layers)."""
 
     layers: tuple[LayerLayout, ...]
-    recompute: bool = False
+    recompute: str = ""
 
     def describe(self) -> str:
         """What the compiled loop carries per layer, for ``ttpu doctor``."""
         if self.recompute:
-            return "none: the forward returns no cache, each step recomputes the whole sequence (O(length) per token)"
+            return f"none: {self.recompute}; each step recomputes the whole sequence (O(length) per token)"
         counts: dict[str, int] = {}
         for layer in self.layers:
             attention, linear = KEYS in layer.names, any(n.startswith((CONV, RECURRENT)) for n in layer.names)
-            kind = "hybrid" if attention and linear else "linear-attention/SSM" if linear else "dummy" if not attention else (
-                "sliding attention" if layer.sliding else "full attention"
+            kind = "hybrid" if attention and linear else "linear-attention/SSM" if linear else (
+                "unwritten attention" if UNWRITTEN in layer.names else "dummy" if not attention
+                else "sliding attention" if layer.sliding else "full attention"
             )
             kind += " + indexer" if INDEXER in layer.names else ""
             counts[kind] = counts.get(kind, 0) + 1
         return ", ".join(f"{n} {kind}" for kind, n in counts.items()) + " layers"
 
-    def empty(self, batch: int, max_length: int, placement: Placement) -> CacheState:
+    def empty(self, batch: int, max_length: int, placement: Placement | None) -> CacheState:
         """A zeroed cache for ``batch`` sequences of up to ``max_length`` positions, each
-        array created directly in its sharded layout."""
+        array created directly in its sharded layout (unplaced inside a trace: ``None``)."""
         layers = []
         for layer in self.layers:
             arrays = {}
             for name, array in layer.arrays:
                 shape = array.full_shape(batch, max_length)
-                arrays[name] = jnp.zeros(shape, array.dtype, device=_sharding(name, shape, placement))
+                device = placement and _sharding(name, shape, placement)
+                arrays[name] = jnp.zeros(shape, array.dtype, device=device)
             layers.append(arrays)
-        return CacheState(tuple(layers), jnp.zeros((), jnp.int32, device=placement.replicated))
+        return CacheState(tuple(layers), jnp.zeros((), jnp.int32, device=placement and placement.replicated))
 
     @staticmethod
     def constrained(state: CacheState, placement: Placement) -> CacheState:
@@ -139,27 +147,52 @@ def _sharding(name: str, shape: tuple[int, ...], placement: Placement) -> jax.sh
     return placement.sharding(placement.plan.batch_spec(shape))
 
 
-def probe_layout(call_traced: Callable[[Any, dict], Any], params: Any, store: ProgramStore | None) -> CacheLayout:
+DecodeStep = Callable[[Any, CacheState, CacheLayout], Any]  # (params, cache, layout) -> logits, traced
+
+
+def probe_layout(
+    call_traced: Callable[[Any, dict], Any], params: Any, store: ProgramStore | None, decode_step: DecodeStep
+) -> CacheLayout:
     """Learn the cache layout by tracing (not running) one token through the model with
     transformers' default cache: the kind of every layer and the shapes and dtypes of its
     arrays as the model really produces them (latent attention, shared heads, state
-    sizes and config quirks included). ``call_traced(params, inputs)`` is the backend's
-    traced forward; with a ``store``, a later process reads the layout back instead of
-    tracing."""
+    sizes and config quirks included). Then trace ``decode_step`` over that layout, so
+    a model whose cached step cannot be compiled is known before generating.
+    ``call_traced(params, inputs)`` is the backend's traced forward; with a ``store``, a
+    later process reads the layout back instead of tracing."""
 
-    def one_token(params: Any, ids: jax.Array) -> list[dict[str, jax.Array]] | None:
+    def probe(params: Any, ids: jax.Array) -> dict[str, Any]:
         inputs = {"input_ids": to_traced(ids), "use_cache": True}
         cache = getattr(call_traced(params, inputs), CACHE_OUTPUT, None)
         if not isinstance(cache, Cache):
-            return None  # no cache (BERT-style LM heads, GPT-1, RWKV's own state ...)
+            return _recompute("the forward returns no cache")  # BERT-style LM heads, GPT-1, RWKV's own state ...
+        own = [type(c).__name__ for c in (cache, *cache.layers) if type(c).__module__ != Cache.__module__]
+        if own:
+            return _recompute(f"the model keeps a cache of its own ({own[0]})")
         # Each layer's kind is in the names of its arrays, so it is stored with them.
-        return [_layer_arrays(layer, index) for index, layer in enumerate(cache.layers)]
+        layers = [_layer_arrays(layer, index) for index, layer in enumerate(cache.layers)]
+        layout = CacheLayout(tuple(_layer_layout(arrays) for arrays in layers))
+        try:
+            decode_step(params, layout.empty(1, 2, None), layout)
+        except CompilationError as exc:
+            if not isinstance(exc.__cause__, jax.errors.ConcretizationTypeError):
+                raise
+            where = [line.split(": ", 1)[1] for line in str(exc).splitlines() if "failing line:" in line]
+            return _recompute(f"its cached step reads a traced value in Python ({', '.join(where[:1])})")
+        return {"layers": layers}
 
-    probe = Executables(one_token, name="cache_layout", store=store)
-    layers = probe.output_shapes(params, jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    if layers is None:
-        return CacheLayout((), recompute=True)
-    return CacheLayout(tuple(_layer_layout(layer) for layer in layers))
+    found = Executables(probe, name="cache_layout", store=store).output_shapes(
+        params, jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    )
+    if "recompute" in found:
+        return CacheLayout((), recompute=next(iter(found["recompute"])))
+    return CacheLayout(tuple(_layer_layout(layer) for layer in found["layers"]))
+
+
+def _recompute(reason: str) -> dict[str, Any]:
+    """The probe's answer for a model generation runs without a cache: the reason is the
+    output's only key, so the program store keeps it with the (empty) shapes."""
+    return {"recompute": {reason: jnp.zeros((), jnp.int8)}}
 
 
 def _layer_arrays(layer: Any, index: int) -> dict[str, jax.Array]:
@@ -176,8 +209,8 @@ def _layer_arrays(layer: Any, index: int) -> dict[str, jax.Array]:
                 arrays[f"{RECURRENT}.{i}"] = layer.recurrent_states[i].jax()
     if isinstance(layer, CacheLayerMixin):
         if getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None:
-            if not arrays and DummyLayer is not None:
-                return {}  # never written (Mllama's cross-attention without an image): stateless
+            if not arrays:  # never written (Mllama's cross-attention without an image)
+                return {UNWRITTEN: jnp.zeros((1,), jnp.int8)}
             raise InvalidArgumentError(f"cache layer {index} ({type(layer).__name__}) holds no keys after a forward")
         prefix = "sliding:" if getattr(layer, "is_sliding", False) else ""
         arrays[prefix + KEYS], arrays[prefix + VALUES] = layer.keys.jax(), layer.values.jax()
@@ -286,6 +319,21 @@ class TracedHybridLayer(TracedLinearLayer, TracedStaticLayer):
         TracedLinearLayer.__init__(self, arrays, layout, empty)
 
 
+class UnwrittenLayer(DynamicLayer):
+    """transformers' empty attention layer (not initialised), as the default cache has it
+    for a layer no text-only forward writes; carries its marker array through the loop."""
+
+    def __init__(self, marker: torch.Tensor) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def update(self, *args: Any, **kwargs: Any) -> Any:
+        raise InvalidArgumentError(
+            "an attention layer that a text-only forward leaves empty (cross-attention) was written: "
+            "ttpu's compiled generate() takes token inputs only (no images or encoder states yet)"
+        )
+
+
 class TracedCache(Cache):
     """A transformers ``Cache`` over a :class:`CacheState`, for use inside a traced step."""
 
@@ -302,6 +350,8 @@ class TracedCache(Cache):
                 layers.append(TracedStaticLayer(traced, to_traced(state.length), layer.sliding, empty))
             elif linear:
                 layers.append(TracedLinearLayer(traced, layer, empty))
+            elif UNWRITTEN in layer.names:
+                layers.append(UnwrittenLayer(traced[UNWRITTEN]))
             else:
                 layers.append(DummyLayer())
         super().__init__(layers=layers)
@@ -314,6 +364,8 @@ class TracedCache(Cache):
             arrays: dict[str, Any] = {}
             if isinstance(layer, TracedLinearLayer):
                 arrays.update(layer.linear_arrays())
+            if isinstance(layer, UnwrittenLayer):
+                arrays[UNWRITTEN] = layer.marker
             if isinstance(layer, TracedStaticLayer):
                 arrays[KEYS], arrays[VALUES] = layer.keys, layer.values
                 if layer.indexer_keys is not None:
