@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
+    JetMoeConfig,
+    JetMoeForCausalLM,
     LongcatFlashConfig,
     LongcatFlashForCausalLM,
     SwitchTransformersConfig,
@@ -17,6 +19,13 @@ from ttpu.errors import CompilationError
 from ttpu.patches import PATCHES, registry
 
 PATCHED_MODELS = {
+    "jetmoe": (
+        JetMoeForCausalLM,
+        JetMoeConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+            intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        ),
+    ),
     "longcat_flash": (
         LongcatFlashForCausalLM,
         LongcatFlashConfig(
@@ -72,7 +81,7 @@ def test_patched_model_matches_eager(name: str) -> None:
 def test_model_fails_without_its_patch(name: str, monkeypatch) -> None:
     monkeypatch.setattr(registry, "PATCHES", [])
     model = AutoModelForTPU.from_model(build(name))
-    with pytest.raises(CompilationError, match="Experts"):
+    with pytest.raises(CompilationError, match="Experts|TopKGating"):
         model(**inputs(name))
 
 
@@ -142,3 +151,27 @@ def test_stable_set_order_is_scoped_to_tracing() -> None:
     assert "set" not in vars(modeling)
     model(**{k: v for k, v in arch.make_inputs(module).items()})
     assert "set" not in vars(modeling)
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "unpatched"])
+def test_generate_with_a_local_window_matches_transformers(patched: bool, monkeypatch) -> None:
+    """GPT-Neo's local layers (window 4) read their mask rows at the queries' cache
+    positions: the tokens of a left-padded batch equal transformers' past the window, and
+    differ without the patch (every step would read the mask's last row: no window)."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    if not patched:
+        monkeypatch.setattr(registry, "PATCHES", [p for p in PATCHES if not p.name.startswith("gpt_neo.")])
+    config = GPTNeoConfig(
+        vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=4, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    module = GPTNeoForCausalLM(config).eval()
+    ids = np.array([[0, 0, 5, 17, 33], [7, 8, 9, 10, 11]])
+    mask = (np.arange(5) >= np.array([[2], [0]])).astype(np.int64)
+    settings = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = module.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings).numpy()
+    actual = AutoModelForTPU.from_model(module).generate(ids, attention_mask=mask, **settings)
+    assert np.array_equal(actual, expected) == patched
