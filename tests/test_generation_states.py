@@ -1,7 +1,8 @@
 """Compiled generation of models whose cache is not (only) attention keys and values:
 SSM (Mamba), hybrid attention + SSM (Falcon-H1), hybrid attention + gated delta net
-(Qwen3-Next) and sparse attention with an indexer (DeepSeek-V3.2) layers, each layer's
-state carried through the compiled loop."""
+(Qwen3-Next) and sparse attention with an indexer (DeepSeek-V3.2: past 8 positions the
+tokens depend on each indexer key sitting at its own position) layers, each layer's
+state carried through the compiled loop; and the models it carries no cache for."""
 
 from __future__ import annotations
 
@@ -35,13 +36,21 @@ STATE_KINDS = {
     "mamba": {CONV, RECURRENT},
     "falcon_h1": {KEYS, VALUES, CONV, RECURRENT},
     "qwen3_next": {KEYS, VALUES, CONV, RECURRENT},
+    "deepseek_v32": {KEYS, VALUES, INDEXER},
 }
+# DeepSeek-V3.2's indexer keeps the top 8 of its cached keys by a sum over its heads of
+# ReLU scores: with the tiny config's 4 heads, random weights leave many keys at exactly 0
+# (ties that torch and XLA break differently); 16 heads leave none.
+CONFIG_CHANGES = {"deepseek_v32": {"index_n_heads": 16}}
 
 
 @pytest.fixture(scope="module", params=sorted(STATE_KINDS))
 def stateful(request):
+    config = tiny_config(request.param)
+    for name, value in CONFIG_CHANGES.get(request.param, {}).items():
+        setattr(config, name, value)
     torch.manual_seed(0)
-    module = AutoModelForCausalLM.from_config(tiny_config(request.param)).eval()
+    module = AutoModelForCausalLM.from_config(config).eval()
     eager = copy.deepcopy(module)  # from_model sets ttpu's attention on the module it wraps
     return request.param, eager, AutoModelForTPU.from_model(module)
 
@@ -122,25 +131,6 @@ def test_a_model_generate_cannot_carry_a_cache_for_recomputes_each_step(model_ty
     layout = model.decoder().layout
     assert reason in layout.describe() and "recomputes the whole sequence" in layout.describe()
     assert "recomputes the whole sequence at every step" in caplog.text and reason in caplog.text
-
-
-def test_sparse_attention_indexer_keys_are_cached_where_their_keys_are() -> None:
-    """DeepSeek-V3.2's indexer keeps the top 8 of its cached indexer keys: past 8 positions
-    the tokens depend on each key sitting at its own position (the attention update runs
-    first and moves the layer's length on). On a batch, random tiny weights give this
-    model exact ties in the indexer's ReLU scores, which torch and XLA break differently,
-    so one prompt is compared."""
-    torch.manual_seed(0)
-    module = AutoModelForCausalLM.from_config(tiny_config("deepseek_v32")).eval()
-    eager = copy.deepcopy(module)
-    model = AutoModelForTPU.from_model(module)
-    ids = np.array([[10, 4, 20, 81, 65, 91]])
-    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        expected = eager.generate(torch.from_numpy(ids), **settings).numpy()
-    np.testing.assert_array_equal(model.generate(ids, **settings), expected)
-    kinds = {n.split(".")[0] for layer in model.decoder().layout.layers for n in layer.names}
-    assert kinds == {KEYS, VALUES, INDEXER}
 
 
 def test_causal_lms_named_otherwise_generate_and_an_unbounded_context_is_no_limit() -> None:
