@@ -1,0 +1,1 @@
+"""The serving engine: requests scheduled over a paged KV cache (continuous batching)."""
