@@ -1,0 +1,159 @@
+"""Which requests compute which tokens in the next engine step (vLLM v1's algorithm).
+
+Every request's ``computed`` count chases its token count: a new prompt, a prompt chunk,
+a prefix hit's remainder and a decode step are all "compute the next ``n`` tokens". Each
+step has a token budget. Running requests go first, in arrival order; when the KV pool
+cannot hold a running request's next tokens, the most recently arrived running request
+is preempted (its blocks freed; it starts over later, recomputing its tokens), until the
+request fits or is itself the one preempted. Waiting requests are admitted, oldest first,
+only in steps that preempted nothing, while the budget, ``max_num_seqs`` and the pool allow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ttpu.errors import InvalidArgumentError
+from ttpu.serving.kv_blocks import KVBlockManager
+from ttpu.serving.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """``count`` tokens of ``request`` from position ``start`` computed in one step."""
+
+    request: Request
+    start: int
+    count: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether the chunk reaches the request's last token: its logits pick the next one."""
+        return self.start + self.count == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.count for chunk in self.chunks)
+
+
+class Scheduler:
+    """The waiting queue, the running requests and their KV blocks."""
+
+    def __init__(self, kv: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise InvalidArgumentError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        if kv.pool.capacity * kv.block_size < max_model_len:
+            raise InvalidArgumentError(
+                f"a KV pool of {kv.pool.capacity} blocks of {kv.block_size} tokens cannot hold one request of "
+                f"max_model_len={max_model_len}: give it more blocks (memory) or lower max_model_len"
+            )
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        if request.num_tokens >= self.max_model_len:
+            raise InvalidArgumentError(
+                f"the prompt has {request.num_tokens} tokens; the model takes at most {self.max_model_len} "
+                "including the generated ones"
+            )
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish ``request_id`` as aborted, freeing its blocks now; None if unknown or done."""
+        for request in [*self.running, *self.waiting]:
+            if request.id == request_id:
+                self.finish(request, RequestStatus.FINISHED_ABORTED)
+                return request
+        return None
+
+    def finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
+        request.status, request.error = status, error
+        self.kv.free(request.id)
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            count = min(request.num_tokens - request.computed, budget)
+            while self.kv.allocate(request.id, request.tokens, request.computed, count) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status is RequestStatus.PREEMPTED:
+                break
+            out.chunks.append(ScheduledChunk(request, request.computed, count))
+            budget -= count
+            index += 1
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            prefix = self.kv.computed_prefix(request.tokens)
+            computed = len(prefix) * self.kv.block_size
+            count = min(request.num_tokens - computed, budget)
+            if self.kv.allocate(request.id, request.tokens, computed, count, prefix=prefix) is None:
+                break
+            self.waiting.popleft()
+            request.computed, request.status = computed, RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk(request, computed, count))
+            budget -= count
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
+        """Advance the scheduled requests by their chunks, append each sampled token
+        (``sampled``: request id -> token, for chunks that sample) and finish the requests
+        that stopped; returns those that got a token or finished."""
+        changed = []
+        for chunk in out.chunks:
+            request = chunk.request
+            if request.status.finished:  # aborted while its step ran
+                continue
+            request.computed = chunk.start + chunk.count
+            if request.id not in sampled:
+                continue
+            request.output_token_ids.append(int(sampled[request.id]))
+            status = self._stop_status(request)
+            if status is not None:
+                self.finish(request, status)
+            changed.append(request)
+        return changed
+
+    def _stop_status(self, request: Request) -> RequestStatus | None:
+        params, token, generated = request.params, request.output_token_ids[-1], len(request.output_token_ids)
+        if generated >= params.min_tokens and (
+            (token in request.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if (params.max_tokens is not None and generated >= params.max_tokens) or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.id)
+        request.computed, request.status = 0, RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.preemptions += 1

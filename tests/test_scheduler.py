@@ -1,0 +1,185 @@
+"""The engine's scheduler, driven without a model: token budgets and chunked prefill,
+mixed decode and prefill steps, admission limits, preemption by recompute, aborts,
+prefix hits, stop conditions, and random traffic that always drains to an empty pool."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ttpu.errors import InvalidArgumentError
+from ttpu.serving.kv_blocks import KVBlockManager
+from ttpu.serving.request import Request, RequestStatus, SamplingParams
+from ttpu.serving.scheduler import Scheduler
+
+BLOCK = 4
+EOS = 2
+
+
+def scheduler(num_blocks: int = 80, max_num_seqs: int = 8, budget: int = 32, max_model_len: int = 256) -> Scheduler:
+    return Scheduler(KVBlockManager(num_blocks, BLOCK), max_num_seqs, budget, max_model_len)
+
+
+def request(name: str, prompt: list[int], **params) -> Request:
+    return Request(name, prompt, SamplingParams(**params), eos_token_ids=frozenset({EOS}))
+
+
+def step(s: Scheduler, token: int = 7) -> tuple[list[tuple[str, int, int]], list[Request]]:
+    """One engine step with every sampling chunk drawing ``token``."""
+    out = s.schedule()
+    sampled = {c.request.id: token for c in out.chunks if c.samples}
+    s.update(out, sampled)
+    return [(c.request.id, c.start, c.count) for c in out.chunks], out.preempted
+
+
+def test_a_long_prompt_is_prefilled_in_budget_sized_chunks_beside_decodes() -> None:
+    s = scheduler(budget=8)
+    s.add(request("short", [5, 6, 7], max_tokens=10))
+    assert step(s)[0] == [("short", 0, 3)]
+    s.add(request("long", list(range(10, 30))))
+    # The decode goes first; the long prompt takes what is left of the budget, chunk by chunk.
+    assert step(s)[0] == [("short", 3, 1), ("long", 0, 7)]
+    assert step(s)[0] == [("short", 4, 1), ("long", 7, 7)]
+    assert step(s)[0] == [("short", 5, 1), ("long", 14, 6)]
+    long = next(r for r in s.running if r.id == "long")
+    assert long.output_token_ids == [7]  # only the chunk reaching its last token sampled
+
+
+def test_admission_stops_at_max_num_seqs() -> None:
+    s = scheduler(max_num_seqs=2)
+    for i in range(3):
+        s.add(request(f"r{i}", [5, 6]))
+    assert [c[0] for c in step(s)[0]] == ["r0", "r1"]
+    assert [r.id for r in s.waiting] == ["r2"]
+
+
+def test_when_blocks_run_out_the_newest_request_is_preempted_and_recomputed_later() -> None:
+    s = scheduler(num_blocks=5, budget=64, max_model_len=16)  # 4 usable blocks of 4 tokens
+    s.add(request("old", [5] * 7, max_tokens=9, ignore_eos=True))
+    s.add(request("new", [6] * 7, max_tokens=5, ignore_eos=True))
+    step(s)  # both prefilled: 7 positions (2 blocks) each, and a first token sampled
+    step(s)  # both decode their first token: position 7, still in the 2nd block
+    chunks, preempted = step(s)  # old needs a 3rd block: new (newest) gives its blocks up
+    assert [r.id for r in preempted] == ["new"] and chunks == [("old", 8, 1)]
+    new = s.waiting[0]
+    assert new.status is RequestStatus.PREEMPTED and new.computed == 0 and new.output_token_ids == [7, 7]
+    assert s.preemptions == 1
+    # It comes back once blocks free up, recomputing prompt and generated token together.
+    while s.has_work:
+        chunks, _ = step(s)
+        if ("new", 0, 9) in chunks:
+            break
+    else:
+        pytest.fail("the preempted request never came back")
+    while s.has_work:
+        step(s)
+    assert s.kv.used_blocks == 0
+
+
+def test_an_aborted_request_frees_its_blocks_at_once() -> None:
+    s = scheduler()
+    s.add(request("a", list(range(10))))
+    step(s)
+    assert s.kv.used_blocks == 3
+    assert s.abort("a").status is RequestStatus.FINISHED_ABORTED
+    assert s.kv.used_blocks == 0 and not s.has_work and s.abort("a") is None
+
+
+def test_a_shared_prefix_schedules_only_the_suffix() -> None:
+    s = scheduler()
+    prefix = list(range(100, 112))  # 3 full blocks
+    s.add(request("a", prefix + [1, 2]))
+    step(s)
+    s.add(request("b", prefix + [3, 4, 5]))
+    assert ("b", 12, 3) in step(s)[0]
+    assert s.kv.stats.hit == 12
+
+
+@pytest.mark.parametrize(
+    "params, tokens, reason, generated",
+    [
+        ({"max_tokens": 3}, [7, 7, 7, 7], "length", 3),
+        ({}, [7, EOS, 7], "stop", 2),
+        ({"min_tokens": 3}, [EOS, EOS, EOS, 7], "stop", 3),
+        ({"ignore_eos": True, "max_tokens": 4}, [EOS] * 5, "length", 4),
+        ({"stop_token_ids": [9]}, [7, 9, 7], "stop", 2),
+    ],
+)
+def test_stop_conditions(params: dict, tokens: list[int], reason: str, generated: int) -> None:
+    s = scheduler()
+    r = request("a", [5, 6], **params)
+    s.add(r)
+    for token in tokens:
+        if not s.has_work:
+            break
+        step(s, token)
+    assert r.finish_reason == reason and len(r.output_token_ids) == generated
+    assert s.kv.used_blocks == 0
+
+
+def test_a_pool_that_cannot_hold_one_full_length_request_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="cannot hold one request of max_model_len=17"):
+        scheduler(num_blocks=5, max_model_len=17)
+
+
+def test_the_model_length_ends_a_request_and_longer_prompts_are_refused() -> None:
+    s = scheduler(max_model_len=8)
+    with pytest.raises(InvalidArgumentError, match="the model takes at most 8"):
+        s.add(request("long", list(range(8))))
+    r = request("a", [5, 6, 7], max_tokens=100)
+    s.add(r)
+    while s.has_work:
+        step(s)
+    assert r.finish_reason == "length" and r.num_tokens == 8
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_traffic_respects_every_limit_and_drains(seed: int) -> None:
+    rng = random.Random(seed)
+    s = scheduler(num_blocks=12, max_num_seqs=4, budget=rng.choice([4, 8, 16]), max_model_len=44)
+    requests = []
+    for step_index in range(400):
+        if rng.random() < 0.3 and len(requests) < 40:
+            r = request(f"r{step_index}", [rng.randrange(3, 50) for _ in range(rng.randrange(1, 20))],
+                        max_tokens=rng.randrange(1, 12))
+            s.add(r)
+            requests.append(r)
+        if s.running and rng.random() < 0.05:
+            s.abort(rng.choice(s.running).id)
+        out = s.schedule()
+        assert out.num_tokens <= s.max_num_batched_tokens and len(s.running) <= s.max_num_seqs
+        assert len({c.request.id for c in out.chunks}) == len(out.chunks)
+        s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
+        if not s.has_work and len(requests) >= 40:
+            break
+    while s.has_work:
+        out = s.schedule()
+        s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
+    assert all(r.status.finished for r in requests)
+    assert s.kv.used_blocks == 0
+    for r in requests:
+        if r.status is RequestStatus.FINISHED_LENGTH:
+            assert len(r.output_token_ids) == r.params.max_tokens or r.num_tokens == s.max_model_len
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("temperature", -0.1, "temperature must be in"),
+        ("top_p", 0.0, "top_p must be in"),
+        ("n", 0, "n must be at least 1"),
+        ("max_tokens", 0, "max_tokens must be at least 1"),
+        ("min_tokens", 20, "min_tokens must be less than or equal to max_tokens"),
+        ("presence_penalty", 3.0, "presence_penalty"),
+        ("stop", [""], "stop must be non-empty"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        SamplingParams(**{field: value})
+
+
+def test_an_empty_prompt_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="the prompt is empty"):
+        request("a", [])
