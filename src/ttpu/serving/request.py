@@ -4,6 +4,7 @@ and its state as the scheduler moves it along."""
 from __future__ import annotations
 
 import enum
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,10 +108,14 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     computed: int = 0
     error: str | None = None
+    seed: int = -1  # of its draws: the params' seed, else a random one
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise InvalidArgumentError("the prompt is empty: give at least one token")
+        if self.seed < 0:
+            self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(32)
+        self.seed %= 2**32
 
     @property
     def tokens(self) -> list[int]:

@@ -1,0 +1,98 @@
+"""The serving engine: requests in, one scheduled step at a time, tokens out.
+
+Each :meth:`LLMEngine.step` asks the scheduler which tokens to compute, has the runner
+compute them in one compiled step over the paged KV pool, samples each request whose
+chunk reached its last token, and hands the results back to the scheduler (which stops
+and frees finished requests). Requests can be added and aborted between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from ttpu.errors import InvalidArgumentError
+from ttpu.serving.kv_blocks import KVBlockManager
+from ttpu.serving.request import Request, SamplingParams
+from ttpu.serving.runner import ModelRunner
+from ttpu.serving.sampler import row_sampling, sample
+from ttpu.serving.scheduler import Scheduler
+
+
+class LLMEngine:
+    """A continuous-batching engine over one loaded :class:`ttpu.TPUModel` (JAX backend).
+
+    ``num_blocks`` (default: room for every running request at full length) blocks of
+    ``block_size`` tokens form the KV pool; each step computes at most
+    ``max_num_batched_tokens`` tokens of at most ``max_num_seqs`` requests."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int = 256,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if model.backend != "jax":
+            raise InvalidArgumentError("the serving engine runs on the JAX backend so far: load with backend='jax'")
+        context = getattr(model.torch_module.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        max_model_len = max_model_len or min(context or 2048, 2048)
+        if context and max_model_len > context:
+            raise InvalidArgumentError(f"max_model_len={max_model_len} exceeds the model's {context} positions")
+        blocks_per_request = -(-max_model_len // block_size)
+        num_blocks = num_blocks or max_num_seqs * blocks_per_request + 1
+        self.max_model_len = max_model_len
+        self.kv = KVBlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len)
+        self.runner = ModelRunner(
+            model, model.decoder().layout, num_blocks, block_size, max_model_len, max_num_batched_tokens, max_num_seqs
+        )
+        eos = model.torch_module.generation_config.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+        self._sample = jax.jit(sample, static_argnums=(2,))
+        self._requests: dict[str, Request] = {}
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
+        if request_id in self._requests:
+            raise InvalidArgumentError(f"request id {request_id!r} is already in use")
+        prompt = [int(t) for t in prompt_token_ids]
+        request = Request(request_id, prompt, params, eos_token_ids=self.eos_token_ids)
+        if params.max_tokens is not None and len(prompt) + params.max_tokens > self.max_model_len:
+            raise InvalidArgumentError(
+                f"the prompt ({len(prompt)} tokens) and max_tokens={params.max_tokens} exceed the engine's "
+                f"max_model_len={self.max_model_len}"
+            )
+        self.scheduler.add(request)
+        self._requests[request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._requests.pop(request_id, None)
+
+    def step(self) -> list[Request]:
+        """One step; returns the requests that got a token (finished ones included)."""
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        inputs = self.runner.prepare(out, {c.request.id: self.kv.block_ids(c.request.id) for c in out.chunks})
+        logits = self.runner.run(inputs)
+        requests = [self._requests[i] for i in inputs.sampling_ids]
+        rows, filters = row_sampling(requests, logits.shape[0], logits.shape[1])
+        tokens = np.asarray(self._sample(logits, rows, filters))
+        changed = self.scheduler.update(out, dict(zip(inputs.sampling_ids, tokens.tolist())))
+        for request in changed:
+            if request.status.finished:
+                self._requests.pop(request.id, None)
+        return changed

@@ -1,0 +1,204 @@
+"""The engine's model runner (JAX backend): one compiled step runs a stock transformers
+model over a flat, ragged batch of tokens from many requests, reading and writing a
+paged KV pool, and returns the logits of the tokens that sample.
+
+The model is adapted through transformers' own seam: a "ttpu_paged" attention function is
+registered with ``AttentionInterface`` (and no mask function, so transformers builds no
+mask); while the step is traced the model's configs name it, and each attention layer
+writes its new keys and values into its pool by slot and attends through the block
+tables (:mod:`ttpu.serving.paged_attention`). The pools are donated to each step.
+Steps are padded to buckets of tokens and of requests (powers of two), so a running
+engine compiles one program per bucket pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import AttentionInterface
+
+from ttpu.backends.jax.environment import to_traced
+from ttpu.backends.jax.executables import Executables
+from ttpu.backends.jax.kv_cache import KEYS, VALUES, CacheLayout
+from ttpu.backends.jax.torchax_compat import import_torchax
+from ttpu.errors import InvalidArgumentError
+from ttpu.serving.paged_attention import PagedBatch, paged_attention, write_kv
+from ttpu.serving.scheduler import SchedulerOutput
+
+PAGED_ATTENTION = "ttpu_paged"
+MIN_TOKEN_BUCKET, MIN_REQUEST_BUCKET = 16, 8
+
+torchax = import_torchax()
+Pools = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (keys, values) [slots, kv_heads, dim]
+
+
+@dataclass
+class _Step:
+    """What the attention layers of the step being traced read and write."""
+
+    pools: list[tuple[jax.Array, jax.Array]]
+    batch: PagedBatch
+    block_size: int
+
+
+_current_step: contextvars.ContextVar[_Step] = contextvars.ContextVar("ttpu_paged_step")
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function over the step's paged pools; ``query``, ``key``,
+    ``value`` are [1, heads, tokens, dim]."""
+    step = _current_step.get()
+    view = torchax.interop.jax_view
+    q, k, v = (jnp.swapaxes(view(x)[0], 0, 1) for x in (query, key, value))  # [tokens, heads, dim]
+    keys, values = step.pools[module.layer_idx]
+    keys, values = write_kv(keys, k, step.batch.slots), write_kv(values, v, step.batch.slots)
+    step.pools[module.layer_idx] = (keys, values)
+    out = paged_attention(
+        q, keys, values, step.batch, block_size=step.block_size,
+        scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
+        sliding_window=sliding_window, softcap=softcap, sinks=None if s_aux is None else view(s_aux),
+    )
+    return to_traced(out[None]), None
+
+
+AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
+
+
+@contextlib.contextmanager
+def _paged_attention_named(module: torch.nn.Module) -> Iterator[None]:
+    """Every config of ``module`` names the paged attention while a step is traced."""
+    configs = {id(m.config): m.config for m in module.modules() if hasattr(m, "config")}
+    before = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = PAGED_ATTENTION
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = before[key]
+
+
+def bucket(count: int, smallest: int, largest: int) -> int:
+    """The power of two from ``smallest`` that holds ``count`` (at most ``largest``)."""
+    size = smallest
+    while size < count:
+        size *= 2
+    return min(size, max(largest, count))
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One step's padded host arrays; ``sampling_rows[i]`` is the token whose logits
+    pick request ``sampling_ids[i]``'s next token."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    batch: PagedBatch
+    sampling_rows: np.ndarray
+    sampling_ids: list[str]
+
+
+class ModelRunner:
+    """The paged KV pools of one model and its compiled step."""
+
+    def __init__(self, model: Any, layout: CacheLayout, num_blocks: int, block_size: int, max_model_len: int,
+                 max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        if layout.recompute or any(set(layer.names) != {KEYS, VALUES} for layer in layout.layers):
+            raise InvalidArgumentError(
+                f"the serving engine runs models whose every layer caches attention keys and values; "
+                f"{type(model.torch_module).__name__} has {layout.describe()}: use model.generate() for it"
+            )
+        self._model = model
+        self._forward = model.compiled_forward
+        self.block_size = block_size
+        self.blocks_per_request = -(-max_model_len // block_size)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        placement = self._forward.placement
+        pools = []
+        for layer in layout.layers:
+            arrays = dict(layer.arrays)
+            keys, values = arrays[KEYS], arrays[VALUES]
+            shape = (num_blocks * block_size, keys.shape[0], keys.shape[2])
+            pools.append((
+                jnp.zeros(shape, keys.dtype, device=placement.replicated),
+                jnp.zeros((num_blocks * block_size, values.shape[0], values.shape[2]), values.dtype,
+                          device=placement.replicated),
+            ))
+        self.pools: Pools = tuple(pools)
+        self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
+
+    @property
+    def compile_count(self) -> int:
+        return len(self._step)
+
+    def prepare(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepInputs:
+        """The scheduled chunks as padded arrays (tokens and requests rounded up to buckets)."""
+        tokens = out.num_tokens
+        token_bucket = bucket(tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+        request_bucket = bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs)
+        ids = np.zeros(token_bucket, np.int32)
+        positions = np.full(token_bucket, -1, np.int32)
+        slots = np.zeros(token_bucket, np.int32)  # padding writes into the null block
+        rows = np.zeros(token_bucket, np.int32)
+        tables = np.zeros((request_bucket, self.blocks_per_request), np.int32)
+        sampling_rows, sampling_ids, at = [], [], 0
+        for row, chunk in enumerate(out.chunks):
+            request = chunk.request
+            table = block_ids[request.id]
+            tables[row, : len(table)] = table
+            span = np.arange(chunk.start, chunk.start + chunk.count)
+            ids[at : at + chunk.count] = request.tokens[chunk.start : chunk.start + chunk.count]
+            positions[at : at + chunk.count] = span
+            slots[at : at + chunk.count] = np.asarray(table)[span // self.block_size] * self.block_size + span % self.block_size
+            rows[at : at + chunk.count] = row
+            at += chunk.count
+            if chunk.samples:
+                sampling_rows.append(at - 1)
+                sampling_ids.append(request.id)
+        sampling = np.zeros(request_bucket, np.int32)
+        sampling[: len(sampling_rows)] = sampling_rows
+        return StepInputs(ids, positions, PagedBatch(positions, slots, rows, tables), sampling, sampling_ids)
+
+    def run(self, inputs: StepInputs) -> jax.Array:
+        """The step on the device: the logits [request bucket, vocab] of the sampling tokens."""
+        place = self._forward.placement
+        batch = PagedBatch(*(place.put(a, ()) for a in inputs.batch))
+        self.pools, logits = self._step(
+            self._forward.params, self.pools, place.put(inputs.ids, ()), batch, place.put(inputs.sampling_rows, ())
+        )
+        return logits
+
+    def _step_program(self, params: Any, pools: Pools, ids: jax.Array, batch: PagedBatch, sampling_rows: jax.Array):
+        step = _Step(list(pools), batch, self.block_size)
+        token = _current_step.set(step)
+        try:
+            with _paged_attention_named(self._model.torch_module):
+                inputs = {
+                    "input_ids": to_traced(ids[None]),
+                    "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None]),
+                    "use_cache": False,
+                }
+                hidden = self._forward.call_traced(params, inputs).logits.jax()[0]
+        finally:
+            _current_step.reset(token)
+        return tuple(step.pools), hidden[sampling_rows].astype(jnp.float32)
