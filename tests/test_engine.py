@@ -126,3 +126,41 @@ def test_a_request_longer_than_the_engine_allows_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="exceed the engine's max_model_len=32"):
         engine.add_request("long", list(range(3, 30)), SamplingParams(max_tokens=10))
     assert not engine.has_unfinished_requests
+
+
+class CharTokenizer:
+    """One character per token id (as transformers' tokenizers answer a single string)."""
+
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(0x100 + int(i)) for i in ids)
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [ord(c) - 0x100 for c in text]}
+
+
+def test_llm_takes_text_token_ids_and_per_prompt_params_and_cuts_stop_strings() -> None:
+    from ttpu import LLM, SamplingParams
+
+    eager, model = build("llama")
+    model.tokenizer = CharTokenizer()
+    llm = LLM(model, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=32, block_size=4)
+    text = CharTokenizer().decode([5, 17, 33, 4])
+    reference = expected_tokens(eager, [5, 17, 33, 4])
+    stop = CharTokenizer().decode(reference[3:4])
+    outputs = llm.generate(
+        [text, {"prompt_token_ids": [9, 9, 9]}, [5, 17, 33, 4]],
+        [GREEDY, SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=5), SamplingParams(temperature=0, stop=[stop])],
+        use_tqdm=False,
+    )
+    first, second, third = outputs
+    assert first.prompt == text and first.prompt_token_ids == [5, 17, 33, 4]
+    assert first.outputs[0].token_ids == reference and first.outputs[0].finish_reason == "length"
+    assert [len(o.token_ids) for o in second.outputs] == [5, 5] and second.outputs[0].token_ids != second.outputs[1].token_ids
+    # The stop string (the 4th greedy token's character) ends the text before it.
+    full = CharTokenizer().decode(reference)
+    assert third.outputs[0].finish_reason == "stop" and third.outputs[0].text == full[: full.find(stop)]
+    with pytest.raises(InvalidArgumentError, match="a prompt is a string, token ids"):
+        llm.generate([3.5], use_tqdm=False)
+    assert llm.engine.kv.used_blocks == 0

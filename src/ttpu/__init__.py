@@ -4,6 +4,9 @@ Public API (imported lazily so that ``import ttpu`` loads no backend)::
 
     from ttpu import AutoModelForTPU
     model = AutoModelForTPU.from_pretrained("gemma-3-270m")
+
+    from ttpu import LLM, SamplingParams        # the serving engine (continuous batching)
+    llm = LLM("gemma-3-270m", max_num_seqs=32)
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ _LAZY = {
     "BucketPolicy": "ttpu.buckets",
     "describe_sharding": "ttpu.sharding",
     "fsdp_v2": "ttpu.backends.torch_xla.fsdp",
+    "LLM": "ttpu.serving.llm",
+    "SamplingParams": "ttpu.serving.request",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
     from ttpu.backends.torch_xla.fsdp import fsdp_v2
     from ttpu.buckets import BucketPolicy
     from ttpu.model import TPUModel
+    from ttpu.serving.llm import LLM
+    from ttpu.serving.request import SamplingParams
     from ttpu.sharding import describe_sharding
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.kv_blocks import KVBlockManager
-from ttpu.serving.request import Request, SamplingParams
+from ttpu.serving.request import Request, RequestStatus, SamplingParams
 from ttpu.serving.runner import ModelRunner
 from ttpu.serving.sampler import row_sampling, sample
 from ttpu.serving.scheduler import Scheduler
@@ -78,8 +78,15 @@ class LLMEngine:
         return request
 
     def abort(self, request_id: str) -> None:
+        """Finish ``request_id`` as aborted (its client went away); its blocks are free at once."""
         self.scheduler.abort(request_id)
         self._requests.pop(request_id, None)
+
+    def stop(self, request_id: str) -> None:
+        """Finish ``request_id`` as stopped (the output side found a stop string)."""
+        request = self._requests.pop(request_id, None)
+        if request is not None and not request.status.finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
 
     def step(self) -> list[Request]:
         """One step; returns the requests that got a token (finished ones included)."""

@@ -1,0 +1,149 @@
+"""``ttpu.LLM``: vLLM's offline API over ttpu's serving engine.
+
+    llm = LLM("gemma-3-270m", max_num_seqs=32, max_model_len=2048)
+    outputs = llm.generate(["Paris is", "def fib(n):"], SamplingParams(max_tokens=64, temperature=0.8))
+    outputs[0].outputs[0].text, outputs[0].outputs[0].token_ids
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Union
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ttpu.errors import InvalidArgumentError
+from ttpu.generation.chat import chat_prompt
+from ttpu.serving.engine import LLMEngine
+from ttpu.serving.request import Request, SamplingParams
+
+Prompt = Union[str, dict, Sequence[int]]  # text, {"prompt": text} / {"prompt_token_ids": ids}, or ids
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's ``n`` sequences."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+class LLM:
+    """A model loaded once and served by a continuous-batching engine; ``model`` is a
+    name or path for :meth:`ttpu.AutoModelForTPU.from_pretrained` (which takes
+    ``load_kwargs``) or a loaded :class:`ttpu.TPUModel`."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int = 256,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        **load_kwargs: Any,
+    ) -> None:
+        if isinstance(model, str):
+            from ttpu.auto import AutoModelForTPU
+
+            model = AutoModelForTPU.from_pretrained(model, **load_kwargs)
+        elif load_kwargs:
+            raise InvalidArgumentError(f"{sorted(load_kwargs)} apply when loading by name, not to a loaded model")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.engine = LLMEngine(
+            model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
+        )
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Every prompt's completions, in the prompts' order (one ``sampling_params`` for
+        all, or one per prompt)."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidArgumentError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        batches = []
+        for prompt, p in zip(prompts, params):
+            text, ids = self._prompt(prompt)
+            request_id = str(next(self._ids))
+            forks = [
+                self.engine.add_request(f"{request_id}-{i}", ids, replace(p, n=1, seed=None if p.seed is None else p.seed + i))
+                for i in range(p.n)
+            ]
+            batches.append((request_id, text, ids, forks))
+        requests = [r for *_, forks in batches for r in forks]
+        with tqdm(total=len(requests), desc="requests", unit="req", disable=not use_tqdm) as bar:
+            done = 0
+            while self.engine.has_unfinished_requests:
+                for request in self.engine.step():
+                    self._check_stop_strings(request)
+                finished = sum(r.status.finished for r in requests)
+                bar.update(finished - done)
+                done = finished
+        return [
+            RequestOutput(request_id, text, ids, [self._completion(i, r) for i, r in enumerate(forks)], True)
+            for request_id, text, ids, forks in batches
+        ]
+
+    def chat(
+        self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
+        """One conversation's reply (the tokenizer's chat template, then generation)."""
+        ids = chat_prompt(self.tokenizer, messages)[0].tolist()
+        return self.generate({"prompt_token_ids": ids}, sampling_params, use_tqdm)
+
+    def _prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidArgumentError("this model has no tokenizer: give prompts as {'prompt_token_ids': [...]}")
+            return prompt, np.asarray(self.tokenizer(prompt)["input_ids"]).reshape(-1).tolist()
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidArgumentError(
+            f"a prompt is a string, token ids, or {{'prompt': ...}} / {{'prompt_token_ids': [...]}} (got {prompt!r})"
+        )
+
+    def _text(self, request: Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=request.params.skip_special_tokens)
+
+    def _check_stop_strings(self, request: Request) -> None:
+        if request.params.stop and not request.status.finished and any(s in self._text(request) for s in request.params.stop):
+            self.engine.stop(request.id)
+
+    def _completion(self, index: int, request: Request) -> CompletionOutput:
+        text = self._text(request)
+        if request.params.stop and not request.params.include_stop_str_in_output:
+            found = [text.find(s) for s in request.params.stop if s in text]
+            text = text[: min(found)] if found else text
+        return CompletionOutput(index, text, list(request.output_token_ids), request.finish_reason)
