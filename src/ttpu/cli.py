@@ -1,4 +1,4 @@
-"""The ``ttpu`` command: generate, chat, predict, doctor, coverage, launch."""
+"""The ``ttpu`` command: generate, chat, predict, doctor, serve, coverage, launch."""
 
 from __future__ import annotations
 
@@ -245,6 +245,25 @@ def launch(args: argparse.Namespace) -> int:
     )
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Serve a model over an OpenAI-compatible HTTP API (continuous batching)."""
+    import uvicorn
+
+    from ttpu.serving.llm import LLM
+    from ttpu.serving.server import build_app
+
+    model = _load(args)
+    with step("starting the serving engine"):
+        llm = LLM(
+            model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+            num_blocks=args.num_blocks, enable_prefix_caching=not args.no_prefix_caching,
+        )
+    app = build_app(llm, args.served_model_name or args.model)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="jax", help="backend (default: jax)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -280,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="how many tokens to show")
     _add_model_options(p)
     p.set_defaults(run=predict)
+
+    p = commands.add_parser("serve", help=serve.__doc__)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's, at most 2048)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens computed per engine step")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: room for every request at full length)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    _add_model_options(p)
+    p.set_defaults(run=serve)
 
     p = commands.add_parser("coverage", help=coverage.__doc__, add_help=False)
     p.set_defaults(run=coverage)  # its own options are parsed by ttpu.coverage

@@ -66,6 +66,14 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
         if request_id in self._requests:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use")
+        unsupported = [
+            name for name, value, off in (
+                ("presence_penalty", params.presence_penalty, 0.0), ("frequency_penalty", params.frequency_penalty, 0.0),
+                ("repetition_penalty", params.repetition_penalty, 1.0), ("logprobs", params.logprobs, None),
+            ) if value != off
+        ]
+        if unsupported:
+            raise InvalidArgumentError(f"the serving engine does not implement {', '.join(unsupported)} yet")
         prompt = [int(t) for t in prompt_token_ids]
         request = Request(request_id, prompt, params, eos_token_ids=self.eos_token_ids)
         if params.max_tokens is not None and len(prompt) + params.max_tokens > self.max_model_len:
@@ -81,6 +89,12 @@ class LLMEngine:
         """Finish ``request_id`` as aborted (its client went away); its blocks are free at once."""
         self.scheduler.abort(request_id)
         self._requests.pop(request_id, None)
+
+    def fail(self, request_id: str, error: str) -> None:
+        """Finish ``request_id`` with ``error`` (its step raised); the others go on."""
+        request = self._requests.pop(request_id, None)
+        if request is not None and not request.status.finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR, error)
 
     def stop(self, request_id: str) -> None:
         """Finish ``request_id`` as stopped (the output side found a stop string)."""

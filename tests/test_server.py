@@ -1,0 +1,171 @@
+"""``ttpu serve`` started on 127.0.0.1 by the test (a tiny random Llama saved with a small
+BPE tokenizer trained on local text), talked to with the official ``openai`` client:
+completions and chat, streaming and not, sync and async, usage, errors, metrics, and a
+client that hangs up mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+MODEL = "tiny"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = importlib.metadata.metadata("transformers").get_payload()  # local prose: its long description
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator([text], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFast]:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _tokenizer()
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    module = LlamaForCausalLM(config).eval()
+    module.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, module, tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(saved_model):
+    directory, _, _ = saved_model
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(directory / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ttpu.cli", "serve", str(directory), "--served-model-name", MODEL, "--port", str(port),
+         "--max-num-seqs", "8", "--max-model-len", "128", "--max-num-batched-tokens", "64", "--block-size", "8",
+         "--dtype", "float32"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail("ttpu serve exited:\n" + (directory / "server.log").read_text()[-3000:])
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("ttpu serve did not start:\n" + (directory / "server.log").read_text()[-3000:])
+    yield base
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def expected_text(saved_model, prompt_ids: list[int], new_tokens: int) -> str:
+    _, module, tokenizer = saved_model
+    with torch.no_grad():
+        out = module.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
+
+
+def test_models_health_and_greedy_completion(server, saved_model) -> None:
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    prompt = "The library provides"
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    ids = saved_model[2](prompt)["input_ids"]
+    assert done.choices[0].text == expected_text(saved_model, ids, 12)
+    assert done.usage.prompt_tokens == len(ids) and done.usage.completion_tokens <= 12
+
+
+def test_chat_streams_the_same_text_with_usage(server, saved_model) -> None:
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "Say something about models."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_concurrent_async_requests(server, saved_model) -> None:
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="none")
+        prompts = ["Hugging Face", "transformers models", "A", "state-of-the-art machine learning for"]
+        answers = await asyncio.gather(*(
+            client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0) for p in prompts
+        ))
+        return prompts, [a.choices[0].text for a in answers]
+
+    prompts, texts = asyncio.run(run())
+    tokenizer = saved_model[2]
+    assert texts == [expected_text(saved_model, tokenizer(p)["input_ids"], 8) for p in prompts]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server) -> None:
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=500)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "x"}])
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="other", prompt="x")
+    bad_json = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "error" in bad_json.json()
+    assert client.completions.create(model=MODEL, prompt="still", max_tokens=2).choices[0].text is not None
+
+
+def test_a_client_hanging_up_mid_stream_frees_its_request(server) -> None:
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    stream = client.completions.create(
+        model=MODEL, prompt="Go on", max_tokens=110, stream=True, extra_body={"min_tokens": 110}
+    )
+    for _, _ in zip(range(3), stream):
+        pass
+    stream.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = httpx.get(server + "/metrics").text
+        if "ttpu:num_requests_running 0.0" in metrics and "ttpu:kv_cache_blocks_used 0.0" in metrics:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the hung-up request still holds the engine:\n" + metrics)
+    assert 'ttpu:request_success_total{finished_reason="abort"} 1.0' in metrics
+    assert "ttpu:time_to_first_token_seconds_count" in metrics
