@@ -13,7 +13,7 @@ from architectures import ARCHITECTURES
 
 from ttpu import AutoModelForTPU
 from ttpu.errors import InvalidArgumentError
-from ttpu.serving.engine import LLMEngine
+from ttpu.serving.engine import EngineConfig, LLMEngine
 from ttpu.serving.request import SamplingParams
 
 NEW_TOKENS = 10
@@ -56,7 +56,7 @@ def test_requests_batched_continuously_give_transformers_greedy_tokens(name: str
     Qwen3-MoE), learned positions (GPT-2, OPT); a budget of 16 tokens per step prefills the
     40-token prompt in chunks beside the others' decodes."""
     eager, model = build(name)
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     assert engine.runner.compile_count <= 2  # one program per (token, request) bucket pair used
@@ -65,8 +65,9 @@ def test_requests_batched_continuously_give_transformers_greedy_tokens(name: str
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
 def test_preemption_by_recompute_keeps_the_tokens(prefix_caching: bool) -> None:
     eager, model = build("gemma3_text")
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=8, block_size=4,
-                       num_blocks=20, enable_prefix_caching=prefix_caching)
+    config = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=8, block_size=4, num_blocks=20,
+                          enable_prefix_caching=prefix_caching)
+    engine = LLMEngine(model, config)
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     assert engine.scheduler.preemptions > 0
@@ -75,7 +76,7 @@ def test_preemption_by_recompute_keeps_the_tokens(prefix_caching: bool) -> None:
 
 def test_a_shared_prefix_is_computed_once() -> None:
     eager, model = build("llama")
-    engine = LLMEngine(model, max_num_seqs=8, max_model_len=128, max_num_batched_tokens=64, block_size=4)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_model_len=128, max_num_batched_tokens=64, block_size=4))
     shared = list(range(40, 52))  # 3 full blocks
     first, *rest = prompts(seed=1, prefix=shared)
     assert serve(engine, [first]) == [expected_tokens(eager, first)]
@@ -95,7 +96,7 @@ def test_a_shared_prefix_is_computed_once() -> None:
 
 def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it() -> None:
     _, model = build("llama")
-    engine = LLMEngine(model, max_num_seqs=8, max_model_len=128, max_num_batched_tokens=64, block_size=4)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_model_len=128, max_num_batched_tokens=64, block_size=4))
     params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
     alone = serve(engine, [[5, 6, 7]], params)[0]
     engine._requests.clear()
@@ -107,7 +108,7 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it() -> N
 
 def test_an_aborted_request_frees_its_blocks_and_the_others_go_on() -> None:
     eager, model = build("llama")
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
     batch = prompts()[:3]
     requests = [engine.add_request(f"r{i}", p, GREEDY) for i, p in enumerate(batch)]
     engine.step()
@@ -122,7 +123,7 @@ def test_an_aborted_request_frees_its_blocks_and_the_others_go_on() -> None:
 
 def test_a_request_longer_than_the_engine_allows_is_refused() -> None:
     _, model = build("llama")
-    engine = LLMEngine(model, max_num_seqs=4, max_model_len=32, max_num_batched_tokens=16, block_size=4)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=32, max_num_batched_tokens=16, block_size=4))
     with pytest.raises(InvalidArgumentError, match="exceed the engine's max_model_len=32"):
         engine.add_request("long", list(range(3, 30)), SamplingParams(max_tokens=10))
     assert not engine.has_unfinished_requests

@@ -9,6 +9,7 @@ and frees finished requests). Requests can be added and aborted between steps.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -22,34 +23,37 @@ from ttpu.serving.sampler import row_sampling, sample
 from ttpu.serving.scheduler import Scheduler
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's limits: ``num_blocks`` (default: room for every running request at
+    full length) blocks of ``block_size`` tokens form the KV pool; each step computes at
+    most ``max_num_batched_tokens`` tokens of at most ``max_num_seqs`` requests;
+    ``max_model_len`` (default: the model's positions, at most 2048) bounds prompt plus
+    output."""
+
+    max_num_seqs: int = 32
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 256
+    block_size: int = 16
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+
 class LLMEngine:
-    """A continuous-batching engine over one loaded :class:`ttpu.TPUModel` (JAX backend).
+    """A continuous-batching engine over one loaded :class:`ttpu.TPUModel` (JAX backend)."""
 
-    ``num_blocks`` (default: room for every running request at full length) blocks of
-    ``block_size`` tokens form the KV pool; each step computes at most
-    ``max_num_batched_tokens`` tokens of at most ``max_num_seqs`` requests."""
-
-    def __init__(
-        self,
-        model: Any,
-        *,
-        max_num_seqs: int = 32,
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int = 256,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        enable_prefix_caching: bool = True,
-    ) -> None:
+    def __init__(self, model: Any, config: EngineConfig = EngineConfig()) -> None:
         if model.backend != "jax":
             raise InvalidArgumentError("the serving engine runs on the JAX backend so far: load with backend='jax'")
         context = getattr(model.torch_module.config.get_text_config(decoder=True), "max_position_embeddings", None)
-        max_model_len = max_model_len or min(context or 2048, 2048)
+        max_model_len = config.max_model_len or min(context or 2048, 2048)
         if context and max_model_len > context:
             raise InvalidArgumentError(f"max_model_len={max_model_len} exceeds the model's {context} positions")
+        max_num_seqs, max_num_batched_tokens, block_size = config.max_num_seqs, config.max_num_batched_tokens, config.block_size
         blocks_per_request = -(-max_model_len // block_size)
-        num_blocks = num_blocks or max_num_seqs * blocks_per_request + 1
+        num_blocks = config.num_blocks or max_num_seqs * blocks_per_request + 1
         self.max_model_len = max_model_len
-        self.kv = KVBlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len)
         self.runner = ModelRunner(
             model, model.decoder().layout, num_blocks, block_size, max_model_len, max_num_batched_tokens, max_num_seqs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Union
 
 import numpy as np
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ttpu.errors import InvalidArgumentError
 from ttpu.generation.chat import chat_prompt
-from ttpu.serving.engine import LLMEngine
+from ttpu.serving.engine import EngineConfig, LLMEngine
 from ttpu.serving.request import Request, SamplingParams
 
 Prompt = Union[str, dict, Sequence[int]]  # text, {"prompt": text} / {"prompt_token_ids": ids}, or ids
@@ -43,22 +43,16 @@ class RequestOutput:
 
 
 class LLM:
-    """A model loaded once and served by a continuous-batching engine; ``model`` is a
-    name or path for :meth:`ttpu.AutoModelForTPU.from_pretrained` (which takes
-    ``load_kwargs``) or a loaded :class:`ttpu.TPUModel`."""
+    """A model loaded once and served by a continuous-batching engine. ``model`` is a
+    name or path for :meth:`ttpu.AutoModelForTPU.from_pretrained` or a loaded
+    :class:`ttpu.TPUModel`; keyword arguments are :class:`EngineConfig` fields
+    (``max_num_seqs``, ``max_model_len``, ...) and, when loading by name,
+    ``from_pretrained``'s."""
 
-    def __init__(
-        self,
-        model: Any,
-        *,
-        max_num_seqs: int = 32,
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int = 256,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        enable_prefix_caching: bool = True,
-        **load_kwargs: Any,
-    ) -> None:
+    def __init__(self, model: Any, **kwargs: Any) -> None:
+        names = {f.name for f in fields(EngineConfig)}
+        config = EngineConfig(**{k: v for k, v in kwargs.items() if k in names})
+        load_kwargs = {k: v for k, v in kwargs.items() if k not in names}
         if isinstance(model, str):
             from ttpu.auto import AutoModelForTPU
 
@@ -67,10 +61,7 @@ class LLM:
             raise InvalidArgumentError(f"{sorted(load_kwargs)} apply when loading by name, not to a loaded model")
         self.model = model
         self.tokenizer = model.tokenizer
-        self.engine = LLMEngine(
-            model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
-        )
+        self.engine = LLMEngine(model, config)
         self._ids = itertools.count()
 
     def generate(
