@@ -165,3 +165,28 @@ def test_llm_takes_text_token_ids_and_per_prompt_params_and_cuts_stop_strings() 
     with pytest.raises(InvalidArgumentError, match="a prompt is a string, token ids"):
         llm.generate([3.5], use_tqdm=False)
     assert llm.engine.kv.used_blocks == 0
+
+
+def test_after_the_warm_up_no_mix_of_requests_compiles() -> None:
+    """Every (token, request) bucket pair and both sampler variants compile up front;
+    then 80 requests of random lengths and settings, arriving over time, compile nothing."""
+    import random
+
+    _, model = build("llama")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_model_len=64, max_num_batched_tokens=32, block_size=4))
+    assert engine.warm_up(progress=False) > 0
+    compiled = engine.compile_count
+    pairs = engine.runner.buckets()
+    assert compiled == len(pairs) + 2 * len({requests for _, requests in pairs})  # steps; greedy/filtering samplers
+    rng = random.Random(0)
+    for i in range(80):
+        params = rng.choice([
+            GREEDY, SamplingParams(temperature=0.8, top_k=5, max_tokens=rng.randrange(1, 12), seed=i),
+            SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, max_tokens=rng.randrange(1, 12), stop_token_ids=[3, 4]),
+        ])
+        engine.add_request(f"r{i}", [rng.randrange(3, 200) for _ in range(rng.randrange(1, 40))], params)
+        for _ in range(rng.randrange(0, 3)):
+            engine.step()
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert engine.compile_count == compiled and engine.kv.used_blocks == 0

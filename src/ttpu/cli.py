@@ -259,6 +259,8 @@ def serve(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
             num_blocks=args.num_blocks, enable_prefix_caching=not args.no_prefix_caching,
         )
+    seconds = llm.engine.warm_up(progress=sys.stderr.isatty())
+    print(f"compiled {llm.engine.compile_count} serving programs in {seconds:.1f} s", file=sys.stderr, flush=True)
     app = build_app(llm, args.served_model_name or args.model)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -8,13 +8,15 @@ and frees finished requests). Requests can be added and aborted between steps.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 import numpy as np
+from tqdm.auto import tqdm
 
+from ttpu.backends.jax.executables import Executables
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.kv_blocks import KVBlockManager
 from ttpu.serving.request import Request, RequestStatus, SamplingParams
@@ -60,8 +62,27 @@ class LLMEngine:
         )
         eos = model.torch_module.generation_config.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
-        self._sample = jax.jit(sample, static_argnums=(2,))
+        self._sample = Executables(sample, static_argnums=(2,), name="serving_sampler", store=None)
         self._requests: dict[str, Request] = {}
+
+    @property
+    def compile_count(self) -> int:
+        """Programs compiled so far (steps and samplers)."""
+        return self.runner.compile_count + len(self._sample)
+
+    def warm_up(self, progress: bool = True) -> float:
+        """Compile every bucket pair's step and sampler before serving (a progress bar);
+        returns the seconds it took. Afterwards no request mix compiles anything."""
+        start = time.perf_counter()
+        pairs = self.runner.buckets()
+        vocab = None
+        for tokens, requests in tqdm(pairs, desc="compiling serving steps", unit="bucket", disable=not progress):
+            logits = self.runner.run(self.runner.empty_step(tokens, requests))
+            vocab = logits.shape[1]
+            for filters in (False, True):
+                rows, _ = row_sampling([], requests, vocab)
+                self._sample(logits, rows, filters)
+        return time.perf_counter() - start
 
     @property
     def has_unfinished_requests(self) -> bool:

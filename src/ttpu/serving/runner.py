@@ -151,6 +151,20 @@ class ModelRunner:
     def compile_count(self) -> int:
         return len(self._step)
 
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (token, request) bucket pair a step can be padded to: ``r`` requests
+        scheduled means at least ``r`` tokens, so a pair needs ``tokens >`` half of ``requests``."""
+        tokens = _powers(MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+        requests = _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)
+        return [(t, r) for t in tokens for r in requests if t >= bucket(r // 2 + 1, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)]
+
+    def empty_step(self, tokens: int, requests: int) -> StepInputs:
+        """A step of padding only (it writes the null block), to compile a bucket pair."""
+        positions = np.full(tokens, -1, np.int32)
+        zeros = np.zeros(tokens, np.int32)
+        tables = np.zeros((requests, self.blocks_per_request), np.int32)
+        return StepInputs(zeros, positions, PagedBatch(positions, zeros, zeros, tables), np.zeros(requests, np.int32), [])
+
     def prepare(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepInputs:
         """The scheduled chunks as padded arrays (tokens and requests rounded up to buckets)."""
         tokens = out.num_tokens
@@ -202,3 +216,11 @@ class ModelRunner:
         finally:
             _current_step.reset(token)
         return tuple(step.pools), hidden[sampling_rows].astype(jnp.float32)
+
+
+def _powers(smallest: int, largest: int) -> list[int]:
+    """The buckets from ``smallest`` doubling up to the one holding ``largest``."""
+    sizes = [bucket(1, smallest, largest)]
+    while sizes[-1] < largest:
+        sizes.append(bucket(sizes[-1] + 1, smallest, largest))
+    return sizes

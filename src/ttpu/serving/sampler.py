@@ -39,7 +39,10 @@ def row_sampling(requests: Sequence[Request], rows: int, vocab: int) -> tuple[Ro
         settings[:, row] = (p.temperature, max(p.top_k, 0), p.top_p, p.min_p, request.seed, len(request.output_token_ids))
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(request.eos_token_ids))
         early.append(sorted(stops) if len(request.output_token_ids) < p.min_tokens else [])
-    suppressed = np.full((rows, max(map(len, early), default=0) or 1), vocab, np.int32)
+    width = 4  # a power of two from 4, so the usual EOS and stop-token counts share one program
+    while width < max(map(len, early), default=0):
+        width *= 2
+    suppressed = np.full((rows, width), vocab, np.int32)
     for row, tokens in enumerate(early):
         suppressed[row, : len(tokens)] = tokens
     filters = bool(np.any(settings[1] > 0) or np.any(settings[2] < 1) or np.any(settings[3] > 0))
