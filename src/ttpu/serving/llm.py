@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Union
 
 import numpy as np
@@ -82,10 +82,7 @@ class LLM:
         for prompt, p in zip(prompts, params):
             text, ids = self._prompt(prompt)
             request_id = str(next(self._ids))
-            forks = [
-                self.engine.add_request(f"{request_id}-{i}", ids, replace(p, n=1, seed=None if p.seed is None else p.seed + i))
-                for i in range(p.n)
-            ]
+            forks = [self.engine.add_request(f"{request_id}-{i}", ids, fork) for i, fork in enumerate(p.forks())]
             batches.append((request_id, text, ids, forks))
         requests = [r for *_, forks in batches for r in forks]
         with tqdm(total=len(requests), desc="requests", unit="req", disable=not use_tqdm) as bar:
@@ -123,18 +120,22 @@ class LLM:
             f"a prompt is a string, token ids, or {{'prompt': ...}} / {{'prompt_token_ids': [...]}} (got {prompt!r})"
         )
 
-    def _text(self, request: Request) -> str:
+    def decode(self, token_ids: Sequence[int], params: SamplingParams, cut_at_stop: bool = True) -> str:
+        """The text of generated ``token_ids``, ending before the first stop string found
+        (unless ``include_stop_str_in_output`` or not ``cut_at_stop``)."""
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=request.params.skip_special_tokens)
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+        found = [text.find(s) for s in params.stop if s in text]
+        return text[: min(found)] if found and cut_at_stop and not params.include_stop_str_in_output else text
 
     def _check_stop_strings(self, request: Request) -> None:
-        if request.params.stop and not request.status.finished and any(s in self._text(request) for s in request.params.stop):
-            self.engine.stop(request.id)
+        params = request.params
+        if params.stop and not request.status.finished:
+            text = self.decode(request.output_token_ids, params, cut_at_stop=False)
+            if any(s in text for s in params.stop):
+                self.engine.stop(request.id)
 
     def _completion(self, index: int, request: Request) -> CompletionOutput:
-        text = self._text(request)
-        if request.params.stop and not request.params.include_stop_str_in_output:
-            found = [text.find(s) for s in request.params.stop if s in text]
-            text = text[: min(found)] if found else text
+        text = self.decode(request.output_token_ids, request.params)
         return CompletionOutput(index, text, list(request.output_token_ids), request.finish_reason)

@@ -3,6 +3,7 @@ and its state as the scheduler moves it along."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import secrets
 import time
@@ -67,6 +68,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def forks(self) -> list[SamplingParams]:
+        """The ``n`` single-sequence requests these params make (seeds ``seed + i``)."""
+        return [
+            dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i) for i in range(self.n)
+        ]
 
 
 class RequestStatus(enum.IntEnum):

@@ -276,14 +276,10 @@ async def _respond(
     response_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{time.monotonic_ns()}"
     created = int(time.time())
     chat = kind.startswith("chat")
-    single = SamplingParams(**{**params.__dict__, "n": 1})
-    seeds = [None if params.seed is None else params.seed + i for i in range(params.n)]
-    streams = [engine.generate(prompt, SamplingParams(**{**single.__dict__, "seed": seed})) for seed in seeds]
+    streams = [engine.generate(prompt, fork) for fork in params.forks()]
 
     def text_of(update: _Update) -> str:
-        text = llm.tokenizer.decode(update.token_ids, skip_special_tokens=params.skip_special_tokens)
-        found = [text.find(s) for s in params.stop if s in text]
-        return text[: min(found)] if found and not params.include_stop_str_in_output else text
+        return llm.decode(update.token_ids, params)
 
     def choice(index: int, text: str, finish: str | None, delta: bool) -> dict:
         if chat:
