@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from ttpu import AutoModelForTPU
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.engine import EngineConfig, LLMEngine
 from ttpu.serving.request import SamplingParams
+from ttpu.serving.sampler import SamplerMode
 
 NEW_TOKENS = 10
 PROMPT_LENGTHS = (1, 5, 17, 40, 9, 3)
@@ -168,8 +170,8 @@ def test_llm_takes_text_token_ids_and_per_prompt_params_and_cuts_stop_strings() 
 
 
 def test_after_the_warm_up_no_mix_of_requests_compiles() -> None:
-    """Every (token, request) bucket pair and both sampler variants compile up front;
-    then 80 requests of random lengths and settings, arriving over time, compile nothing."""
+    """Every (token, request) bucket pair and every sampler mode compile up front; then
+    200 requests of random lengths and settings, arriving over time, compile nothing."""
     import random
 
     _, model = build("llama")
@@ -177,12 +179,14 @@ def test_after_the_warm_up_no_mix_of_requests_compiles() -> None:
     assert engine.warm_up(progress=False) > 0
     compiled = engine.compile_count
     pairs = engine.runner.buckets()
-    assert compiled == len(pairs) + 2 * len({requests for _, requests in pairs})  # steps; greedy/filtering samplers
+    assert compiled == len(pairs) + len(SamplerMode.every()) * len({requests for _, requests in pairs})
     rng = random.Random(0)
-    for i in range(80):
+    for i in range(200):
         params = rng.choice([
             GREEDY, SamplingParams(temperature=0.8, top_k=5, max_tokens=rng.randrange(1, 12), seed=i),
             SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, max_tokens=rng.randrange(1, 12), stop_token_ids=[3, 4]),
+            SamplingParams(temperature=0.7, repetition_penalty=1.2, frequency_penalty=0.5, max_tokens=rng.randrange(1, 12)),
+            SamplingParams(temperature=0, presence_penalty=1.0, logprobs=rng.randrange(0, 6), max_tokens=rng.randrange(1, 12)),
         ])
         engine.add_request(f"r{i}", [rng.randrange(3, 200) for _ in range(rng.randrange(1, 40))], params)
         for _ in range(rng.randrange(0, 3)):
@@ -190,3 +194,54 @@ def test_after_the_warm_up_no_mix_of_requests_compiles() -> None:
     while engine.has_unfinished_requests:
         engine.step()
     assert engine.compile_count == compiled and engine.kv.used_blocks == 0
+
+
+def test_repetition_penalty_and_logprobs_match_transformers() -> None:
+    """Greedy under ``repetition_penalty`` gives transformers' tokens (its processor is
+    vLLM's formula over prompt and output); ``logprobs`` are the raw distribution's."""
+    eager, model = build("llama")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))
+    batch = prompts()[:4]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, repetition_penalty=1.5, logprobs=3)
+    requests = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(batch)]
+    while engine.has_unfinished_requests:
+        engine.step()
+    for prompt, request in zip(batch, requests):
+        with torch.no_grad():
+            out = eager.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0, repetition_penalty=1.5,
+                                 output_logits=True, return_dict_in_generate=True)
+        assert request.output_token_ids == out.sequences[0, len(prompt) :].tolist()
+        for token, step_logits, logprobs in zip(request.output_token_ids, out.logits, request.output_logprobs):
+            reference = torch.log_softmax(step_logits[0].float(), -1)
+            assert logprobs.token_id == token
+            np.testing.assert_allclose(logprobs.logprob, reference[token].item(), atol=1e-4)
+            assert logprobs.rank == 1 + int((reference > reference[token]).sum())
+            top = torch.topk(reference, 3)
+            assert [t for t, _ in logprobs.top] == top.indices.tolist()
+            np.testing.assert_allclose([v for _, v in logprobs.top], top.values.numpy(), atol=1e-4)
+
+
+def test_presence_and_frequency_penalties_count_only_output_tokens() -> None:
+    from ttpu.serving.request import Request
+    from ttpu.serving.sampler import row_sampling, sample
+
+    vocab = 8
+    logits = np.linspace(-1.0, 2.0, vocab, dtype=np.float32)[None].repeat(2, 0)
+    penalized = Request("a", [7, 7, 1], SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25,
+                                                      repetition_penalty=2.0))
+    penalized.output_token_ids = [7, 2, 2, 0]
+    plain = Request("b", [7], SamplingParams(temperature=0))
+    rows, mode = row_sampling([penalized, plain], 2, vocab, history_width=16)
+    assert mode == SamplerMode(penalties=True)
+    expected = logits[0].copy()
+    for token in {7, 1, 2, 0}:  # repetition: prompt and output tokens
+        expected[token] = expected[token] / 2 if expected[token] > 0 else expected[token] * 2
+    for token, count in {7: 1, 2: 2, 0: 1}.items():  # frequency per output occurrence, presence once
+        expected[token] -= 0.25 * count + 0.5
+    from ttpu.serving import sampler
+
+    got = np.asarray(sampler._penalized(jnp.asarray(logits), rows))
+    np.testing.assert_allclose(got[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(got[1], logits[1])  # no penalties on the plain row
+    assert np.asarray(sample(jnp.asarray(logits), rows, mode).tokens).tolist() == [int(np.argmax(expected)), vocab - 1]

@@ -13,14 +13,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 MODEL = "tiny"
+
+
+class Server(NamedTuple):
+    url: str
+    pid: int
+
+    def rss_mib(self) -> float:
+        """The server process's resident memory."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}"
@@ -84,7 +96,7 @@ def server(saved_model):
     else:
         process.kill()
         pytest.fail("ttpu serve did not start:\n" + (directory / "server.log").read_text()[-3000:])
-    yield base
+    yield Server(base, process.pid)
     process.terminate()
     process.wait(timeout=30)
     log.close()
@@ -98,7 +110,7 @@ def expected_text(saved_model, prompt_ids: list[int], new_tokens: int) -> str:
 
 
 def test_models_health_and_greedy_completion(server, saved_model) -> None:
-    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     assert [m.id for m in client.models.list().data] == [MODEL]
     prompt = "The library provides"
     done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
@@ -108,7 +120,7 @@ def test_models_health_and_greedy_completion(server, saved_model) -> None:
 
 
 def test_chat_streams_the_same_text_with_usage(server, saved_model) -> None:
-    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     messages = [{"role": "user", "content": "Say something about models."}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     chunks = list(client.chat.completions.create(
@@ -122,7 +134,7 @@ def test_chat_streams_the_same_text_with_usage(server, saved_model) -> None:
 
 def test_concurrent_async_requests(server, saved_model) -> None:
     async def run() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="none")
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none")
         prompts = ["Hugging Face", "transformers models", "A", "state-of-the-art machine learning for"]
         answers = await asyncio.gather(*(
             client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0) for p in prompts
@@ -135,7 +147,7 @@ def test_concurrent_async_requests(server, saved_model) -> None:
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server) -> None:
-    client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL, prompt="x", temperature=-1)
     with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
@@ -146,13 +158,13 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server) -> None:
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "x"}])
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="other", prompt="x")
-    bad_json = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    bad_json = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "error" in bad_json.json()
     assert client.completions.create(model=MODEL, prompt="still", max_tokens=2).choices[0].text is not None
 
 
 def test_a_client_hanging_up_mid_stream_frees_its_request(server) -> None:
-    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     stream = client.completions.create(
         model=MODEL, prompt="Go on", max_tokens=110, stream=True, extra_body={"min_tokens": 110}
     )
@@ -161,7 +173,7 @@ def test_a_client_hanging_up_mid_stream_frees_its_request(server) -> None:
     stream.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        metrics = httpx.get(server + "/metrics").text
+        metrics = httpx.get(server.url + "/metrics").text
         if "ttpu:num_requests_running 0.0" in metrics and "ttpu:kv_cache_blocks_used 0.0" in metrics:
             break
         time.sleep(0.2)
@@ -169,3 +181,85 @@ def test_a_client_hanging_up_mid_stream_frees_its_request(server) -> None:
         pytest.fail("the hung-up request still holds the engine:\n" + metrics)
     assert 'ttpu:request_success_total{finished_reason="abort"} 1.0' in metrics
     assert "ttpu:time_to_first_token_seconds_count" in metrics
+
+
+def _reference_logprobs(saved_model, prompt_ids: list[int], new_tokens: int) -> list[torch.Tensor]:
+    _, module, _ = saved_model
+    with torch.no_grad():
+        out = module.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+    return [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+
+
+def test_logprobs_in_both_response_shapes(server, saved_model) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    prompt = "The library provides"
+    ids = saved_model[2](prompt)["input_ids"]
+    reference = _reference_logprobs(saved_model, ids, 6)
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    logprobs = done.choices[0].logprobs
+    n = done.usage.completion_tokens
+    expected = [float(step.max()) for step in reference[:n]]  # greedy: each token is its step's most likely
+    np.testing.assert_allclose(logprobs.token_logprobs, expected, atol=1e-4)
+    assert [len(top) for top in logprobs.top_logprobs] == [2] * n and "".join(logprobs.tokens) == done.choices[0].text
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=3, stream=True,
+    )
+    content = [entry for chunk in chat if chunk.choices and chunk.choices[0].logprobs
+               for entry in chunk.choices[0].logprobs.content]
+    assert content and all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob for e in content)
+
+
+def test_n_sequences_stream_side_by_side_and_equal_the_whole_answer(server) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    args = dict(model=MODEL, prompt="Models", max_tokens=8, temperature=1.0, seed=5, n=3, extra_body={"min_tokens": 8})
+    whole = client.completions.create(**args)
+    chunks = [c for c in client.completions.create(**args, stream=True) if c.choices]
+    texts = {i: "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)}
+    assert texts == {c.index: c.text for c in whole.choices} and len(set(texts.values())) > 1
+    order = [c.choices[0].index for c in chunks]
+    assert order != sorted(order)  # the forks ran together, not one after another
+
+
+def test_a_refused_field_answers_400_before_a_stream_starts(server) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="logprobs=50"):
+        client.completions.create(model=MODEL, prompt="x", logprobs=50, stream=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+
+
+def test_soak_1000_requests_at_64_concurrent(server) -> None:
+    """0 errors, every block free after the drain, and the server's memory flat between
+    the first and the last 100 requests."""
+
+    async def run() -> tuple[list, list[float]]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        gate, done, rss = asyncio.Semaphore(64), [0], []
+        rng = np.random.default_rng(0)
+        settings = [(int(rng.integers(1, 60)), int(rng.integers(1, 12)), bool(rng.integers(0, 2))) for _ in range(1000)]
+
+        async def one(seed: int, words: int, max_tokens: int, stream: bool) -> str | None:
+            args = dict(model=MODEL, prompt="models " * words, max_tokens=max_tokens, temperature=0.7, seed=seed)
+            async with gate:
+                if stream:
+                    chunks = [c async for c in await client.completions.create(**args, stream=True) if c.choices]
+                    reason = chunks[-1].choices[0].finish_reason
+                else:
+                    reason = (await client.completions.create(**args)).choices[0].finish_reason
+            done[0] += 1
+            if done[0] in (100, 1000):
+                rss.append(server.rss_mib())
+            return reason
+
+        results = await asyncio.gather(*(one(i, *s) for i, s in enumerate(settings)), return_exceptions=True)
+        return [r for r in results if r not in ("stop", "length")], rss
+
+    errors, rss = asyncio.run(run())
+    assert errors == []
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "ttpu:num_requests_running 0.0" in metrics and "ttpu:kv_cache_blocks_used 0.0" in metrics
+    first, last = rss
+    print(f"server RSS after 100 requests: {first:.0f} MiB, after 1000: {last:.0f} MiB")
+    assert last - first < 64, (first, last)

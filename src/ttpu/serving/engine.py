@@ -13,15 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import jax
 from tqdm.auto import tqdm
 
 from ttpu.backends.jax.executables import Executables
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.kv_blocks import KVBlockManager
-from ttpu.serving.request import Request, RequestStatus, SamplingParams
+from ttpu.serving.request import Request, RequestStatus, SamplingParams, TokenLogprobs
 from ttpu.serving.runner import ModelRunner
-from ttpu.serving.sampler import row_sampling, sample
+from ttpu.serving.sampler import MAX_LOGPROBS, SampledTokens, SamplerMode, row_sampling, sample
 from ttpu.serving.scheduler import Scheduler
 
 
@@ -75,13 +75,11 @@ class LLMEngine:
         returns the seconds it took. Afterwards no request mix compiles anything."""
         start = time.perf_counter()
         pairs = self.runner.buckets()
-        vocab = None
         for tokens, requests in tqdm(pairs, desc="compiling serving steps", unit="bucket", disable=not progress):
             logits = self.runner.run(self.runner.empty_step(tokens, requests))
-            vocab = logits.shape[1]
-            for filters in (False, True):
-                rows, _ = row_sampling([], requests, vocab)
-                self._sample(logits, rows, filters)
+            for mode in SamplerMode.every():
+                rows, _ = row_sampling([], requests, logits.shape[1], self.max_model_len, mode)
+                self._sample(logits, rows, mode)
         return time.perf_counter() - start
 
     @property
@@ -91,14 +89,10 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
         if request_id in self._requests:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use")
-        unsupported = [
-            name for name, value, off in (
-                ("presence_penalty", params.presence_penalty, 0.0), ("frequency_penalty", params.frequency_penalty, 0.0),
-                ("repetition_penalty", params.repetition_penalty, 1.0), ("logprobs", params.logprobs, None),
-            ) if value != off
-        ]
-        if unsupported:
-            raise InvalidArgumentError(f"the serving engine does not implement {', '.join(unsupported)} yet")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+            raise InvalidArgumentError(
+                f"logprobs={params.logprobs}: the engine returns at most the top {MAX_LOGPROBS} tokens' log-probabilities"
+            )
         prompt = [int(t) for t in prompt_token_ids]
         request = Request(request_id, prompt, params, eos_token_ids=self.eos_token_ids)
         if params.max_tokens is not None and len(prompt) + params.max_tokens > self.max_model_len:
@@ -135,10 +129,24 @@ class LLMEngine:
         inputs = self.runner.prepare(out, {c.request.id: self.kv.block_ids(c.request.id) for c in out.chunks})
         logits = self.runner.run(inputs)
         requests = [self._requests[i] for i in inputs.sampling_ids]
-        rows, filters = row_sampling(requests, logits.shape[0], logits.shape[1])
-        tokens = np.asarray(self._sample(logits, rows, filters))
-        changed = self.scheduler.update(out, dict(zip(inputs.sampling_ids, tokens.tolist())))
+        rows, mode = row_sampling(requests, logits.shape[0], logits.shape[1], self.max_model_len)
+        sampled = jax.device_get(self._sample(logits, rows, mode))
+        changed = self.scheduler.update(out, dict(zip(inputs.sampling_ids, sampled.tokens.tolist())))
+        if mode.logprobs:
+            _record_logprobs(requests, sampled)
         for request in changed:
             if request.status.finished:
                 self._requests.pop(request.id, None)
         return changed
+
+
+def _record_logprobs(requests: Sequence[Request], sampled: SampledTokens) -> None:
+    """Append each row's log-probabilities to its request, if it asked for them and got its token."""
+    for row, request in enumerate(requests):
+        wanted = request.params.logprobs
+        if wanted is None or len(request.output_logprobs) == len(request.output_token_ids):
+            continue
+        top = tuple(zip(sampled.top_ids[row, :wanted].tolist(), sampled.top_logprobs[row, :wanted].tolist()))
+        request.output_logprobs.append(
+            TokenLogprobs(int(sampled.tokens[row]), float(sampled.logprobs[row]), int(sampled.ranks[row]), top)
+        )

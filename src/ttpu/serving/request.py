@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ttpu.errors import InvalidArgumentError
 
@@ -92,6 +93,16 @@ class RequestStatus(enum.IntEnum):
         return self > RequestStatus.PREEMPTED
 
 
+class TokenLogprobs(NamedTuple):
+    """A generated token's log-probability under the model's raw distribution, its rank
+    (1 = the most likely) and the ``logprobs`` most likely tokens with theirs."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]
+
+
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
@@ -113,6 +124,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token if params.logprobs is set
     computed: int = 0
     error: str | None = None
     seed: int = -1  # of its draws: the params' seed, else a random one

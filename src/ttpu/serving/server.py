@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ttpu.errors import InvalidArgumentError, TTPUError
 from ttpu.generation.chat import chat_prompt
 from ttpu.serving.llm import LLM
-from ttpu.serving.request import Request, SamplingParams
+from ttpu.serving.request import Request, SamplingParams, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +52,29 @@ class _Body(BaseModel):
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: Any = None
+    repetition_penalty: float = 1.0
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), default_max_tokens)
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            max_tokens=max_tokens, min_tokens=self.min_tokens,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logprobs=None if self.logprobs in (None, False) else 1,
+            max_tokens=max_tokens, min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logprobs=self.requested_logprobs(),
         )
+
+    def requested_logprobs(self) -> int | None:
+        """How many top tokens' log-probabilities to return per token (None: none)."""
+        return None
 
 
 class CompletionBody(_Body):
     prompt: Union[str, list[int]]
+    logprobs: int | None = None  # the top tokens to return per token
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -76,15 +84,28 @@ class ChatMessage(BaseModel):
 
 class ChatBody(_Body):
     messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def requested_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidArgumentError("top_logprobs needs logprobs=true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 @dataclass
 class _Update:
-    """What a request's stream gets after a step: its whole output so far."""
+    """What a request's stream gets after a step: fork ``index``'s whole output so far."""
 
+    index: int
     token_ids: list[int]
+    logprobs: list[TokenLogprobs]
     finish_reason: str | None
     error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
 
 
 class Metrics:
@@ -111,6 +132,15 @@ class Metrics:
         self._counted[name] = total
 
 
+@dataclass
+class _Submission:
+    """One HTTP request's engine requests (one per fork) and the queue of their updates."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    request_ids: list[str]
+
+
 class AsyncEngine:
     """The engine stepping in its own thread; requests come and go from asyncio."""
 
@@ -120,7 +150,7 @@ class AsyncEngine:
         self.metrics = Metrics()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[_Submission, int]] = {}  # request id -> its submission and fork index
         self._stopped = False
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="ttpu-engine", daemon=True)
@@ -135,27 +165,53 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[_Update]:
-        """The request's output after each step that changed it, until it finishes;
-        leaving early (a disconnect) aborts it."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        request_id = f"req-{next(self._ids)}"
+    def submit(self, prompt: list[int], params: SamplingParams) -> _Submission:
+        """Add ``params``' ``n`` forks to the engine now (a refused field raises here,
+        before any response starts); their updates arrive on one queue."""
+        submission = _Submission(asyncio.get_running_loop(), asyncio.Queue(), [])
+        base = f"req-{next(self._ids)}"
         with self._lock:
-            self.engine.add_request(request_id, prompt, params)
-            self._streams[request_id] = (loop, queue)
+            try:
+                for index, fork in enumerate(params.forks()):
+                    request_id = f"{base}-{index}"
+                    self.engine.add_request(request_id, prompt, fork)
+                    submission.request_ids.append(request_id)
+                    self._streams[request_id] = (submission, index)
+            except Exception:
+                self._drop(submission)
+                raise
         self._wake.set()
-        finished = False
+        return submission
+
+    async def updates(self, submission: _Submission) -> AsyncIterator[_Update]:
+        """The forks' outputs after each step that changed them, until all finish;
+        leaving early (a disconnect) aborts the unfinished ones."""
+        unfinished = set(range(len(submission.request_ids)))
         try:
-            while not finished:
-                update = await queue.get()
-                finished = update.finish_reason is not None or update.error is not None
+            while unfinished:
+                update = await submission.queue.get()
+                if update.final:
+                    unfinished.discard(update.index)
                 yield update
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
+            if unfinished:
                 with self._lock:
-                    self.engine.abort(request_id)
-                self.metrics.finished.labels("abort").inc()
+                    self._drop(submission)
+                self.metrics.finished.labels("abort").inc(len(unfinished))
+
+    def _drop(self, submission: _Submission) -> None:
+        """Abort ``submission``'s requests that are still running (under the lock)."""
+        for request_id in submission.request_ids:
+            if self._streams.pop(request_id, None) is not None:
+                self.engine.abort(request_id)
+        self._gauge_engine()
+
+    def _gauge_engine(self) -> None:
+        """Set the gauges of running and waiting requests and used blocks."""
+        m, scheduler = self.metrics, self.engine.scheduler
+        m.running.set(len(scheduler.running))
+        m.waiting.set(len(scheduler.waiting))
+        m.kv_blocks.set(self.engine.kv.used_blocks)
 
     def _run(self) -> None:
         last = {}
@@ -176,9 +232,14 @@ class AsyncEngine:
                 self._observe(changed, last)
             for request in changed:
                 stream = self._streams.get(request.id)
-                if stream is not None:
-                    update = _Update(list(request.output_token_ids), request.finish_reason, request.error)
-                    stream[0].call_soon_threadsafe(stream[1].put_nowait, update)
+                if stream is None:
+                    continue
+                submission, index = stream
+                update = _Update(index, list(request.output_token_ids), list(request.output_logprobs),
+                                 request.finish_reason, request.error)
+                if update.final:
+                    self._streams.pop(request.id, None)
+                submission.loop.call_soon_threadsafe(submission.queue.put_nowait, update)
 
     def _fail_running(self, error: str) -> list[Request]:
         failed = list(self.engine.scheduler.running)
@@ -199,9 +260,7 @@ class AsyncEngine:
                 m.e2e.observe(now - request.arrival)
                 m.finished.labels(request.finish_reason).inc()
                 last.pop(request.id, None)
-        m.running.set(len(scheduler.running))
-        m.waiting.set(len(scheduler.waiting))
-        m.kv_blocks.set(kv.used_blocks)
+        self._gauge_engine()
         m.count("queries", m.prefix_queries, kv.stats.queried)
         m.count("hits", m.prefix_hits, kv.stats.hit)
         m.count("preemptions", m.preemptions, scheduler.preemptions)
@@ -273,68 +332,85 @@ async def _respond(
             f"this model's maximum context length is {llm.engine.max_model_len} tokens; the prompt has "
             f"{len(prompt)} and max_tokens is {params.max_tokens}"
         )
-    response_id = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{time.monotonic_ns()}"
-    created = int(time.time())
+    submission = engine.submit(prompt, params)
     chat = kind.startswith("chat")
-    streams = [engine.generate(prompt, fork) for fork in params.forks()]
+    header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{time.monotonic_ns()}", "created": int(time.time()),
+              "model": model_name}
+    token_text = _TokenText(llm)
 
-    def text_of(update: _Update) -> str:
-        return llm.decode(update.token_ids, params)
-
-    def choice(index: int, text: str, finish: str | None, delta: bool) -> dict:
+    def choice(update: _Update, text: str, logprobs: list[TokenLogprobs], delta: bool) -> dict:
+        wanted = params.logprobs is not None
         if chat:
-            content = {"delta" if delta else "message": {"role": "assistant", "content": text}}
-            return {"index": index, **content, "finish_reason": finish}
-        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+            message = {"delta" if delta else "message": {"role": "assistant", "content": text}}
+            return {"index": update.index, **message, "logprobs": token_text.chat(logprobs) if wanted else None,
+                    "finish_reason": update.finish_reason}
+        return {"index": update.index, "text": text, "logprobs": token_text.completion(logprobs) if wanted else None,
+                "finish_reason": update.finish_reason}
 
     if not body.stream:
-        finals = []
-        for stream in streams:
-            update = None
-            async for update in stream:
-                pass
+        finals: dict[int, _Update] = {}
+        async for update in engine.updates(submission):
             if update.error:
                 return _error(500, f"generation failed: {update.error}")
-            finals.append(update)
-        completion_tokens = sum(len(u.token_ids) for u in finals)
+            if update.final:
+                finals[update.index] = update
+        ordered = [finals[i] for i in sorted(finals)]
         return {
-            "id": response_id, "object": kind, "created": created, "model": model_name,
-            "choices": [choice(i, text_of(u), _reason(u), False) for i, u in enumerate(finals)],
-            "usage": _usage(len(prompt), completion_tokens),
+            **header, "object": kind,
+            "choices": [choice(u, llm.decode(u.token_ids, params), u.logprobs, False) for u in ordered],
+            "usage": _usage(len(prompt), sum(len(u.token_ids) for u in ordered)),
         }
 
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[str]:
+        sent_text: dict[int, str] = {}
+        sent_logprobs: dict[int, int] = {}
         generated = 0
-        for index, stream in enumerate(streams):
-            sent = ""
-            async for update in stream:
-                if update.error:
-                    yield f"data: {json.dumps({'error': {'message': update.error, 'code': 500}})}\n\n"
-                    return
-                text = text_of(update)
-                piece, sent = text[len(sent):], text
-                reason = _reason(update)
-                chunk = {"id": response_id, "object": chunk_kind, "created": created, "model": model_name,
-                         "choices": [choice(index, piece, reason, True)]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-                if reason is not None:
-                    generated += len(update.token_ids)
+        async for update in engine.updates(submission):
+            if update.error:
+                yield f"data: {json.dumps({'error': {'message': update.error, 'code': 500}})}\n\n"
+                return
+            text, before = llm.decode(update.token_ids, params), sent_text.get(update.index, "")
+            logprobs = update.logprobs[sent_logprobs.get(update.index, 0) :]
+            sent_text[update.index], sent_logprobs[update.index] = text, len(update.logprobs)
+            chunk = {**header, "object": chunk_kind, "choices": [choice(update, text[len(before):], logprobs, True)]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+            if update.final:
+                generated += len(update.token_ids)
         if include_usage:
-            usage = {"id": response_id, "object": chunk_kind, "created": created, "model": model_name,
-                     "choices": [], "usage": _usage(len(prompt), generated)}
-            yield f"data: {json.dumps(usage)}\n\n"
+            yield f"data: {json.dumps({**header, 'object': chunk_kind, 'choices': [], 'usage': _usage(len(prompt), generated)})}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def _reason(update: _Update) -> str | None:
-    return None if update.finish_reason is None else {"abort": "abort", "error": "error"}.get(
-        update.finish_reason, update.finish_reason
-    )
+class _TokenText:
+    """Log-probabilities in OpenAI's two response shapes, with each token's text."""
+
+    def __init__(self, llm: LLM) -> None:
+        self._tokenizer = llm.tokenizer
+
+    def text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id]) if self._tokenizer is not None else f"token_id:{token_id}"
+
+    def completion(self, logprobs: list[TokenLogprobs]) -> dict:
+        tokens = [self.text(lp.token_id) for lp in logprobs]
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+        return {
+            "tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "text_offset": offsets,
+            "top_logprobs": [{self.text(t): v for t, v in lp.top} for lp in logprobs],
+        }
+
+    def chat(self, logprobs: list[TokenLogprobs]) -> dict:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs
+        ]}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
