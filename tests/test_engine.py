@@ -245,3 +245,28 @@ def test_presence_and_frequency_penalties_count_only_output_tokens() -> None:
     np.testing.assert_allclose(got[0], expected, rtol=1e-6)
     np.testing.assert_allclose(got[1], logits[1])  # no penalties on the plain row
     assert np.asarray(sample(jnp.asarray(logits), rows, mode).tokens).tolist() == [int(np.argmax(expected)), vocab - 1]
+
+
+@pytest.mark.parametrize("parallelism", ["tp", "2d"])
+def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(parallelism: str) -> None:
+    """On 8 virtual devices: each device holds its share of the heads of every pool, and the
+    tokens are transformers'."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    module = LlamaForCausalLM(LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=128, pad_token_id=0,
+    )).eval()
+    eager = copy.deepcopy(module)
+    model = AutoModelForTPU.from_model(module, parallelism=parallelism)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))
+    tensor = model.compiled_forward.placement.mesh.shape["tensor"]
+    keys = engine.runner.pools[0][0]
+    assert tensor > 1 and keys.sharding.shard_shape(keys.shape)[1] == keys.shape[1] // tensor
+    batch = prompts()[:4]
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    compiled = engine.runner.compile_count
+    engine._requests.clear()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    assert engine.runner.compile_count == compiled  # the pools come back from a step as they went in

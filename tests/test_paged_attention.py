@@ -4,25 +4,31 @@ and sinks, with blocks scattered over the pool in any order."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ttpu.backends.jax.attention import dot_product_attention
-from ttpu.serving.paged_attention import PagedBatch, paged_attention, write_kv
+from ttpu.serving.paged_attention import (
+    PagedBatch, pallas_paged_attention, ragged_arguments, write_kv, xla_paged_attention,
+)
 
 BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
 
 
-def run_step(contexts: list[int], news: list[int], seed: int, **options):
+def run_step(contexts: list[int], news: list[int], seed: int, kernel=xla_paged_attention, dim: int = DIM, **options):
     """Requests with ``contexts[i]`` cached positions computing ``news[i]`` more: the
-    paged result for the new tokens and the dense one, per request."""
+    paged result for the new tokens (by ``kernel``) against the dense one, per request."""
+    DIM = dim  # noqa: N806  the head width of this run
     rng = np.random.default_rng(seed)
     free = list(rng.permutation(np.arange(1, BLOCKS)))  # block 0 is the null block
     width = max(-(-(c + n) // BLOCK) for c, n in zip(contexts, news))
     tables = np.zeros((len(contexts), width), np.int32)
     full_keys, full_values = [], []
-    key_pool = np.zeros((BLOCKS * BLOCK, KV_HEADS, DIM), np.float32)
+    key_pool = np.zeros((BLOCKS * BLOCK, KV_HEADS, DIM), np.float32)  # filled below, then interleaved
     value_pool = np.zeros_like(key_pool)
     positions, slots, rows, queries = [], [], [], []
     for row, (cached, new) in enumerate(zip(contexts, news)):
@@ -50,11 +56,9 @@ def run_step(contexts: list[int], news: list[int], seed: int, **options):
     new_values = np.concatenate([v[c:] for v, c in zip(full_values, contexts)] + [np.zeros((3, KV_HEADS, DIM), np.float32)])
     query = np.concatenate(queries + [np.zeros((3, Q_HEADS, DIM), np.float32)])
     batch = PagedBatch(*(jnp.asarray(np.asarray(a, np.int32)) for a in (positions, slots, rows, tables)))
-    key_pool = write_kv(jnp.asarray(key_pool), jnp.asarray(new_keys), batch.slots)
-    value_pool = write_kv(jnp.asarray(value_pool), jnp.asarray(new_values), batch.slots)
-    paged = paged_attention(
-        jnp.asarray(query), key_pool, value_pool, batch, block_size=BLOCK, scale=DIM**-0.5, **options
-    )
+    pool = np.stack([key_pool, value_pool], axis=2).reshape(BLOCKS, BLOCK, 2 * KV_HEADS, DIM)
+    pool = write_kv(jnp.asarray(pool), jnp.asarray(new_keys), jnp.asarray(new_values), batch.slots)
+    paged = kernel(jnp.asarray(query), pool, batch, scale=DIM**-0.5, **options)
     paged = np.asarray(paged)
     dense, start = [], 0
     window = options.get("sliding_window")
@@ -92,3 +96,36 @@ MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after c
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
     run_step(contexts, news, seed=len(contexts), **options)
+
+
+def test_the_pallas_arguments_give_jax_reference_ragged_attention_the_same_result() -> None:
+    """What the Pallas path derives from a step (context lengths, query offsets, request
+    count) fed to jax's own reference implementation of the kernel."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
+    def reference(query, pool, batch, *, scale, sliding_window, softcap):
+        out = ref_ragged_paged_attention(
+            query, pool, *ragged_arguments(batch), sm_scale=scale, sliding_window=sliding_window, soft_cap=softcap
+        )
+        return jnp.concatenate([out, jnp.zeros((query.shape[0] - out.shape[0], *out.shape[1:]), out.dtype)])
+
+    run_step(*MIXED, seed=4, kernel=reference, sliding_window=5, softcap=2.0)
+
+
+def test_the_pallas_kernel_matches_dense_attention_in_interpret_mode() -> None:
+    """jax's Pallas ``ragged_paged_attention`` (the TPU kernel) on the same steps, run by
+    Pallas' TPU interpreter on CPU; head_dim 128 as the kernel's lanes need."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    try:
+        with pltpu.force_tpu_interpret_mode():
+            kernel = functools.partial(pallas_paged_attention, num_kv_pages_per_block=2, num_queries_per_block=8)
+            run_step(*MIXED, seed=4, kernel=kernel, dim=128, sliding_window=5, softcap=2.0)
+    except Exception as error:  # noqa: BLE001  reported as the reason of the skip
+        if "ReshapeTransform" not in str(error):
+            raise
+        pytest.skip(
+            "jax's TPU interpreter cannot run this kernel on CPU: the kernel reshapes a memory ref "
+            f"(kv_ref.reshape), which the interpreter does not implement ({type(error).__name__}: "
+            f"'ReshapeTransform' object has no attribute 'indices'; jax {jax.__version__})"
+        )

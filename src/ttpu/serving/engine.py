@@ -64,6 +64,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
         self._sample = Executables(sample, static_argnums=(2,), name="serving_sampler", store=None)
         self._requests: dict[str, Request] = {}
+        self.scheduled_tokens = 0  # tokens computed by steps so far ...
+        self.padded_tokens = 0  # ... and the token slots of their buckets (their ratio: padding efficiency)
 
     @property
     def compile_count(self) -> int:
@@ -128,6 +130,8 @@ class LLMEngine:
             return []
         inputs = self.runner.prepare(out, {c.request.id: self.kv.block_ids(c.request.id) for c in out.chunks})
         logits = self.runner.run(inputs)
+        self.scheduled_tokens += out.num_tokens
+        self.padded_tokens += len(inputs.ids)
         requests = [self._requests[i] for i in inputs.sampling_ids]
         rows, mode = row_sampling(requests, logits.shape[0], logits.shape[1], self.max_model_len)
         sampled = jax.device_get(self._sample(logits, rows, mode))

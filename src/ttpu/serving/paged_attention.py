@@ -1,16 +1,20 @@
-"""Attention over a paged KV cache: the XLA implementation (gather by block table), the
-default on CPU and GPU.
+"""Attention over a paged KV cache, behind one interface with two kernels: the XLA one
+(gather by block table), the default on CPU and GPU, and jax's Pallas
+``ragged_paged_attention`` on TPU.
 
-The pool of one layer holds ``slots = num_blocks * block_size`` key and value rows
-([slots, kv_heads, head_dim]); slot ``block * block_size + offset`` holds position
-``index_in_table * block_size + offset`` of the request whose block table lists ``block``.
+One layer's pool is ``[num_blocks, block_size, 2 * kv_heads, head_dim]``, the Pallas
+kernel's layout: a key head at each even index, its value head at the odd one after it.
+Block ``b``'s row ``o`` holds position ``index_in_table * block_size + o`` of the request
+whose block table lists ``b`` at ``index_in_table``; slot ``b * block_size + o`` names it.
 A step runs a flat, ragged batch of tokens from several requests (decodes, prompt chunks,
-both): each token's new key and value are written at its slot, then each token attends to
-its request's positions up to its own (and within the sliding window, if any).
+both), each request's tokens contiguous and in order, padding last: each token's new key
+and value are written at its slot, then each token attends to its request's positions up
+to its own (and within the sliding window, if any).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -23,39 +27,40 @@ class PagedBatch(NamedTuple):
     """Where the tokens of one step sit, as padded arrays (padding tokens write into the
     null block's slots and attend to nothing real; their outputs are ignored)."""
 
-    positions: jax.Array  # [tokens] each token's position in its sequence
+    positions: jax.Array  # [tokens] each token's position in its sequence (-1: padding)
     slots: jax.Array  # [tokens] the pool slot its key and value go to
     rows: jax.Array  # [tokens] the request (row of block_tables) it belongs to
     block_tables: jax.Array  # [requests, blocks per request] block ids, padded with 0 (the null block)
 
 
-def write_kv(pool: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """``pool`` [slots, kv_heads, dim] with ``new`` [tokens, kv_heads, dim] written at ``slots``."""
-    return pool.at[slots].set(new.astype(pool.dtype), mode="drop")
+def write_kv(pool: jax.Array, keys: jax.Array, values: jax.Array, slots: jax.Array) -> jax.Array:
+    """``pool`` with ``keys`` and ``values`` [tokens, kv_heads, dim] written at ``slots``."""
+    blocks, block_size, heads, dim = pool.shape
+    rows = jnp.stack([keys, values], axis=2).reshape(keys.shape[0], heads, dim).astype(pool.dtype)
+    return pool.reshape(blocks * block_size, heads, dim).at[slots].set(rows, mode="drop").reshape(pool.shape)
 
 
-def paged_attention(
+def xla_paged_attention(
     query: jax.Array,
-    key_pool: jax.Array,
-    value_pool: jax.Array,
+    pool: jax.Array,
     batch: PagedBatch,
     *,
-    block_size: int,
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Each token's attention [tokens, q_heads, dim] over its request's cached positions
-    ``<=`` its own (and ``> position - sliding_window``). The pools already hold this
+    ``<=`` its own (and ``> position - sliding_window``). The pool already holds this
     step's keys and values (:func:`write_kv`)."""
-    offsets = jnp.arange(block_size)
+    blocks, block_size, heads, dim = pool.shape
     # [requests, context] the slot of every position of every request's table
+    offsets = jnp.arange(block_size)
     context_slots = (batch.block_tables[:, :, None] * block_size + offsets).reshape(batch.block_tables.shape[0], -1)
-    token_slots = context_slots[batch.rows]  # [tokens, context]
-    keys = jnp.moveaxis(key_pool[token_slots], 2, 1)  # [tokens, kv_heads, context, dim]
-    values = jnp.moveaxis(value_pool[token_slots], 2, 1)
-    context = jnp.arange(token_slots.shape[1])
+    gathered = pool.reshape(blocks * block_size, heads, dim)[context_slots[batch.rows]]  # [tokens, context, 2h, dim]
+    keys = jnp.moveaxis(gathered[:, :, 0::2], 2, 1)  # [tokens, kv_heads, context, dim]
+    values = jnp.moveaxis(gathered[:, :, 1::2], 2, 1)
+    context = jnp.arange(context_slots.shape[1])
     allowed = context[None, :] <= batch.positions[:, None]
     if sliding_window is not None:
         allowed &= context[None, :] > batch.positions[:, None] - sliding_window
@@ -63,3 +68,62 @@ def paged_attention(
         query[:, :, None, :], keys, values, allowed[:, None, None, :], scale=scale, softcap=softcap, sinks=sinks
     )  # [tokens, 1, q_heads, dim]
     return out[:, 0]
+
+
+def pallas_paged_attention(
+    query: jax.Array,
+    pool: jax.Array,
+    batch: PagedBatch,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_kv_pages_per_block: int | None = None,
+    num_queries_per_block: int | None = None,
+) -> jax.Array:
+    """The same attention through jax's Pallas ``ragged_paged_attention`` (TPU): the
+    per-request query offsets and context lengths it takes come from ``batch``; block
+    sizes default to jax's tuned ones for the TPU version."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
+
+    return ragged_paged_attention(
+        query, pool, *ragged_arguments(batch), sm_scale=scale, sliding_window=sliding_window, soft_cap=softcap,
+        num_kv_pages_per_block=num_kv_pages_per_block, num_queries_per_block=num_queries_per_block,
+    )
+
+
+def ragged_arguments(batch: PagedBatch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``batch`` as jax's ragged paged attention takes it: each request's context length,
+    its block table, where its queries start (and the end of the last) and how many
+    requests there are."""
+    requests = batch.block_tables.shape[0]
+    real = batch.positions >= 0
+    counts = jax.ops.segment_sum(real.astype(jnp.int32), batch.rows, requests)
+    context_lens = jnp.maximum(jax.ops.segment_max(jnp.where(real, batch.positions + 1, 0), batch.rows, requests), 0)
+    query_starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+    num_requests = jnp.sum(counts > 0, keepdims=True).astype(jnp.int32)
+    return context_lens.astype(jnp.int32), batch.block_tables, query_starts, num_requests
+
+
+@functools.cache
+def _on_tpu() -> bool:
+    return jax.default_backend() == "tpu"
+
+
+def paged_attention(
+    query: jax.Array,
+    pool: jax.Array,
+    batch: PagedBatch,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: jax.Array | None = None,
+) -> jax.Array:
+    """The step's attention through the kernel for this platform: Pallas on TPU (unless
+    the layer has attention sinks, which it does not take), XLA elsewhere."""
+    if _on_tpu() and sinks is None:
+        return pallas_paged_attention(query, pool, batch, scale=scale, sliding_window=sliding_window, softcap=softcap)
+    return xla_paged_attention(
+        query, pool, batch, scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks
+    )

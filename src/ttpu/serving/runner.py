@@ -14,6 +14,7 @@ engine compiles one program per bucket pair.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from transformers import AttentionInterface
 
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
-from ttpu.backends.jax.kv_cache import KEYS, VALUES, CacheLayout
+from ttpu.backends.jax.kv_cache import KEYS, VALUES, ArrayLayout, CacheLayout
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.paged_attention import PagedBatch, paged_attention, write_kv
@@ -37,16 +38,15 @@ PAGED_ATTENTION = "ttpu_paged"
 MIN_TOKEN_BUCKET, MIN_REQUEST_BUCKET = 16, 8
 
 torchax = import_torchax()
-Pools = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (keys, values) [slots, kv_heads, dim]
+Pools = tuple[jax.Array, ...]  # per layer: [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout)
 
 
 @dataclass
 class _Step:
     """What the attention layers of the step being traced read and write."""
 
-    pools: list[tuple[jax.Array, jax.Array]]
+    pools: list[jax.Array]
     batch: PagedBatch
-    block_size: int
 
 
 _current_step: contextvars.ContextVar[_Step] = contextvars.ContextVar("ttpu_paged_step")
@@ -69,15 +69,19 @@ def paged_attention_forward(
     step = _current_step.get()
     view = torchax.interop.jax_view
     q, k, v = (jnp.swapaxes(view(x)[0], 0, 1) for x in (query, key, value))  # [tokens, heads, dim]
-    keys, values = step.pools[module.layer_idx]
-    keys, values = write_kv(keys, k, step.batch.slots), write_kv(values, v, step.batch.slots)
-    step.pools[module.layer_idx] = (keys, values)
+    pool = step.pools[module.layer_idx]
+    padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
+    pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
+    step.pools[module.layer_idx] = pool
     out = paged_attention(
-        q, keys, values, step.batch, block_size=step.block_size,
-        scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
+        padded(q), pool, step.batch, scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
         sliding_window=sliding_window, softcap=softcap, sinks=None if s_aux is None else view(s_aux),
-    )
+    )[..., : v.shape[-1]]
     return to_traced(out[None]), None
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+    return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
 AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
@@ -133,23 +137,27 @@ class ModelRunner:
         self.blocks_per_request = -(-max_model_len // block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        placement = self._forward.placement
-        pools = []
-        for layer in layout.layers:
-            arrays = dict(layer.arrays)
-            keys, values = arrays[KEYS], arrays[VALUES]
-            shape = (num_blocks * block_size, keys.shape[0], keys.shape[2])
-            pools.append((
-                jnp.zeros(shape, keys.dtype, device=placement.replicated),
-                jnp.zeros((num_blocks * block_size, values.shape[0], values.shape[2]), values.dtype,
-                          device=placement.replicated),
-            ))
-        self.pools: Pools = tuple(pools)
+        self.pools: Pools = tuple(self._pool(dict(layer.arrays), num_blocks) for layer in layout.layers)
         self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
 
     @property
     def compile_count(self) -> int:
         return len(self._step)
+
+    def _pool(self, cache: dict[str, ArrayLayout], num_blocks: int) -> jax.Array:
+        """One layer's zeroed pool, [num_blocks, block_size, 2 * kv_heads, head_dim]
+        (``cache`` is the layer's [kv_heads, LENGTH, head_dim] keys and values in
+        ``generate``'s cache; the wider head_dim if they differ), its heads split over
+        the tensor axis as that cache's are (the pool is shared by all requests: never
+        split by batch)."""
+        keys, values = cache[KEYS], cache[VALUES]
+        heads, dim = keys.shape[0], max(keys.shape[2], values.shape[2])
+        place = self._forward.placement
+        heads_axis = place.plan.kv_cache_spec((1, heads, num_blocks * self.block_size, dim))[1]
+        shape = (num_blocks, self.block_size, 2 * heads, dim)
+        # Spelled as the step's outputs come back (no trailing Nones), so the donated pools keep one signature.
+        spec = (None, None, heads_axis) if heads_axis else ()
+        return jnp.zeros(shape, keys.dtype, device=place.sharding(spec))
 
     def buckets(self) -> list[tuple[int, int]]:
         """Every (token, request) bucket pair a step can be padded to: ``r`` requests
@@ -203,7 +211,7 @@ class ModelRunner:
         return logits
 
     def _step_program(self, params: Any, pools: Pools, ids: jax.Array, batch: PagedBatch, sampling_rows: jax.Array):
-        step = _Step(list(pools), batch, self.block_size)
+        step = _Step(list(pools), batch)
         token = _current_step.set(step)
         try:
             with _paged_attention_named(self._model.torch_module):
