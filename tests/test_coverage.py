@@ -47,13 +47,15 @@ def test_report_has_the_headline_table_and_causes(tmp_path) -> None:
 def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
     ok = {"eager": True, "matches": True, "stage": ""}
     results = [
-        {"model_type": "good", "eager": True, "matches": True, "generate": ok},
+        {"model_type": "good", "eager": True, "matches": True, "generate": ok, "serve": ok},
         {"model_type": "nocache", "eager": True, "matches": True, "generate": {
             "eager": True, "matches": False, "stage": "ttpu",
             "error": {"type": "InvalidArgumentError",
                       "message": "generate() needs a model that returns a transformers Cache; ..."}}},
         {"model_type": "differs", "eager": True, "matches": True,
-         "generate": {"eager": True, "matches": False, "stage": "compare"}},
+         "generate": {"eager": True, "matches": False, "stage": "compare"},
+         "serve": {"eager": True, "matches": False, "stage": "ttpu", "error": {
+             "type": "InvalidArgumentError", "message": "the serving engine runs models whose every layer caches ..."}}},
         {"model_type": "broken", "eager": True, "matches": True,
          "generate": {"eager": False, "matches": False, "stage": "eager"}},
         {"model_type": "encoder", "eager": True, "matches": True},
@@ -69,6 +71,9 @@ def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
     assert "generate: 1 / 3 = 33.3%" in text
     assert "| nocache | " in text and "no (forward returns no Cache)" in text
     assert "| encoder |" in text and "| - |" in text
+    assert (summary["serve_eager"], summary["serve_matches"], summary["serve_of_generating"]) == (2, 1, 1)
+    assert summary["serve_causes"] == {"engine: not only attention KV layers": 1}
+    assert "serve: 1 / 2 = 50.0%" in text and "1 of the 1 whose static `generate` matches" in text
 
 
 @pytest.mark.slow

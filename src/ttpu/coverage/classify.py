@@ -68,11 +68,12 @@ _GENERATE_CAUSES: list[tuple[str, re.Pattern]] = [
     ("cache layer of its own: {0}", re.compile(r"does not know cache layer \d+'s kind \((\w+)\)")),
     ("model's own cache class", re.compile(r"uses cache of its own")),
     ("forward does not compile", re.compile(r"forward does not compile under ttpu")),
+    ("engine: not only attention KV layers", re.compile(r"serving engine runs models whose every layer caches")),
 ]
 
 
 def classify_generate(check: dict[str, Any] | None) -> str:
-    """A short failure cause of the generate check ("" when it matches or was not run)."""
+    """A short failure cause of a generate or serve check ("" when it matches or was not run)."""
     if not check or check.get("matches"):
         return ""
     if not check.get("eager"):

@@ -53,6 +53,9 @@ def _fmt_err(value: Any) -> str:
     return f"{value:.1e}"
 
 
+DECODING_COLUMNS = ("generate", "serve")  # the greedy-token checks of causal LMs
+
+
 def _mark(value: Any) -> str:
     return {True: "yes", False: "no", None: "?"}.get(value, str(value))
 
@@ -62,23 +65,29 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     matches = [r for r in eager if r.get("matches")]
     compiles = [r for r in eager if r.get("compiles")]
     causes = Counter(classify(r) for r in results if classify(r))
-    checked = [r["generate"] for r in results if r.get("generate")]
-    generate_eager = [g for g in checked if g.get("eager")]
-    generate_matches = [g for g in generate_eager if g.get("matches")]
-    generate_causes = Counter(classify_generate(g) for g in checked if classify_generate(g))
-    return {
+    summary = {
         "model_types": len(results),
         "eager": len(eager),
         "compiles": len(compiles),
         "matches": len(matches),
         "headline": (100.0 * len(matches) / len(eager)) if eager else 0.0,
         "causes": dict(causes.most_common()),
-        "generate_checked": len(checked),
-        "generate_eager": len(generate_eager),
-        "generate_matches": len(generate_matches),
-        "generate_headline": (100.0 * len(generate_matches) / len(generate_eager)) if generate_eager else 0.0,
-        "generate_causes": dict(generate_causes.most_common()),
     }
+    for column in DECODING_COLUMNS:
+        checked = [r[column] for r in results if r.get(column)]
+        ran = [c for c in checked if c.get("eager")]
+        matched = [c for c in ran if c.get("matches")]
+        summary.update({
+            f"{column}_checked": len(checked),
+            f"{column}_eager": len(ran),
+            f"{column}_matches": len(matched),
+            f"{column}_headline": (100.0 * len(matched) / len(ran)) if ran else 0.0,
+            f"{column}_causes": dict(Counter(classify_generate(c) for c in checked if classify_generate(c)).most_common()),
+        })
+    generating = [r for r in results if (r.get("generate") or {}).get("matches")]
+    summary["serve_of_generating"] = sum(bool((r.get("serve") or {}).get("matches")) for r in generating)
+    summary["generating"] = len(generating)
+    return summary
 
 
 def _cell(text: Any) -> str:
@@ -99,6 +108,11 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
         f"**generate: {summary['generate_matches']} / {summary['generate_eager']} = "
         f"{summary['generate_headline']:.1f}%** of the causal LMs whose transformers `generate` runs "
         f"give the same greedy tokens under ttpu ({GENERATE_TOKENS} new tokens, the same left-padded batch).",
+        "",
+        f"**serve: {summary['serve_matches']} / {summary['serve_eager']} = {summary['serve_headline']:.1f}%** "
+        "of the same causal LMs give those tokens through the serving engine (each row's prompt unpadded, "
+        f"submitted together, up to transformers' first EOS); {summary['serve_of_generating']} of the "
+        f"{summary['generating']} whose static `generate` matches.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
@@ -126,26 +140,21 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
     for cause, count in summary["causes"].items():
         examples = ", ".join(by_cause[cause][:4])
         lines.append(f"| {_cell(cause)} | {count} | {_cell(examples)} |")
-    generate_by_cause: dict[str, list[str]] = {}
-    for r in results:
-        c = classify_generate(r.get("generate"))
-        if c:
-            generate_by_cause.setdefault(c, []).append(r["model_type"])
-    lines += [
-        "",
-        "## generate failure causes",
-        "",
-        "| cause | count | model types |",
-        "|---|---:|---|",
-    ]
-    for cause, count in summary["generate_causes"].items():
-        lines.append(f"| {_cell(cause)} | {count} | {_cell(', '.join(generate_by_cause[cause]))} |")
+    for column in DECODING_COLUMNS:
+        column_by_cause: dict[str, list[str]] = {}
+        for r in results:
+            c = classify_generate(r.get(column))
+            if c:
+                column_by_cause.setdefault(c, []).append(r["model_type"])
+        lines += ["", f"## {column} failure causes", "", "| cause | count | model types |", "|---|---:|---|"]
+        for cause, count in summary[f"{column}_causes"].items():
+            lines.append(f"| {_cell(cause)} | {count} | {_cell(', '.join(column_by_cause[cause]))} |")
     lines += [
         "",
         "## Results",
         "",
-        "| model_type | class | inputs | eager | compiles | matches | rel err | generate | cause |",
-        "|---|---|---|---|---|---|---:|---|---|",
+        "| model_type | class | inputs | eager | compiles | matches | rel err | generate | serve | cause |",
+        "|---|---|---|---|---|---|---:|---|---|---|",
     ]
     for r in results:
         cause = classify(r)
@@ -157,14 +166,15 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
         lines.append(
             f"| {r['model_type']} | {r.get('class', '')} | {r.get('inputs', '')} | "
             f"{_mark(r.get('eager'))} | {_mark(r.get('compiles'))} | {_mark(r.get('matches'))} | "
-            f"{_fmt_err(r.get('rel_err'))} | {_generate_cell(r.get('generate'))} | {_cell(cause)} |"
+            f"{_fmt_err(r.get('rel_err'))} | {_decoding_cell(r.get('generate'))} | {_decoding_cell(r.get('serve'))} | "
+            f"{_cell(cause)} |"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
 
-def _generate_cell(check: dict[str, Any] | None) -> str:
+def _decoding_cell(check: dict[str, Any] | None) -> str:
     """yes / no (cause) / "-" when not a causal LM or not checked."""
     if not check:
         return "-"
@@ -182,7 +192,8 @@ def write_json(results: list[dict[str, Any]], path: str | Path, command: str = "
         "command": command,
         "rtol": RTOL,
         "summary": summarize(results),
-        "results": [{**r, "cause": classify(r), "generate_cause": classify_generate(r.get("generate"))} for r in results],
+        "results": [{**r, "cause": classify(r), "generate_cause": classify_generate(r.get("generate")),
+                     "serve_cause": classify_generate(r.get("serve"))} for r in results],
     }
     path.write_text(json.dumps(payload, indent=1, default=str))
 

@@ -253,9 +253,9 @@ def run_one(model_type: str) -> dict[str, Any]:
     if causal_class is not None:
         t2 = time.time()
         if causal_class is cls and "input_ids" in cand.inputs:
-            result["generate"] = check_generate(model, tpu, cand.inputs)
+            result.update(check_decoding(model, tpu, cand.inputs))
         else:
-            result["generate"] = _check_generate_of_class(causal_class, config)
+            result.update(_check_decoding_of_class(causal_class, config))
         result["times"]["generate"] = round(time.time() - t2, 2)
     return result
 
@@ -305,9 +305,9 @@ def _causal_lm_class(model_type: str) -> type | None:
     return getattr(transformers, name, None) if name else None
 
 
-def _check_generate_of_class(cls: type, config: Any) -> dict[str, Any]:
-    """The generate check on ``cls`` (a causal LM other than the class the forward was
-    compared on: BartForCausalLM beside BartForConditionalGeneration ...)."""
+def _check_decoding_of_class(cls: type, config: Any) -> dict[str, dict[str, Any]]:
+    """The generate and serve checks on ``cls`` (a causal LM other than the class the
+    forward was compared on: BartForCausalLM beside BartForConditionalGeneration ...)."""
     try:
         config = config_for_class(cls, config)
         module = _build(cls, config)
@@ -319,14 +319,17 @@ def _check_generate_of_class(cls: type, config: Any) -> dict[str, Any]:
 
         tpu = AutoModelForTPU.from_model(copy.deepcopy(module), task="causal-lm")
     except Exception as exc:  # noqa: BLE001
-        return {"eager": False, "matches": False, "stage": "build", "error": error_info(exc)}
-    return check_generate(module, tpu, text.inputs)
+        failed = {"eager": False, "matches": False, "stage": "build", "error": error_info(exc)}
+        return {"generate": failed, "serve": failed}
+    return check_decoding(module, tpu, text.inputs)
 
 
-def check_generate(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Greedy ``generate`` of the (left-padded) batch: transformers' on the eager module
-    against ttpu's, token for token. ``eager`` says whether transformers' own runs (only
-    then is ttpu's compared), ``matches`` whether the tokens are equal."""
+def check_decoding(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Greedy decoding of the (left-padded) batch, transformers' ``generate`` on the eager
+    module against ttpu's, token for token: ``generate`` (ttpu's static generate on the
+    same batch) and ``serve`` (each row's prompt through the serving engine, its tokens
+    up to transformers' first EOS). In each, ``eager`` says whether transformers' own
+    runs (only then is ttpu's compared), ``matches`` whether the tokens are equal."""
     import numpy as np
     import torch
 
@@ -349,8 +352,15 @@ def check_generate(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, A
             ).numpy()
     except Exception as exc:  # noqa: BLE001
         check["error"] = error_info(exc)
-        return check
-    check.update(eager=True, stage="ttpu")
+        return {"generate": check, "serve": dict(check)}
+    return {"generate": _check_generate(tpu, ids, mask, settings, expected),
+            "serve": _check_serve(tpu, ids, mask, expected, eos)}
+
+
+def _check_generate(tpu: Any, ids: Any, mask: Any, settings: dict[str, Any], expected: Any) -> dict[str, Any]:
+    import numpy as np
+
+    check: dict[str, Any] = {"eager": True, "matches": False, "stage": "ttpu", "error": None}
     try:
         actual = np.asarray(tpu.generate(ids, attention_mask=mask, **settings))
     except Exception as exc:  # noqa: BLE001
@@ -364,8 +374,48 @@ def check_generate(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, A
     return check
 
 
+def _check_serve(tpu: Any, ids: Any, mask: Any, expected: Any, eos: Any) -> dict[str, Any]:
+    """Each row's unpadded prompt through the serving engine (submitted together, a
+    budget of 16 tokens per step so longer prompts prefill in chunks) against the row
+    of transformers' left-padded ``generate``, up to its first EOS."""
+    import numpy as np
+
+    from ttpu.serving.engine import EngineConfig, LLMEngine
+    from ttpu.serving.request import SamplingParams
+
+    check: dict[str, Any] = {"eager": True, "matches": False, "stage": "ttpu", "error": None}
+    eos_ids = set([eos] if isinstance(eos, int) else eos or [])
+    prompts = [row[np.asarray(m).astype(bool)].tolist() for row, m in zip(ids, mask)]
+    wanted = []
+    for row in expected[:, ids.shape[1] :].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        wanted.append(row[:end])
+    try:
+        if isinstance(tpu, _Unavailable):
+            raise RuntimeError(_Unavailable.REASON)
+        config = EngineConfig(max_num_seqs=4, max_model_len=max(map(len, prompts)) + GENERATE_TOKENS,
+                              max_num_batched_tokens=16, block_size=4)
+        engine = LLMEngine(tpu, config)
+        params = SamplingParams(temperature=0, max_tokens=GENERATE_TOKENS)
+        requests = [engine.add_request(str(i), prompt, params) for i, prompt in enumerate(prompts)]
+        while engine.has_unfinished_requests:
+            engine.step()
+    except Exception as exc:  # noqa: BLE001
+        check["error"] = error_info(exc)
+        return check
+    actual = [r.output_token_ids for r in requests]
+    check.update(stage="compare", matches=actual == wanted)
+    if check["matches"]:
+        check["stage"] = ""
+    else:
+        check["tokens"] = {"transformers": wanted, "ttpu": actual}
+    return check
+
+
 class _Unavailable:
     """Stands in for a ttpu model that could not be built: generate raises that."""
 
+    REASON = "the model's forward does not compile under ttpu (see the forward column)"
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("the model's forward does not compile under ttpu (see the forward column)")
+        raise RuntimeError(self.REASON)
