@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -100,3 +101,19 @@ def test_min_new_tokens_holds_back_eos() -> None:
     none = np.zeros((1, 1), np.int32)
     pick = lambda generated: int(next_tokens(logits, jax.random.key(0), none, none, generated, mode, values)[0])
     assert pick(0) == 11 and pick(1) == 11 and pick(2) == 7
+
+
+def test_per_row_filters_equal_the_static_ones_row_by_row() -> None:
+    """The serving engine's per-row settings ([rows, 1]) filter each row as generate's
+    static/scalar settings filter it: one definition of top-k, top-p and min-p."""
+    from ttpu.backends.jax.sampling import filtered
+
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 50)) * 3, jnp.float32)
+    settings = [(5, 0.9, 0.0), (0, 0.5, 0.1), (20, 1.0, 0.05)]
+    per_row = filtered(
+        logits, top_k=jnp.asarray([[k] for k, _, _ in settings]), top_p=jnp.asarray([[p] for _, p, _ in settings]),
+        min_p=jnp.asarray([[m] for _, _, m in settings]),
+    )
+    for row, (k, p, m) in enumerate(settings):
+        alone = filtered(logits[row : row + 1], top_k=k or None, top_p=jnp.float32(p), min_p=jnp.float32(m))
+        np.testing.assert_array_equal(np.asarray(per_row[row]), np.asarray(alone[0]))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttpu.backends.jax.sampling import filtered, penalize_repetitions
 from ttpu.serving.request import Request
 
 NEG_INF = -jnp.inf
@@ -114,7 +115,7 @@ def sample(logits: jax.Array, rows: RowSampling, mode: SamplerMode) -> SampledTo
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
     if mode.filters:
-        scaled = _filtered(scaled, rows)
+        scaled = filtered(scaled, top_k=rows.top_k[:, None], top_p=rows.top_p[:, None], min_p=rows.min_p[:, None])
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(rows.seeds, rows.steps)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tokens = jnp.where(rows.temperature == 0.0, greedy, drawn)
@@ -128,33 +129,14 @@ def sample(logits: jax.Array, rows: RowSampling, mode: SamplerMode) -> SampledTo
 
 
 def _penalized(logits: jax.Array, rows: RowSampling) -> jax.Array:
-    """vLLM's penalties: repetition over the prompt and output tokens (positive logits
-    divided, negative multiplied), then frequency (per occurrence) and presence (once)
-    over the output tokens."""
-    row_index = jnp.arange(logits.shape[0])[:, None]
+    """vLLM's penalties: repetition over the prompt and output tokens (as transformers'),
+    then frequency (per occurrence) and presence (once) over the output tokens."""
+    vocab = logits.shape[-1]
+    logits = penalize_repetitions(logits, rows.history, rows.history < vocab, rows.repetition[:, None])
     is_output = jnp.arange(rows.history.shape[1])[None, :] >= rows.prompt_lens[:, None]
+    row_index = jnp.arange(logits.shape[0])[:, None]
     counts = jnp.zeros(logits.shape, jnp.float32).at[row_index, rows.history].add(
         is_output.astype(jnp.float32), mode="drop"
     )
-    seen = jnp.zeros(logits.shape, jnp.bool_).at[row_index, rows.history].set(True, mode="drop")
-    penalty = rows.repetition[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
     logits = logits - rows.frequency[:, None] * counts
     return logits - rows.presence[:, None] * (counts > 0)
-
-
-def _filtered(logits: jax.Array, rows: RowSampling) -> jax.Array:
-    """Top-k, then top-p, then min-p, per row (removed tokens get -inf)."""
-    descending = -jnp.sort(-logits, axis=-1)
-    vocab = logits.shape[-1]
-    kth = jnp.take_along_axis(descending, jnp.clip(rows.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-    logits = jnp.where((rows.top_k[:, None] > 0) & (logits < kth), NEG_INF, logits)
-    descending = jnp.where((rows.top_k[:, None] > 0) & (descending < kth), NEG_INF, descending)
-    probs = jax.nn.softmax(descending, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better tokens
-    kept = jnp.sum(before < rows.top_p[:, None], axis=-1, keepdims=True)  # at least the top token
-    cutoff = jnp.take_along_axis(descending, jnp.maximum(kept - 1, 0), axis=-1)
-    logits = jnp.where(logits < cutoff, NEG_INF, logits)
-    probs = jax.nn.softmax(logits, axis=-1)
-    floor = rows.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-    return jnp.where(probs < floor, NEG_INF, logits)

@@ -119,7 +119,7 @@ def next_tokens(
         return jnp.zeros(vocab, jnp.bool_).at[ids].set(True, mode="drop")
 
     if mode.repetition_penalty:
-        logits = _penalize_repetitions(logits, seen, seen_mask, values.repetition_penalty)
+        logits = penalize_repetitions(logits, seen, seen_mask, values.repetition_penalty)
     # The prompt as given sits just before the generated tokens (bucket padding before it).
     prompt_end = last + 1 - generated
     prompt_start = prompt_end - values.prompt_length
@@ -159,23 +159,39 @@ def next_tokens(
 
 def filter_logits(logits: jax.Array, mode: SamplingMode, values: SamplingValues) -> jax.Array:
     """Temperature, then top-k, top-p and min-p filtering (removed tokens get -inf)."""
-    logits = logits / values.temperature
-    if mode.top_k:
-        candidates = jax.lax.top_k(logits, mode.top_k)[0]  # descending
+    return filtered(
+        logits / values.temperature, top_k=mode.top_k or None, top_p=values.top_p if mode.top_p else None,
+        min_p=values.min_p if mode.min_p else None,
+    )
+
+
+def filtered(
+    logits: jax.Array, *, top_k: int | jax.Array | None = None, top_p: jax.Array | None = None,
+    min_p: jax.Array | None = None,
+) -> jax.Array:
+    """Top-k, then top-p, then min-p over ``logits`` [rows, vocab] (removed tokens get
+    -inf), as transformers' processors and vLLM's sampler define them. ``top_k`` is a
+    static size or per-row sizes [rows, 1] (0: off); ``top_p`` and ``min_p`` are scalars
+    or per-row [rows, 1] (1 and 0: off)."""
+    candidates = None
+    if isinstance(top_k, int):
+        candidates = jax.lax.top_k(logits, top_k)[0]  # descending
         logits = jnp.where(logits < candidates[..., -1:], NEG_INF, logits)
-    else:
-        candidates = None
-    if mode.top_p:
-        # Only the top-k candidates can survive: sorting them is enough when top-k is on.
+    elif top_k is not None:
+        descending = -jnp.sort(-logits, axis=-1)
+        kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1), axis=-1)
+        logits = jnp.where((top_k > 0) & (logits < kth), NEG_INF, logits)
+    if top_p is not None:
+        # Only the top-k candidates can survive: sorting them is enough when a static top-k is on.
         ascending = jnp.sort(logits, axis=-1) if candidates is None else candidates[..., ::-1]
         cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
         # Remove the low tail whose mass is <= 1 - top_p, always keeping the top token.
-        removed = jnp.sum(cumulative[..., :-1] <= 1 - values.top_p, axis=-1, keepdims=True)
+        removed = jnp.sum(cumulative[..., :-1] <= 1 - top_p, axis=-1, keepdims=True)
         cutoff = jnp.take_along_axis(ascending, removed, axis=-1)
         logits = jnp.where(logits < cutoff, NEG_INF, logits)
-    if mode.min_p:
+    if min_p is not None:
         probs = jax.nn.softmax(logits, axis=-1)
-        floor = values.min_p * jnp.max(probs, axis=-1, keepdims=True)
+        floor = min_p * jnp.max(probs, axis=-1, keepdims=True)
         logits = jnp.where(probs < floor, NEG_INF, logits)
     return logits
 
@@ -200,9 +216,12 @@ def _ngram_completions(
     return jnp.zeros((batch, vocab), bool).at[rows, seen[:, size - 1 :]].max(match)
 
 
-def _penalize_repetitions(
+def penalize_repetitions(
     logits: jax.Array, seen: jax.Array, seen_mask: jax.Array, penalty: jax.Array
 ) -> jax.Array:
+    """transformers' (and vLLM's) repetition penalty: each row's logits of the tokens in
+    ``seen`` [rows, n] (where ``seen_mask``) divided by ``penalty`` when positive,
+    multiplied when negative; ``penalty`` a scalar or per-row [rows, 1]."""
     rows = jnp.arange(logits.shape[0])[:, None]
     was_seen = jnp.zeros(logits.shape, jnp.bool_).at[rows, seen].max(seen_mask.astype(jnp.bool_))
     penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
