@@ -270,3 +270,27 @@ def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(parallelism: str) 
     engine._requests.clear()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     assert engine.runner.compile_count == compiled  # the pools come back from a step as they went in
+
+
+def test_a_request_that_raises_in_its_step_fails_alone(monkeypatch) -> None:
+    eager, model = build("llama")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
+    prepare = engine.runner.prepare
+
+    def failing(out, block_ids):
+        if any(chunk.request.id == "bad" and chunk.request.output_token_ids for chunk in out.chunks):
+            raise RuntimeError("boom")  # its second step
+        return prepare(out, block_ids)
+
+    monkeypatch.setattr(engine.runner, "prepare", failing)
+    batch = prompts()[:3]
+    requests = [engine.add_request(name, p, GREEDY) for name, p in zip(["a", "bad", "c"], batch)]
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert requests[1].finish_reason == "error" and requests[1].error == "RuntimeError: boom"
+    assert [requests[0].output_token_ids, requests[2].output_token_ids] == [
+        expected_tokens(eager, batch[0]), expected_tokens(eager, batch[2])
+    ]
+    assert engine.kv.used_blocks == 0
+    with pytest.raises(InvalidArgumentError, match=r"token ids \[256\] are outside the model's vocabulary \(0 to 255\)"):
+        engine.add_request("outside", [5, 256], GREEDY)

@@ -8,6 +8,7 @@ and frees finished requests). Requests can be added and aborted between steps.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from ttpu.serving.kv_blocks import KVBlockManager
 from ttpu.serving.request import Request, RequestStatus, SamplingParams, TokenLogprobs
 from ttpu.serving.runner import ModelRunner
 from ttpu.serving.sampler import MAX_LOGPROBS, SampledTokens, SamplerMode, row_sampling, sample
-from ttpu.serving.scheduler import Scheduler
+from ttpu.serving.scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class LLMEngine:
             model, model.decoder().layout, num_blocks, block_size, max_model_len, max_num_batched_tokens, max_num_seqs
         )
         eos = model.torch_module.generation_config.eos_token_id
+        self.vocab_size = model.torch_module.get_input_embeddings().num_embeddings
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
         self._sample = Executables(sample, static_argnums=(2,), name="serving_sampler", store=None)
         self._requests: dict[str, Request] = {}
@@ -96,6 +100,11 @@ class LLMEngine:
                 f"logprobs={params.logprobs}: the engine returns at most the top {MAX_LOGPROBS} tokens' log-probabilities"
             )
         prompt = [int(t) for t in prompt_token_ids]
+        outside = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if outside:
+            raise InvalidArgumentError(
+                f"token ids {outside[:5]} are outside the model's vocabulary (0 to {self.vocab_size - 1})"
+            )
         request = Request(request_id, prompt, params, eos_token_ids=self.eos_token_ids)
         if params.max_tokens is not None and len(prompt) + params.max_tokens > self.max_model_len:
             raise InvalidArgumentError(
@@ -124,10 +133,24 @@ class LLMEngine:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
 
     def step(self) -> list[Request]:
-        """One step; returns the requests that got a token (finished ones included)."""
+        """One step; returns the requests that got a token or finished (failed ones included)."""
         out = self.scheduler.schedule()
-        if not out.chunks:
-            return []
+        return self._compute(out) if out.chunks else []
+
+    def _compute(self, out: SchedulerOutput) -> list[Request]:
+        """Run ``out``; if it raises, run its chunks one by one, so that only the request
+        that raises fails (with its error) and the others get their tokens."""
+        try:
+            return self._run(out)
+        except Exception as error:  # noqa: BLE001  one request's failure must not end the others
+            if len(out.chunks) > 1:
+                return [request for chunk in out.chunks for request in self._compute(SchedulerOutput([chunk]))]
+            request = out.chunks[0].request
+            logger.exception("request %s failed in its step", request.id)
+            self.fail(request.id, f"{type(error).__name__}: {error}")
+            return [request]
+
+    def _run(self, out: SchedulerOutput) -> list[Request]:
         inputs = self.runner.prepare(out, {c.request.id: self.kv.block_ids(c.request.id) for c in out.chunks})
         logits = self.runner.run(inputs)
         self.scheduled_tokens += out.num_tokens
