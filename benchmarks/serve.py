@@ -43,12 +43,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from ttpu import AutoModelForTPU, models
-from ttpu.serving.engine import EngineConfig, LLMEngine
+from ttpu import models
 from ttpu.serving.request import SamplingParams
+
+# ttpu's model loading and engine import torchax, which claims torch's PrivateUse1 device;
+# transformers' continuous batching then fails asking torch for the accelerator's module.
+# They are imported after the transformers runs (see main).
 
 
 def log(message: str) -> None:
@@ -151,6 +154,8 @@ def _latencies(arrivals: Sequence[float], firsts: Sequence[float], finishes: Seq
 
 
 def run_engine(model: Any, workload: Workload, label: str, args: argparse.Namespace) -> Result:
+    from ttpu.serving.engine import EngineConfig, LLMEngine
+
     max_len = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=-(-max_len // 16) * 16,
                           max_num_batched_tokens=args.max_num_batched_tokens)
@@ -331,26 +336,32 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
-    model = AutoModelForTPU.from_pretrained(args.model)
-    module = AutoModelForCausalLM.from_pretrained(models.resolve(args.model), dtype=torch.float32).eval()
-    tokenizer = model.tokenizer
+    directory = models.resolve(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     workload = make_workload(tokenizer, args)
     at_once = workload.at_once()
     log(f"{args.requests} requests: {at_once.prompt_tokens} prompt tokens, {at_once.output_tokens} output tokens")
     sizes = [int(s) for s in args.static_batches.split(",") if s]
-    results = [run_engine(model, at_once, "at once", args)]
+    poisson = f"poisson {args.poisson}/s"
+    module = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    hf = []
     if "hf-continuous" not in skip:
-        results.append(run_hf_continuous(module, at_once, "at once"))
+        hf.append(run_hf_continuous(module, at_once, "at once"))
+        if args.poisson:
+            hf.append(run_hf_continuous(module, workload, poisson))
     if "hf-static" not in skip:
-        results += [run_hf_static(module, at_once, size, pad) for size in sizes]
+        hf += [run_hf_static(module, at_once, size, pad) for size in sizes]
+    del module
+    from ttpu import AutoModelForTPU
+
+    model = AutoModelForTPU.from_pretrained(args.model)
+    results = [run_engine(model, at_once, "at once", args)]
+    if args.poisson:
+        results.append(run_engine(model, workload, poisson, args))
+    results += hf
     if "ttpu-static" not in skip:
         results += [run_ttpu_static(model, at_once, size, pad) for size in sizes]
-    if args.poisson:
-        label = f"poisson {args.poisson}/s"
-        results.append(run_engine(model, workload, label, args))
-        if "hf-continuous" not in skip:
-            results.append(run_hf_continuous(module, workload, label))
     rows = [r.row() for r in results]
     print(f"{args.model}: {args.requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, "
           f"outputs {args.output_len[0]}-{args.output_len[1]} tokens (EOS ignored), "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class ModelRunner:
             )
         self._model = model
         self._forward = model.compiled_forward
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.torch_module.forward).parameters
         self.block_size = block_size
         self.blocks_per_request = -(-max_model_len // block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -220,10 +222,12 @@ class ModelRunner:
                     "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None]),
                     "use_cache": False,
                 }
-                hidden = self._forward.call_traced(params, inputs).logits.jax()[0]
+                if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
+                    inputs["logits_to_keep"] = to_traced(sampling_rows)
+                logits = self._forward.call_traced(params, inputs).logits.jax()[0]
         finally:
             _current_step.reset(token)
-        return tuple(step.pools), hidden[sampling_rows].astype(jnp.float32)
+        return tuple(step.pools), (logits if self._keeps_logits else logits[sampling_rows]).astype(jnp.float32)
 
 
 def _powers(smallest: int, largest: int) -> list[int]:
