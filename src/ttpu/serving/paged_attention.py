@@ -15,6 +15,7 @@ to its own (and within the sliding window, if any).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -110,20 +111,7 @@ def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
-def paged_attention(
-    query: jax.Array,
-    pool: jax.Array,
-    batch: PagedBatch,
-    *,
-    scale: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    sinks: jax.Array | None = None,
-) -> jax.Array:
-    """The step's attention through the kernel for this platform: Pallas on TPU (unless
-    the layer has attention sinks, which it does not take), XLA elsewhere."""
-    if _on_tpu() and sinks is None:
-        return pallas_paged_attention(query, pool, batch, scale=scale, sliding_window=sliding_window, softcap=softcap)
-    return xla_paged_attention(
-        query, pool, batch, scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks
-    )
+def paged_attention_kernel(sinks: bool = False) -> Callable[..., jax.Array]:
+    """The kernel for this platform (both take the same arguments): Pallas on TPU, unless
+    the layer has attention ``sinks``, which it does not take; XLA elsewhere."""
+    return pallas_paged_attention if _on_tpu() and not sinks else xla_paged_attention

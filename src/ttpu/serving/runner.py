@@ -32,7 +32,7 @@ from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import KEYS, VALUES, ArrayLayout, CacheLayout
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import InvalidArgumentError
-from ttpu.serving.paged_attention import PagedBatch, paged_attention, write_kv
+from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, write_kv
 from ttpu.serving.scheduler import SchedulerOutput
 
 PAGED_ATTENTION = "ttpu_paged"
@@ -74,10 +74,11 @@ def paged_attention_forward(
     padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
     pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
     step.pools[module.layer_idx] = pool
-    out = paged_attention(
-        padded(q), pool, step.batch, scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
-        sliding_window=sliding_window, softcap=softcap, sinks=None if s_aux is None else view(s_aux),
-    )[..., : v.shape[-1]]
+    options = {"scale": scaling if scaling is not None else q.shape[-1] ** -0.5, "sliding_window": sliding_window,
+               "softcap": softcap}
+    if s_aux is not None:
+        options["sinks"] = view(s_aux)
+    out = paged_attention_kernel(sinks=s_aux is not None)(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
     return to_traced(out[None]), None
 
 
