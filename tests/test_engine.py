@@ -294,3 +294,27 @@ def test_a_request_that_raises_in_its_step_fails_alone(monkeypatch) -> None:
     assert engine.kv.used_blocks == 0
     with pytest.raises(InvalidArgumentError, match=r"token ids \[256\] are outside the model's vocabulary \(0 to 255\)"):
         engine.add_request("outside", [5, 256], GREEDY)
+
+
+@pytest.mark.parametrize(
+    "model_type, message",
+    [
+        ("bart", "takes none \\(it numbers positions itself\\)"),
+        ("diffllama", "layer 0 calls attention 2 times"),
+        ("gpt_neo", "layer 0 never calls transformers' attention function"),
+        ("llama4_text", "layer 0 is 'chunked_attention' attention, whose window reaches attention only through a mask"),
+        ("falcon", "FalconForCausalLM does not run with the serving engine's paged attention \\(CompilationError"),
+        ("mamba", "MambaForCausalLM has 2 linear-attention/SSM layers"),
+    ],
+)
+def test_models_whose_attention_the_engine_would_get_wrong_are_refused(model_type: str, message: str) -> None:
+    import transformers
+
+    from ttpu.coverage.configs import tiny_config
+    from ttpu.coverage.run import _build, _causal_lm_class, config_for_class
+
+    cls = _causal_lm_class(model_type)
+    module = _build(cls, config_for_class(cls, tiny_config(model_type, True)))
+    assert isinstance(module, transformers.PreTrainedModel)
+    with pytest.raises(InvalidArgumentError, match=message):
+        LLMEngine(AutoModelForTPU.from_model(module), EngineConfig(max_num_seqs=4, max_model_len=32, block_size=4))

@@ -69,6 +69,11 @@ _GENERATE_CAUSES: list[tuple[str, re.Pattern]] = [
     ("model's own cache class", re.compile(r"uses cache of its own")),
     ("forward does not compile", re.compile(r"forward does not compile under ttpu")),
     ("engine: not only attention KV layers", re.compile(r"serving engine runs models whose every layer caches")),
+    ("engine: attention outside AttentionInterface",
+     re.compile(r"does not run with the serving engine's paged attention|never calls transformers' attention")),
+    ("engine: several attention calls per layer", re.compile(r"calls attention \d+ times")),
+    ("engine: a window only in the mask", re.compile(r"whose window reaches attention only through a mask")),
+    ("engine: the model numbers positions itself", re.compile(r"takes none \(it numbers positions itself\)")),
 ]
 
 

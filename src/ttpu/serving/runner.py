@@ -14,12 +14,12 @@ engine compiles one program per bucket pair.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
-import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
-from ttpu.backends.jax.kv_cache import KEYS, VALUES, ArrayLayout, CacheLayout
+from ttpu.backends.jax.kv_cache import KEYS, VALUES, CacheLayout
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, write_kv
@@ -42,12 +42,25 @@ torchax = import_torchax()
 Pools = tuple[jax.Array, ...]  # per layer: [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout)
 
 
+class AttentionCall(NamedTuple):
+    """What one attention call of a layer receives: key heads, key and value widths,
+    dtype and sliding window (recorded by a probe trace, to size the pools)."""
+
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+    dtype: str
+    sliding_window: int | None
+
+
 @dataclass
 class _Step:
-    """What the attention layers of the step being traced read and write."""
+    """What the attention layers of the step being traced read and write; a probe
+    (``pools`` None) records each layer's calls instead."""
 
-    pools: list[jax.Array]
-    batch: PagedBatch
+    pools: list[jax.Array] | None
+    batch: PagedBatch | None
+    calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
 
 
 _current_step: contextvars.ContextVar[_Step] = contextvars.ContextVar("ttpu_paged_step")
@@ -70,6 +83,10 @@ def paged_attention_forward(
     step = _current_step.get()
     view = torchax.interop.jax_view
     q, k, v = (jnp.swapaxes(view(x)[0], 0, 1) for x in (query, key, value))  # [tokens, heads, dim]
+    if step.pools is None:
+        call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window)
+        step.calls.setdefault(module.layer_idx, []).append(call)
+        return to_traced(jnp.zeros((1, q.shape[0], q.shape[1], v.shape[2]), q.dtype)), None
     pool = step.pools[module.layer_idx]
     padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
     pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
@@ -135,32 +152,81 @@ class ModelRunner:
             )
         self._model = model
         self._forward = model.compiled_forward
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.torch_module.forward).parameters
+        parameters = inspect.signature(model.torch_module.forward).parameters
+        if "position_ids" not in parameters:
+            raise InvalidArgumentError(
+                f"the serving engine runs many requests in one row of tokens, each numbered by position_ids; "
+                f"{type(model.torch_module).__name__}.forward takes none (it numbers positions itself): "
+                "use model.generate() for it"
+            )
+        self._keeps_logits = "logits_to_keep" in parameters
         self.block_size = block_size
         self.blocks_per_request = -(-max_model_len // block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.pools: Pools = tuple(self._pool(dict(layer.arrays), num_blocks) for layer in layout.layers)
+        calls = self._attention_calls(len(layout.layers))
+        self.pools: Pools = tuple(self._pool(calls[index], num_blocks) for index in range(len(layout.layers)))
         self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
 
     @property
     def compile_count(self) -> int:
         return len(self._step)
 
-    def _pool(self, cache: dict[str, ArrayLayout], num_blocks: int) -> jax.Array:
-        """One layer's zeroed pool, [num_blocks, block_size, 2 * kv_heads, head_dim]
-        (``cache`` is the layer's [kv_heads, LENGTH, head_dim] keys and values in
-        ``generate``'s cache; the wider head_dim if they differ), its heads split over
-        the tensor axis as that cache's are (the pool is shared by all requests: never
-        split by batch)."""
-        keys, values = cache[KEYS], cache[VALUES]
-        heads, dim = keys.shape[0], max(keys.shape[2], values.shape[2])
+    def _attention_calls(self, layers: int) -> dict[int, AttentionCall]:
+        """Each layer's attention call, from a trace of one step with a probe in place of
+        the paged attention; refuses the models whose attention the engine would get
+        wrong (not through the interface, several calls per layer, a window kept only in
+        a mask)."""
+        module = self._model.torch_module
+        name = type(module).__name__
+        step = _Step(None, None)
+
+        def probe(params: Any, ids: jax.Array) -> jax.Array:
+            token = _current_step.set(step)
+            try:
+                with _paged_attention_named(module):
+                    inputs = {"input_ids": to_traced(ids), "position_ids": to_traced(ids * 0), "use_cache": False}
+                    return self._forward.call_traced(params, inputs).logits.jax()
+            finally:
+                _current_step.reset(token)
+
+        try:
+            jax.eval_shape(probe, self._forward.params, jax.ShapeDtypeStruct((1, MIN_TOKEN_BUCKET), jnp.int32))
+        except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
+            raise InvalidArgumentError(
+                f"{name} does not run with the serving engine's paged attention ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:300]}); its attention likely computes scores itself instead of "
+                "calling transformers' AttentionInterface: use model.generate() for it"
+            ) from None  # the message carries the model's error; its trace is not the caller's concern
+        problems = [f"layer {i} calls attention {len(c)} times" for i, c in sorted(step.calls.items()) if len(c) > 1]
+        problems += [f"layer {i} never calls transformers' attention function" for i in range(layers) if i not in step.calls]
+        config = module.config.get_text_config(decoder=True)
+        kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None) or []
+        problems += [
+            f"layer {i} is {kind!r} attention, whose window reaches attention only through a mask"
+            for i, kind in enumerate(kinds)
+            if kind not in ("full_attention", "global", "attention") and i in step.calls
+            and step.calls[i][0].sliding_window is None
+        ]
+        if problems:
+            raise InvalidArgumentError(
+                f"the serving engine cannot run {name}: {'; '.join(problems[:3])}. It runs models whose every layer "
+                "attends once through transformers' AttentionInterface: use model.generate() for it"
+            )
+        return {i: c[0] for i, c in step.calls.items()}
+
+    def _pool(self, call: AttentionCall, num_blocks: int) -> jax.Array:
+        """One layer's zeroed pool, [num_blocks, block_size, 2 * kv_heads, head_dim] for
+        the keys and values its attention ``call`` receives (the wider width if they
+        differ), its heads split over the tensor axis as ``generate``'s cache's are (the
+        pool is shared by all requests: never split by batch)."""
+        heads, dim = call.kv_heads, max(call.key_dim, call.value_dim)
         place = self._forward.placement
         heads_axis = place.plan.kv_cache_spec((1, heads, num_blocks * self.block_size, dim))[1]
         shape = (num_blocks, self.block_size, 2 * heads, dim)
         # Spelled as the step's outputs come back (no trailing Nones), so the donated pools keep one signature.
         spec = (None, None, heads_axis) if heads_axis else ()
-        return jnp.zeros(shape, keys.dtype, device=place.sharding(spec))
+        return jnp.zeros(shape, call.dtype, device=place.sharding(spec))
 
     def buckets(self) -> list[tuple[int, int]]:
         """Every (token, request) bucket pair a step can be padded to: ``r`` requests
