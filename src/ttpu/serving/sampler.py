@@ -23,13 +23,16 @@ MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top tokens a request 
 class SamplerMode(NamedTuple):
     """What a step's sampler computes beyond temperature and seeds."""
 
+    draws: bool = False  # any row samples (temperature > 0); else every row is greedy
     filters: bool = False  # top-k, top-p or min-p
     penalties: bool = False  # presence, frequency or repetition
     logprobs: bool = False  # the chosen token's log-probability and the top MAX_LOGPROBS
 
     @classmethod
     def every(cls) -> list[SamplerMode]:
-        return [cls(f, p, lp) for f in (False, True) for p in (False, True) for lp in (False, True)]
+        """The modes a step can need (filters only matter when a row draws)."""
+        flags = (False, True)
+        return [cls(d, f, p, lp) for d in flags for f in flags for p in flags for lp in flags if d or not f]
 
 
 class RowSampling(NamedTuple):
@@ -78,8 +81,10 @@ def row_sampling(
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(request.eos_token_ids))
         early.append(sorted(stops) if len(request.output_token_ids) < p.min_tokens else [])
     if mode is None:
+        draws = bool(np.any(settings[0] > 0))
         mode = SamplerMode(
-            filters=bool(np.any(settings[1] > 0) or np.any(settings[2] < 1) or np.any(settings[3] > 0)),
+            draws=draws,
+            filters=draws and bool(np.any(settings[1] > 0) or np.any(settings[2] < 1) or np.any(settings[3] > 0)),
             penalties=bool(np.any(settings[4:6] != 0) or np.any(settings[6] != 1)),
             logprobs=any(r.params.logprobs is not None for r in requests),
         )
@@ -112,13 +117,14 @@ def sample(logits: jax.Array, rows: RowSampling, mode: SamplerMode) -> SampledTo
     logits = logits.at[row_index, rows.suppressed].set(NEG_INF, mode="drop")
     if mode.penalties:
         logits = _penalized(logits, rows)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
-    if mode.filters:
-        scaled = filtered(scaled, top_k=rows.top_k[:, None], top_p=rows.top_p[:, None], min_p=rows.min_p[:, None])
-    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(rows.seeds, rows.steps)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    tokens = jnp.where(rows.temperature == 0.0, greedy, drawn)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode.draws:
+        scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
+        if mode.filters:
+            scaled = filtered(scaled, top_k=rows.top_k[:, None], top_p=rows.top_p[:, None], min_p=rows.min_p[:, None])
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(rows.seeds, rows.steps)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        tokens = jnp.where(rows.temperature == 0.0, tokens, drawn)
     if not mode.logprobs:
         return SampledTokens(tokens)
     logprobs = jax.nn.log_softmax(raw, axis=-1)
