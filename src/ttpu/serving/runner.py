@@ -182,13 +182,7 @@ class ModelRunner:
         step = _Step(None, None)
 
         def probe(params: Any, ids: jax.Array) -> jax.Array:
-            token = _current_step.set(step)
-            try:
-                with _paged_attention_named(module):
-                    inputs = {"input_ids": to_traced(ids), "position_ids": to_traced(ids * 0), "use_cache": False}
-                    return self._forward.call_traced(params, inputs).logits.jax()
-            finally:
-                _current_step.reset(token)
+            return self._logits_traced(step, params, {"input_ids": to_traced(ids), "position_ids": to_traced(ids * 0)})
 
         try:
             jax.eval_shape(probe, self._forward.params, jax.ShapeDtypeStruct((1, MIN_TOKEN_BUCKET), jnp.int32))
@@ -281,20 +275,21 @@ class ModelRunner:
 
     def _step_program(self, params: Any, pools: Pools, ids: jax.Array, batch: PagedBatch, sampling_rows: jax.Array):
         step = _Step(list(pools), batch)
+        inputs = {"input_ids": to_traced(ids[None]), "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None])}
+        if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
+            inputs["logits_to_keep"] = to_traced(sampling_rows)
+        logits = self._logits_traced(step, params, inputs)[0]
+        return tuple(step.pools), (logits if self._keeps_logits else logits[sampling_rows]).astype(jnp.float32)
+
+    def _logits_traced(self, step: _Step, params: Any, inputs: dict[str, Any]) -> jax.Array:
+        """The model's logits on ``inputs`` (no cache) inside a trace, its attention
+        layers reading and writing ``step``."""
         token = _current_step.set(step)
         try:
             with _paged_attention_named(self._model.torch_module):
-                inputs = {
-                    "input_ids": to_traced(ids[None]),
-                    "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None]),
-                    "use_cache": False,
-                }
-                if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
-                    inputs["logits_to_keep"] = to_traced(sampling_rows)
-                logits = self._forward.call_traced(params, inputs).logits.jax()[0]
+                return self._forward.call_traced(params, {**inputs, "use_cache": False}).logits.jax()
         finally:
             _current_step.reset(token)
-        return tuple(step.pools), (logits if self._keeps_logits else logits[sampling_rows]).astype(jnp.float32)
 
 
 def _powers(smallest: int, largest: int) -> list[int]:
