@@ -212,6 +212,7 @@ def test_repetition_penalty_and_logprobs_match_transformers() -> None:
                                  do_sample=False, pad_token_id=0, repetition_penalty=1.5,
                                  output_logits=True, return_dict_in_generate=True)
         assert request.output_token_ids == out.sequences[0, len(prompt) :].tolist()
+        assert len(request.output_logprobs) == NEW_TOKENS
         for token, step_logits, logprobs in zip(request.output_token_ids, out.logits, request.output_logprobs):
             reference = torch.log_softmax(step_logits[0].float(), -1)
             assert logprobs.token_id == token
@@ -262,8 +263,8 @@ def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(parallelism: str) 
     model = AutoModelForTPU.from_model(module, parallelism=parallelism)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))
     tensor = model.compiled_forward.placement.mesh.shape["tensor"]
-    keys = engine.runner.pools[0][0]
-    assert tensor > 1 and keys.sharding.shard_shape(keys.shape)[1] == keys.shape[1] // tensor
+    pool = engine.runner.pools[0]  # [blocks, block_size, 2 * kv_heads, dim]
+    assert tensor > 1 and pool.sharding.shard_shape(pool.shape)[2] == pool.shape[2] // tensor
     batch = prompts()[:4]
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     compiled = engine.runner.compile_count
@@ -318,3 +319,54 @@ def test_models_whose_attention_the_engine_would_get_wrong_are_refused(model_typ
     assert isinstance(module, transformers.PreTrainedModel)
     with pytest.raises(InvalidArgumentError, match=message):
         LLMEngine(AutoModelForTPU.from_model(module), EngineConfig(max_num_seqs=4, max_model_len=32, block_size=4))
+
+
+def test_a_failed_step_leaves_no_unwritten_prefix_behind(monkeypatch) -> None:
+    """A request that fails in the step that was to write its prompt's blocks: a request
+    that found those blocks as a prefix in the same step recomputes them later, and a
+    later request with the same prompt does not find them cached."""
+    eager, model = build("llama")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
+    prepare = engine.runner.prepare
+
+    def failing(out, block_ids):
+        if any(chunk.request.id == "bad" for chunk in out.chunks):
+            raise RuntimeError("boom")
+        return prepare(out, block_ids)
+
+    monkeypatch.setattr(engine.runner, "prepare", failing)
+    shared = list(range(40, 52))  # 3 full blocks
+    bad = engine.add_request("bad", [*shared, 7], GREEDY)
+    partner = engine.add_request("partner", [*shared, 9, 9], GREEDY)
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert bad.finish_reason == "error" and partner.output_token_ids == expected_tokens(eager, [*shared, 9, 9])
+    again = engine.add_request("again", [*shared, 7], GREEDY)
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert again.output_token_ids == expected_tokens(eager, [*shared, 7]) and engine.kv.used_blocks == 0
+
+
+def test_a_step_that_loses_the_donated_pools_fails_the_running_requests_and_the_engine_goes_on(monkeypatch) -> None:
+    eager, model = build("llama")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
+    run, calls = engine.runner.run, []
+
+    def losing(inputs):
+        calls.append(1)
+        if len(calls) == 2:  # the second step dies on the device after donating the pools
+            for pool in engine.runner.pools:
+                pool.delete()
+            raise RuntimeError("device lost")
+        return run(inputs)
+
+    monkeypatch.setattr(engine.runner, "run", losing)
+    batch = prompts()[:2]
+    first = [engine.add_request(f"r{i}", p, GREEDY) for i, p in enumerate(batch)]
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert [r.finish_reason for r in first] == ["error", "error"] and "device lost" in first[0].error
+    later = engine.add_request("later", batch[0], GREEDY)
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert later.output_token_ids == expected_tokens(eager, batch[0]) and engine.kv.used_blocks == 0

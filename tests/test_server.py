@@ -61,7 +61,7 @@ def saved_model(tmp_path_factory) -> tuple[Path, LlamaForCausalLM, PreTrainedTok
     tokenizer = _tokenizer()
     config = LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     torch.manual_seed(0)
     module = LlamaForCausalLM(config).eval()
@@ -79,7 +79,7 @@ def server(saved_model):
     log = open(directory / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "ttpu.cli", "serve", str(directory), "--served-model-name", MODEL, "--port", str(port),
-         "--max-num-seqs", "8", "--max-model-len", "128", "--max-num-batched-tokens", "64", "--block-size", "8",
+         "--max-num-seqs", "8", "--max-model-len", "1024", "--max-num-batched-tokens", "64", "--block-size", "8",
          "--dtype", "float32"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
@@ -150,8 +150,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL, prompt="x", temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
-        client.completions.create(model=MODEL, prompt="x", max_tokens=500)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 1024"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1500)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="role"):
@@ -166,7 +166,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server) -> None:
 def test_a_client_hanging_up_mid_stream_frees_its_request(server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
     stream = client.completions.create(
-        model=MODEL, prompt="Go on", max_tokens=110, stream=True, extra_body={"min_tokens": 110}
+        model=MODEL, prompt="Go on", max_tokens=1000, stream=True, extra_body={"min_tokens": 1000}
     )
     for _, _ in zip(range(3), stream):
         pass

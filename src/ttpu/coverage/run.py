@@ -403,6 +403,10 @@ def _check_serve(tpu: Any, ids: Any, mask: Any, expected: Any, eos: Any) -> dict
     except Exception as exc:  # noqa: BLE001
         check["error"] = error_info(exc)
         return check
+    failed = next((r.error for r in requests if r.error), None)
+    if failed:  # a request that failed in its step (the engine goes on without raising)
+        check["error"] = error_info(RuntimeError(failed))
+        return check
     actual = [r.output_token_ids for r in requests]
     check.update(stage="compare", matches=actual == wanted)
     if check["matches"]:

@@ -143,12 +143,36 @@ class LLMEngine:
         try:
             return self._run(out)
         except Exception as error:  # noqa: BLE001  one request's failure must not end the others
-            if len(out.chunks) > 1:
-                return [request for chunk in out.chunks for request in self._compute(SchedulerOutput([chunk]))]
-            request = out.chunks[0].request
-            logger.exception("request %s failed in its step", request.id)
-            self.fail(request.id, f"{type(error).__name__}: {error}")
-            return [request]
+            message = f"{type(error).__name__}: {error}"
+            if self.runner.pools_lost():  # failed on the device after the pools were donated
+                logger.exception("a step failed on the device; the KV cache is rebuilt")
+                return self._lose_kv_cache(message)
+            if len(out.chunks) == 1:
+                request = out.chunks[0].request
+                logger.exception("request %s failed in its step", request.id)
+                self.fail(request.id, message)
+                return [request]
+        changed: list[Request] = []
+        failed_blocks: set[int] = set()
+        for chunk in out.chunks:
+            request, blocks = chunk.request, set(self.kv.block_ids(chunk.request.id))
+            if blocks & failed_blocks:  # its prefix hit blocks that a failed chunk was to write in this step
+                self.scheduler.requeue(request)  # it recomputes them later
+                continue
+            changed += self._compute(SchedulerOutput([chunk]))
+            if request.status is RequestStatus.FINISHED_ERROR:
+                failed_blocks |= blocks
+        return changed
+
+    def _lose_kv_cache(self, error: str) -> list[Request]:
+        """Fail every running request (their keys and values went with the pools), and
+        start again from empty pools and no cached prefixes."""
+        self.runner.reset_pools()
+        self.kv.pool.forget_prefixes()
+        failed = list(self.scheduler.running)
+        for request in failed:
+            self.fail(request.id, f"the step failed on the device and took the KV cache with it: {error}")
+        return failed
 
     def _run(self, out: SchedulerOutput) -> list[Request]:
         inputs = self.runner.prepare(out, {c.request.id: self.kv.block_ids(c.request.id) for c in out.chunks})

@@ -111,6 +111,12 @@ class BlockPool:
             block.hash = block_hash
             self._by_hash[block_hash] = block
 
+    def unregister(self, block: Block) -> None:
+        """``block`` no longer names the tokens it was registered under."""
+        if block.hash is not None:
+            self._by_hash.pop(block.hash, None)
+            block.hash = None
+
     def forget_prefixes(self) -> None:
         """Unregister every full block (weights changed: cached keys are stale)."""
         for block in self._by_hash.values():
@@ -182,10 +188,16 @@ class KVBlockManager:
         self._register_full_blocks(request_id, tokens, min(computed + new, len(tokens)))
         return [block.id for block in added]
 
-    def free(self, request_id: str) -> None:
-        """Release every block of ``request_id`` (finished, aborted or preempted)."""
+    def free(self, request_id: str, written: bool = True) -> None:
+        """Release every block of ``request_id`` (finished, aborted or preempted). When
+        its step failed (``written`` False), the blocks it alone holds stop being cached
+        prefixes: their keys and values may never have been written."""
         table = self._tables.pop(request_id, [])
         self._hashes.pop(request_id, None)
+        if not written:
+            for block in table:
+                if block.ref_count == 1:
+                    self.pool.unregister(block)
         self.pool.release(reversed(table))
 
     @property

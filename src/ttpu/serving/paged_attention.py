@@ -111,7 +111,8 @@ def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
-def paged_attention_kernel(sinks: bool = False) -> Callable[..., jax.Array]:
+def paged_attention_kernel(sinks: bool = False, sharded: bool = False) -> Callable[..., jax.Array]:
     """The kernel for this platform (both take the same arguments): Pallas on TPU, unless
-    the layer has attention ``sinks``, which it does not take; XLA elsewhere."""
-    return pallas_paged_attention if _on_tpu() and not sinks else xla_paged_attention
+    the layer has attention ``sinks``, which it does not take, or the pool is ``sharded``
+    (GSPMD cannot split a Pallas call; that needs a shard_map over the heads); XLA elsewhere."""
+    return pallas_paged_attention if _on_tpu() and not (sinks or sharded) else xla_paged_attention

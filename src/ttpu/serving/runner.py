@@ -60,6 +60,7 @@ class _Step:
 
     pools: list[jax.Array] | None
     batch: PagedBatch | None
+    sharded: bool = False  # pools split over devices (the Pallas kernel would need a shard_map)
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
 
 
@@ -95,7 +96,8 @@ def paged_attention_forward(
                "softcap": softcap}
     if s_aux is not None:
         options["sinks"] = view(s_aux)
-    out = paged_attention_kernel(sinks=s_aux is not None)(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
+    kernel = paged_attention_kernel(sinks=s_aux is not None, sharded=step.sharded)
+    out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
     return to_traced(out[None]), None
 
 
@@ -165,12 +167,22 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         calls = self._attention_calls(len(layout.layers))
-        self.pools: Pools = tuple(self._pool(calls[index], num_blocks) for index in range(len(layout.layers)))
+        self._new_pools = lambda: tuple(self._pool(calls[index], num_blocks) for index in range(len(layout.layers)))
+        self.pools: Pools = self._new_pools()
+        self.sharded = any(pool.sharding.spec for pool in self.pools)  # split over KV heads
         self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
 
     @property
     def compile_count(self) -> int:
         return len(self._step)
+
+    def pools_lost(self) -> bool:
+        """Whether a failed step took the (donated) pools with it."""
+        return any(pool.is_deleted() for pool in self.pools)
+
+    def reset_pools(self) -> None:
+        """Empty pools in place of lost ones."""
+        self.pools = self._new_pools()
 
     def _attention_calls(self, layers: int) -> dict[int, AttentionCall]:
         """Each layer's attention call, from a trace of one step with a probe in place of
@@ -274,7 +286,7 @@ class ModelRunner:
         return logits
 
     def _step_program(self, params: Any, pools: Pools, ids: jax.Array, batch: PagedBatch, sampling_rows: jax.Array):
-        step = _Step(list(pools), batch)
+        step = _Step(list(pools), batch, self.sharded)
         inputs = {"input_ids": to_traced(ids[None]), "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None])}
         if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
             inputs["logits_to_keep"] = to_traced(sampling_rows)

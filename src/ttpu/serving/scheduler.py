@@ -85,7 +85,7 @@ class Scheduler:
 
     def finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         request.status, request.error = status, error
-        self.kv.free(request.id)
+        self.kv.free(request.id, written=status is not RequestStatus.FINISHED_ERROR)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -152,8 +152,14 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _preempt(self, request: Request) -> None:
-        self.kv.free(request.id)
+    def requeue(self, request: Request) -> None:
+        """Send running ``request`` back to wait and recompute from scratch, its blocks
+        not kept as cached prefixes (its step failed before writing them)."""
+        self.running.remove(request)
+        self._preempt(request, written=False)
+
+    def _preempt(self, request: Request, written: bool = True) -> None:
+        self.kv.free(request.id, written=written)
         request.computed, request.status = 0, RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.preemptions += 1

@@ -151,6 +151,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[_Submission, int]] = {}  # request id -> its submission and fork index
+        self._last_token: dict[str, float] = {}  # request id -> when it got its latest token
         self._stopped = False
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="ttpu-engine", daemon=True)
@@ -165,10 +166,16 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> _Submission:
+    async def submit(self, prompt: list[int], params: SamplingParams) -> _Submission:
         """Add ``params``' ``n`` forks to the engine now (a refused field raises here,
-        before any response starts); their updates arrive on one queue."""
+        before any response starts); their updates arrive on one queue. The engine's lock
+        is taken off the event loop (a step holds it)."""
         submission = _Submission(asyncio.get_running_loop(), asyncio.Queue(), [])
+        await asyncio.to_thread(self._add, submission, prompt, params)
+        self._wake.set()
+        return submission
+
+    def _add(self, submission: _Submission, prompt: list[int], params: SamplingParams) -> None:
         base = f"req-{next(self._ids)}"
         with self._lock:
             try:
@@ -180,8 +187,6 @@ class AsyncEngine:
             except Exception:
                 self._drop(submission)
                 raise
-        self._wake.set()
-        return submission
 
     async def updates(self, submission: _Submission) -> AsyncIterator[_Update]:
         """The forks' outputs after each step that changed them, until all finish;
@@ -194,17 +199,20 @@ class AsyncEngine:
                     unfinished.discard(update.index)
                 yield update
         finally:
-            if unfinished:
+            if unfinished:  # the client left (synchronous: this may run as the task is cancelled)
                 with self._lock:
-                    self._drop(submission)
-                self.metrics.finished.labels("abort").inc(len(unfinished))
+                    self.metrics.finished.labels("abort").inc(self._drop(submission))
 
-    def _drop(self, submission: _Submission) -> None:
-        """Abort ``submission``'s requests that are still running (under the lock)."""
+    def _drop(self, submission: _Submission) -> int:
+        """Abort ``submission``'s requests that are still running (under the lock); how many."""
+        aborted = 0
         for request_id in submission.request_ids:
             if self._streams.pop(request_id, None) is not None:
                 self.engine.abort(request_id)
+                self._last_token.pop(request_id, None)
+                aborted += 1
         self._gauge_engine()
+        return aborted
 
     def _gauge_engine(self) -> None:
         """Set the gauges of running and waiting requests and used blocks."""
@@ -214,7 +222,6 @@ class AsyncEngine:
         m.kv_blocks.set(self.engine.kv.used_blocks)
 
     def _run(self) -> None:
-        last = {}
         while not self._stopped:
             if not self.engine.has_unfinished_requests:
                 self._wake.wait(0.05)
@@ -229,7 +236,7 @@ class AsyncEngine:
                 for request in changed:
                     if request.error is None:
                         self.llm._check_stop_strings(request)
-                self._observe(changed, last)
+                self._observe(changed)
             for request in changed:
                 stream = self._streams.get(request.id)
                 if stream is None:
@@ -247,19 +254,19 @@ class AsyncEngine:
             self.engine.fail(request.id, error)
         return failed
 
-    def _observe(self, changed: list[Request], last: dict[str, float]) -> None:
+    def _observe(self, changed: list[Request]) -> None:
         now = time.monotonic()
         m, scheduler, kv = self.metrics, self.engine.scheduler, self.engine.kv
         for request in changed:
             if len(request.output_token_ids) == 1:
                 m.ttft.observe(now - request.arrival)
-            elif request.id in last:
-                m.itl.observe(now - last[request.id])
-            last[request.id] = now
+            elif request.id in self._last_token:
+                m.itl.observe(now - self._last_token[request.id])
+            self._last_token[request.id] = now
             if request.status.finished:
                 m.e2e.observe(now - request.arrival)
                 m.finished.labels(request.finish_reason).inc()
-                last.pop(request.id, None)
+                self._last_token.pop(request.id, None)
         self._gauge_engine()
         m.count("queries", m.prefix_queries, kv.stats.queried)
         m.count("hits", m.prefix_hits, kv.stats.hit)
@@ -332,19 +339,20 @@ async def _respond(
             f"this model's maximum context length is {llm.engine.max_model_len} tokens; the prompt has "
             f"{len(prompt)} and max_tokens is {params.max_tokens}"
         )
-    submission = engine.submit(prompt, params)
+    submission = await engine.submit(prompt, params)
     chat = kind.startswith("chat")
     header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{time.monotonic_ns()}", "created": int(time.time()),
               "model": model_name}
     token_text = _TokenText(llm)
 
-    def choice(update: _Update, text: str, logprobs: list[TokenLogprobs], delta: bool) -> dict:
+    def choice(update: _Update, text: str, logprobs: list[TokenLogprobs], delta: bool, offset: int = 0) -> dict:
         wanted = params.logprobs is not None
         if chat:
             message = {"delta" if delta else "message": {"role": "assistant", "content": text}}
             return {"index": update.index, **message, "logprobs": token_text.chat(logprobs) if wanted else None,
                     "finish_reason": update.finish_reason}
-        return {"index": update.index, "text": text, "logprobs": token_text.completion(logprobs) if wanted else None,
+        return {"index": update.index, "text": text,
+                "logprobs": token_text.completion(logprobs, offset) if wanted else None,
                 "finish_reason": update.finish_reason}
 
     if not body.stream:
@@ -371,11 +379,13 @@ async def _respond(
         async for update in engine.updates(submission):
             if update.error:
                 yield f"data: {json.dumps({'error': {'message': update.error, 'code': 500}})}\n\n"
+                yield "data: [DONE]\n\n"
                 return
             text, before = llm.decode(update.token_ids, params), sent_text.get(update.index, "")
             logprobs = update.logprobs[sent_logprobs.get(update.index, 0) :]
             sent_text[update.index], sent_logprobs[update.index] = text, len(update.logprobs)
-            chunk = {**header, "object": chunk_kind, "choices": [choice(update, text[len(before):], logprobs, True)]}
+            piece = choice(update, text[len(before):], logprobs, True, offset=len(before))
+            chunk = {**header, "object": chunk_kind, "choices": [piece]}
             yield f"data: {json.dumps(chunk)}\n\n"
             if update.final:
                 generated += len(update.token_ids)
@@ -395,12 +405,16 @@ class _TokenText:
     def text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id]) if self._tokenizer is not None else f"token_id:{token_id}"
 
-    def completion(self, logprobs: list[TokenLogprobs]) -> dict:
+    def completion(self, logprobs: list[TokenLogprobs], offset: int = 0) -> dict:
+        """The legacy completions shape; ``text_offset`` counts from ``offset`` (the text
+        already streamed), and each token's top dict holds the sampled token too (vLLM)."""
         tokens = [self.text(lp.token_id) for lp in logprobs]
-        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset)) if tokens else []
         return {
             "tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "text_offset": offsets,
-            "top_logprobs": [{self.text(t): v for t, v in lp.top} for lp in logprobs],
+            "top_logprobs": [
+                {**{self.text(t): v for t, v in lp.top}, self.text(lp.token_id): lp.logprob} for lp in logprobs
+            ],
         }
 
     def chat(self, logprobs: list[TokenLogprobs]) -> dict:

@@ -170,7 +170,8 @@ def filtered(
     min_p: jax.Array | None = None,
 ) -> jax.Array:
     """Top-k, then top-p, then min-p over ``logits`` [rows, vocab] (removed tokens get
-    -inf), as transformers' processors and vLLM's sampler define them. ``top_k`` is a
+    -inf), in transformers' order, each filter as transformers' processors and vLLM's
+    sampler define it (vLLM applies min-p first). ``top_k`` is a
     static size or per-row sizes [rows, 1] (0: off); ``top_p`` and ``min_p`` are scalars
     or per-row [rows, 1] (1 and 0: off)."""
     candidates = None
