@@ -153,16 +153,23 @@ def _latencies(arrivals: Sequence[float], firsts: Sequence[float], finishes: Seq
 # ----------------------------------------------------------------------------- the four ways
 
 
-def run_engine(model: Any, workload: Workload, label: str, args: argparse.Namespace) -> Result:
+def build_engine(model: Any, workload: Workload, args: argparse.Namespace) -> tuple[Any, float]:
+    """The engine for ``workload``'s lengths, warmed up (every bucket compiled); the
+    warm-up's seconds."""
     from ttpu.serving.engine import EngineConfig, LLMEngine
 
     max_len = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=-(-max_len // 16) * 16,
                           max_num_batched_tokens=args.max_num_batched_tokens)
     engine = LLMEngine(model, config)
-    log(f"ttpu engine ({label}): warm-up")
-    warm_up_s = engine.warm_up()
-    compiled = engine.compile_count
+    log("ttpu engine: warm-up")
+    return engine, engine.warm_up()
+
+
+def run_engine(engine: Any, warm_up_s: float, workload: Workload, label: str) -> Result:
+    log(f"ttpu engine ({label})")
+    engine.kv.pool.forget_prefixes()  # no head start from an earlier run's identical prompts
+    compiled, scheduled, padded = engine.compile_count, engine.scheduled_tokens, engine.padded_tokens
     requests, firsts, finishes = [], {}, {}
     pending = list(enumerate(zip(workload.prompts, workload.output_lens, workload.arrivals)))
     start = time.perf_counter()
@@ -171,7 +178,7 @@ def run_engine(model: Any, workload: Workload, label: str, args: argparse.Namesp
         while pending and pending[0][1][2] <= now:
             i, (prompt, n, _) = pending.pop(0)
             params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-            requests.append(engine.add_request(str(i), prompt, params))
+            requests.append(engine.add_request(f"{label}-{i}", prompt, params))
         if not engine.has_unfinished_requests:
             time.sleep(min(0.005, max(pending[0][1][2] - now, 0)))
             continue
@@ -181,12 +188,13 @@ def run_engine(model: Any, workload: Workload, label: str, args: argparse.Namesp
             if request.status.finished:
                 finishes[request.id] = t
     seconds = max(finishes.values())
-    order = [str(i) for i in range(len(workload.prompts))]
+    order = [f"{label}-{i}" for i in range(len(workload.prompts))]
     ttft, tpot = _latencies(workload.arrivals, [firsts[i] for i in order], [finishes[i] for i in order],
                             workload.output_lens)
-    assert [len(r.output_token_ids) for r in sorted(requests, key=lambda r: int(r.id))] == workload.output_lens
-    return Result(f"ttpu engine", label, seconds, workload.prompt_tokens, workload.output_tokens, ttft, tpot,
-                  engine.scheduled_tokens / engine.padded_tokens, engine.compile_count - compiled, warm_up_s)
+    assert [len(r.output_token_ids) for r in requests] == workload.output_lens  # added in index order
+    efficiency = (engine.scheduled_tokens - scheduled) / (engine.padded_tokens - padded)
+    return Result("ttpu engine", label, seconds, workload.prompt_tokens, workload.output_tokens, ttft, tpot,
+                  efficiency, engine.compile_count - compiled, warm_up_s)
 
 
 class _TokenTimes(BaseStreamer):
@@ -356,9 +364,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from ttpu import AutoModelForTPU
 
     model = AutoModelForTPU.from_pretrained(args.model)
-    results = [run_engine(model, at_once, "at once", args)]
+    engine, warm_up_s = build_engine(model, at_once, args)
+    results = [run_engine(engine, warm_up_s, at_once, "at once")]
     if args.poisson:
-        results.append(run_engine(model, workload, poisson, args))
+        results.append(run_engine(engine, warm_up_s, workload, poisson))
+    del engine
     results += hf
     if "ttpu-static" not in skip:
         results += [run_ttpu_static(model, at_once, size, pad) for size in sizes]
