@@ -81,8 +81,12 @@ class LLMEngine:
         returns the seconds it took. Afterwards no request mix compiles anything."""
         start = time.perf_counter()
         pairs = self.runner.buckets()
+        sampled: set[int] = set()  # request buckets whose sampler modes are compiled
         for tokens, requests in tqdm(pairs, desc="compiling serving steps", unit="bucket", disable=not progress):
             logits = self.runner.run(self.runner.empty_step(tokens, requests))
+            if requests in sampled:
+                continue
+            sampled.add(requests)
             for mode in SamplerMode.every():
                 rows, _ = row_sampling([], requests, logits.shape[1], self.max_model_len, mode)
                 self._sample(logits, rows, mode)
