@@ -9,13 +9,13 @@ from typing import Any, NamedTuple
 from transformers import AutoConfig, PreTrainedModel
 
 from ttpu import models
-from ttpu.backends import get_backend
+from ttpu.backends import Backend, get_backend
 from ttpu.buckets import BucketPolicy
 from ttpu.dtypes import resolve_dtype
 from ttpu.errors import InvalidArgumentError, ModelNotFoundError
 from ttpu.logs import transformers_progress_hidden
 from ttpu.model import TPUModel
-from ttpu.patches import apply_patches
+from ttpu.patches import Patch, apply_patches
 from ttpu.sharding import plan_sharding
 from ttpu.sharding.rules import Rule
 from ttpu.tasks import auto_class, check_task, task_from_config
@@ -116,10 +116,7 @@ class AutoModelForTPU:
 
     @staticmethod
     def _wrap(module, runtime, task, dtype, attn_implementation, tokenizer, buckets, sharding: _Sharding) -> TPUModel:
-        module.eval()
-        _set_attention(module, runtime.attention_implementation(), attn_implementation)
-        _set_static_shape_experts(module)
-        applied = apply_patches(module)
+        applied = prepare_module(module, runtime, attn_implementation)
         plan = plan_sharding(
             module,
             parallelism=sharding.parallelism,
@@ -139,6 +136,15 @@ class AutoModelForTPU:
             sharding=plan,
             release_host_weights=sharding.release_host_weights,
         )
+
+
+def prepare_module(module: PreTrainedModel, runtime: Backend, attn_implementation: str = "auto") -> list[Patch]:
+    """Adapt a transformers module in place for ``runtime``: eval mode, the backend's
+    attention, static-shape MoE experts and ttpu's patches (returned)."""
+    module.eval()
+    _set_attention(module, runtime.attention_implementation(), attn_implementation)
+    _set_static_shape_experts(module)
+    return apply_patches(module)
 
 
 class _Sharding(NamedTuple):

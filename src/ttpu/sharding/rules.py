@@ -194,13 +194,21 @@ def _split_dimension(style: str | None, owner: torch.nn.Module | None, shape: tu
 
 def _add_fsdp(spec: Spec, source: str, shape: tuple[int, ...], mesh: MeshShape) -> tuple[Spec, str]:
     """Also split the largest dimension that is free and divides by the fsdp size."""
-    fsdp = mesh.size("fsdp")
-    free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % fsdp == 0]
-    if not free:
+    split = split_largest_free(spec, shape, "fsdp", mesh.size("fsdp"))
+    if split == spec:
         return spec, source
+    return split, "fsdp" if source == "replicated" else f"{source} + fsdp"
+
+
+def split_largest_free(spec: Spec, shape: Sequence[int], entry: Axis, ways: int, exclude: Sequence[int] = ()) -> Spec:
+    """``spec`` with its largest unsplit dimension that divides by ``ways`` (and is not
+    in ``exclude``) split over ``entry`` (an axis or tuple of axes); unchanged when no
+    dimension qualifies."""
+    free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % ways == 0 and i not in exclude]
+    if not free:
+        return spec
     dim = max(free, key=lambda i: (shape[i], -i))
-    spec = tuple("fsdp" if i == dim else axis for i, axis in enumerate(spec))
-    return spec, "fsdp" if source == "replicated" else f"{source} + fsdp"
+    return tuple(entry if i == dim else axis for i, axis in enumerate(spec))
 
 
 def _divisible(name: str, shape: tuple[int, ...], spec: Spec, mesh: MeshShape) -> Spec:

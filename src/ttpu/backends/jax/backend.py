@@ -186,15 +186,18 @@ class JaxForward(CompiledForward):
         out = self.call_traced(params, {**self._env.j2t_iso(arrays), **dict(constants)})
         return torch_pytree.tree_map_only(torch.Tensor, _to_jax, out)
 
-    def call_traced(self, params: dict[str, jax.Array], inputs: dict[str, Any]) -> Any:
+    def call_traced(self, params: dict[str, jax.Array], inputs: dict[str, Any], training: bool = False) -> Any:
         """The module's forward on torch-side inputs (traced tensors, caches, constants),
         inside a jax trace; returns the torch-side output. Building block of larger
-        compiled programs such as the generation loop."""
+        compiled programs such as the generation loop and the train step. ``training``:
+        the module runs in training mode (dropout, gradient checkpointing), gradients
+        enabled as torch sees it; jax does the differentiation."""
         env = self._env
         weights = env.j2t_iso(params)
         buffers = {k: weights.pop(k) for k in self._buffer_names}
         scopes = (
-            env, torch.no_grad(), _value_checks_off(), tracing_scope(self._module), _module_state_kept(self._module),
+            env, torch.enable_grad() if training else torch.no_grad(), _training_mode(self._module, training),
+            _value_checks_off(), tracing_scope(self._module), _module_state_kept(self._module),
             lowerings.tensor_method_fixes(),
         )
         with contextlib.ExitStack() as stack, _module_tracker() as modules:
@@ -280,6 +283,18 @@ def _value_checks_off() -> Iterator[None]:
             del os.environ[DISABLE_VALUE_CHECKS_ENV]
         else:
             os.environ[DISABLE_VALUE_CHECKS_ENV] = previous
+
+
+@contextlib.contextmanager
+def _training_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Every submodule in training (or eval) mode while tracing, as they were after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @contextlib.contextmanager

@@ -1,0 +1,135 @@
+"""Training checkpoints with orbax, named and laid out as transformers' Trainer's.
+
+``output_dir/checkpoint-N/`` holds the train state (trainable parameters, optimizer state,
+step: an orbax ``StandardSave``), the loop's position (``loop``: epoch, step in epoch) and,
+once the asynchronous write has finished, transformers' ``trainer_state.json``. orbax
+writes each checkpoint into a temporary directory and renames it when complete, so a
+save killed midway never appears as ``checkpoint-N`` (the latest stays the previous one);
+``save_total_limit`` keeps the newest N. Restoring reads arrays straight into the
+shardings of the current mesh, which may differ from the one that saved them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import torch
+from etils import epath
+from transformers import TrainerState
+
+from ttpu.training.step import TrainState
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformersNames(ocp.step.NameFormat):
+    """``checkpoint-N`` directories, as transformers names them; unfinished ones skipped."""
+
+    def build_name(self, step: int) -> str:
+        return f"checkpoint-{step}"
+
+    def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.step.Metadata]:
+        base = epath.Path(base_path)
+        if not base.exists():
+            return
+        for path in base.iterdir():
+            match = CHECKPOINT_NAME.fullmatch(path.name)
+            if match and path.is_dir() and ocp.step.is_path_finalized(path):
+                yield ocp.step.Metadata(step=int(match[1]), path=path)
+
+    def find_step(self, base_path: epath.PathLike, step: int) -> ocp.step.Metadata:
+        for metadata in self.find_all(base_path):
+            if metadata.step == step:
+                return metadata
+        raise ValueError(f"no finished checkpoint-{step} in {base_path}")
+
+
+class Checkpoints:
+    """The checkpoints of one output directory."""
+
+    def __init__(self, output_dir: str | Path, keep: int | None, asynchronous: bool = True) -> None:
+        self.directory = Path(output_dir).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, step_name_format=TransformersNames(), enable_async_checkpointing=asynchronous,
+            cleanup_tmp_directories=True, create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unwritten_states: dict[int, str] = {}
+
+    def save(self, state: TrainState, loop: dict[str, Any], trainer_state: TrainerState) -> Path:
+        """Start writing ``checkpoint-{step}``; returns its path (complete once
+        :meth:`wait` returns)."""
+        step = int(loop["global_step"])
+        self._write_trainer_states()
+        self._manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
+            force=True,
+        )
+        self._unwritten_states[step] = trainer_state.to_json_string()
+        return self.directory / f"checkpoint-{step}"
+
+    def wait(self) -> None:
+        """Block until every started save is complete on disk."""
+        self._manager.wait_until_finished()
+        self._write_trainer_states()
+
+    def latest(self) -> Path | None:
+        step = self._manager.latest_step()
+        return None if step is None else self.directory / f"checkpoint-{step}"
+
+    def restore(self, path: str | Path, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """The train state of ``path`` in ``target``'s shapes and shardings, and the
+        loop position."""
+        path = Path(path)
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a checkpoint-N directory written by ttpu.Trainer.")
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target
+        )
+        manager = self._manager if path.parent == self.directory else ocp.CheckpointManager(
+            path.parent, options=ocp.CheckpointManagerOptions(step_name_format=TransformersNames(), read_only=True)
+        )
+        restored = manager.restore(
+            int(match[1]), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore())
+        )
+        return TrainState(*restored.state), dict(restored.loop)
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()
+
+    def _write_trainer_states(self) -> None:
+        """transformers' ``trainer_state.json`` into each checkpoint whose write finished."""
+        if not self._unwritten_states or self._manager.is_saving_in_progress():
+            return
+        for step, text in self._unwritten_states.items():
+            directory = self.directory / f"checkpoint-{step}"
+            if directory.is_dir():
+                (directory / TRAINER_STATE).write_text(text)
+        self._unwritten_states.clear()
+
+
+def host_state_dict(arrays: dict[str, jax.Array], names: set[str], to_host: Any) -> dict[str, torch.Tensor]:
+    """``arrays`` whose names are in ``names`` (the module's state dict keys) as CPU torch
+    tensors, read one at a time."""
+    tensors = {}
+    for name, array in arrays.items():
+        if name in names:
+            tensors[name] = torch.from_numpy(np.array(to_host(array)))
+    return tensors
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any] | None:
+    path = Path(checkpoint) / TRAINER_STATE
+    return json.loads(path.read_text()) if path.is_file() else None

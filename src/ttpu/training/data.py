@@ -1,0 +1,153 @@
+"""Training data as static-shape arrays: transformers' sampling order, collators, and
+padding to one length so that a run compiles one train step.
+
+Order: as transformers' Trainer (through accelerate's seedable sampler), epoch ``e`` visits
+the examples in ``torch.randperm(n)`` drawn from a generator seeded with
+``(data_seed or seed) + e`` ("random"), or in order ("sequential"). Rows are collated by
+the data collator, then padded to the run's length (the longest example, rounded up to
+the collator's ``pad_to_multiple_of`` or 8) and to full micro-batches: padding rows and
+positions carry label -100 and attention mask 0, so they change neither the loss nor the
+label-token count. The last optimizer step of an epoch may hold fewer micro-batches
+(transformers' remainder); it is padded with empty micro-batches the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ttpu.errors import InvalidArgumentError
+
+IGNORE_INDEX = -100
+LENGTH_MULTIPLE = 8
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step's data: arrays ``[accumulation, rows, length]``, the label
+    tokens that count for the loss (transformers' ``num_items_in_batch``), how many
+    micro-batches and rows are real, and the non-padding tokens."""
+
+    arrays: dict[str, np.ndarray]
+    item_count: int
+    micro_batches: int
+    rows: int
+    tokens: int
+
+
+def epoch_order(size: int, seed: int, epoch: int, strategy: str) -> list[int]:
+    if strategy == "sequential":
+        return list(range(size))
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return torch.randperm(size, generator=generator).tolist()
+
+
+class Batches:
+    """Turns a map-style dataset into padded step batches."""
+
+    def __init__(
+        self, dataset: Any, collator: Callable[[list[dict]], Any], *, rows: int, accumulation: int,
+        keep_columns: Sequence[str] | None, pad_token_id: int, shifts_labels: bool, drop_last: bool,
+    ) -> None:
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise InvalidArgumentError(
+                "ttpu.Trainer takes a map-style dataset (a datasets.Dataset, a list of dicts or a torch "
+                f"Dataset with __len__ and __getitem__); got {type(dataset).__name__}."
+            )
+        if len(dataset) == 0:
+            raise InvalidArgumentError("the dataset is empty.")
+        self.dataset = dataset
+        self.collator = collator
+        self.rows = rows
+        self.accumulation = accumulation
+        self.keep_columns = set(keep_columns) if keep_columns is not None else None
+        self.pad_token_id = pad_token_id
+        self.shifts_labels = shifts_labels
+        self.drop_last = drop_last
+        self.length = self._padded_length()
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        full, rest = divmod(len(self.dataset), self.rows)
+        return full if self.drop_last or not rest else full + 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, as transformers counts them (at least one)."""
+        return max(math.ceil(self.micro_batches_per_epoch / self.accumulation), 1)
+
+    def epoch(self, order: list[int], first_step: int = 0) -> Iterator[StepBatch]:
+        """The step batches of one epoch, from step ``first_step`` (resuming)."""
+        micro = [order[i:i + self.rows] for i in range(0, len(order), self.rows)]
+        micro = micro[: self.micro_batches_per_epoch]
+        for step in range(first_step, self.steps_per_epoch):
+            group = micro[step * self.accumulation:(step + 1) * self.accumulation]
+            yield self.step_batch([[self.dataset[i] for i in indices] for indices in group], self.accumulation)
+
+    def step_batch(self, groups: list[list[dict]], accumulation: int) -> StepBatch:
+        """Collate and pad ``groups`` of examples into ``[accumulation, rows, length]``."""
+        collated = [self._collate(examples) for examples in groups]
+        keys = list(collated[0])
+        arrays = {}
+        for key in keys:
+            fill = self._fill(key)
+            padded = np.full((accumulation, self.rows, self.length), fill, dtype=np.int64)
+            for i, micro in enumerate(collated):
+                value = micro[key]
+                padded[i, : value.shape[0], : value.shape[1]] = value
+            arrays[key] = padded
+        labels = arrays.get("labels")
+        counted = labels[..., 1:] if labels is not None and self.shifts_labels else labels
+        item_count = int((counted != IGNORE_INDEX).sum()) if counted is not None else 0
+        mask = arrays.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else sum(int(np.prod(c[keys[0]].shape)) for c in collated)
+        return StepBatch(arrays, item_count, len(groups), sum(len(g) for g in groups), tokens)
+
+    def _collate(self, examples: list[dict]) -> dict[str, np.ndarray]:
+        if self.keep_columns is not None:
+            examples = [{k: v for k, v in e.items() if k in self.keep_columns} for e in examples]
+        batch = self.collator(examples)
+        out = {}
+        for key, value in dict(batch).items():
+            array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if array.ndim != 2:
+                raise InvalidArgumentError(
+                    f"the collated batch's {key!r} has shape {array.shape}; ttpu.Trainer pads "
+                    "[rows, length] token arrays (input_ids, attention_mask, labels, ...)."
+                )
+            if array.shape[1] > self.length:
+                raise InvalidArgumentError(
+                    f"the collator made {key!r} {array.shape[1]} tokens long, longer than the longest "
+                    f"example rounded up ({self.length}); ttpu pads every batch to that one length."
+                )
+            out[key] = array
+        return out
+
+    def _fill(self, key: str) -> int:
+        if key == "labels":
+            return IGNORE_INDEX
+        if key == "input_ids":
+            return self.pad_token_id
+        return 0
+
+    def _padded_length(self) -> int:
+        column = None
+        if hasattr(self.dataset, "column_names") and "input_ids" in self.dataset.column_names:
+            column = self.dataset["input_ids"]
+        longest = max(len(ids) for ids in (column if column is not None else (e["input_ids"] for e in self.dataset)))
+        multiple = getattr(self.collator, "pad_to_multiple_of", None) or LENGTH_MULTIPLE
+        return -(-longest // multiple) * multiple
+
+
+def forward_columns(module: torch.nn.Module, label_names: Sequence[str] | None) -> list[str] | None:
+    """The dataset columns the model takes (transformers' ``remove_unused_columns``):
+    its forward's parameters, the label names and ``label``/``label_ids``."""
+    signature = inspect.signature(module.forward)
+    return [*signature.parameters, "label", "label_ids", *(label_names or [])]
