@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 # torch first, pinned to the CPU build (other versions pull several GB of CUDA packages).
 .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install --quiet --disable-pip-version-check -e '.[jax,offline,serve,test]'
+.venv/bin/pip install --quiet --disable-pip-version-check -e '.[jax,offline,serve,train,test]'

@@ -7,6 +7,8 @@ Public API (imported lazily so that ``import ttpu`` loads no backend)::
 
     from ttpu import LLM, SamplingParams        # the serving engine (continuous batching)
     llm = LLM("gemma-3-270m", max_num_seqs=32)
+
+    from ttpu import Trainer, TrainingArguments  # training with transformers' semantics
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ _LAZY = {
     "fsdp_v2": "ttpu.backends.torch_xla.fsdp",
     "LLM": "ttpu.serving.llm",
     "SamplingParams": "ttpu.serving.request",
+    "Trainer": "ttpu.training.trainer",
+    "TrainingArguments": "ttpu.training.arguments",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
     from ttpu.serving.llm import LLM
     from ttpu.serving.request import SamplingParams
     from ttpu.sharding import describe_sharding
+    from ttpu.training.arguments import TrainingArguments
+    from ttpu.training.trainer import Trainer
 
 
 def __getattr__(name: str) -> Any:

@@ -58,8 +58,8 @@ def checkpointed_layers(policy: str | None) -> Callable[..., Any]:
     env = tracing_environment()
 
     def run_checkpointed(function: Callable[..., Any], *args: Any) -> Any:
-        keywords = function.keywords if isinstance(function, functools.partial) else {}
-        target = function.func if isinstance(function, functools.partial) else function
+        bound = function if isinstance(function, functools.partial) else functools.partial(function)
+        target, keywords = functools.partial(bound.func, *bound.args), bound.keywords
         leaves, tree = torch_pytree.tree_flatten((args, keywords))
         traced = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
 

@@ -1,0 +1,204 @@
+"""ttpu.Trainer against transformers' Trainer: numerics, meshes, ZeRO stages, remat,
+checkpoints (a real kill), export, LoRA, callbacks and argument checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ttpu import Trainer, TrainingArguments
+from ttpu.errors import InvalidArgumentError
+
+VOCAB = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(kind: str = "llama", **extra) -> transformers.PreTrainedModel:
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    if kind == "gemma3":
+        config = transformers.Gemma3TextConfig(head_dim=8, sliding_window=8, **common)  # tied embeddings
+        return transformers.Gemma3ForCausalLM(config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+
+
+def dataset(size: int = 40, seed: int = 0) -> list[dict]:
+    """Rows of unequal lengths whose first labels are sometimes ignored, so micro-batches
+    hold unequal numbers of label tokens."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(size):
+        n = int(rng.integers(5, 20))
+        ids = rng.integers(1, VOCAB, n).tolist()
+        labels = list(ids)
+        for j in range(int(rng.integers(0, 4))):
+            labels[j] = -100
+        rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": labels})
+    return rows
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    length = max(len(r["input_ids"]) for r in rows)
+    return {
+        key: torch.tensor([r[key] + [-100 if key == "labels" else 0] * (length - len(r[key])) for r in rows])
+        for key in rows[0]
+    }
+
+
+COMMON = dict(
+    per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, warmup_steps=3,
+    lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0, max_steps=20, logging_steps=1,
+    save_strategy="no", report_to="none", seed=42, disable_tqdm=True,
+)
+
+
+def run(model, output_dir, data=None, **overrides) -> Trainer:
+    args = TrainingArguments(output_dir=str(output_dir), **{**COMMON, **overrides})
+    trainer = Trainer(model, args, train_dataset=data or dataset(), data_collator=collate)
+    trainer.train()
+    return trainer
+
+
+def losses(trainer) -> np.ndarray:
+    return np.array([e["loss"] for e in trainer.state.log_history if "loss" in e])
+
+
+def weights(trainer) -> dict[str, np.ndarray]:
+    return {n: np.asarray(a) for n, a in trainer.forward.params.items()}
+
+
+@pytest.fixture
+def transformers_trainer(monkeypatch):
+    """transformers' own Trainer in this process: accelerate's device-cache release
+    trips on torchax's "jax" torch device, which has no caching allocator."""
+    import accelerate.utils.memory
+
+    monkeypatch.setattr(accelerate.utils.memory, "clear_device_cache", lambda *a, **k: None)
+    return transformers.Trainer
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_every_step_matches_transformers_trainer(kind, tmp_path, transformers_trainer):
+    reference = tiny(kind)
+    hf = transformers_trainer(
+        model=reference, args=transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), use_cpu=True, **COMMON),
+        train_dataset=dataset(), data_collator=collate,
+    )
+    hf.train()
+    ours = run(tiny(kind), tmp_path / "ttpu")
+    theirs = [e for e in hf.state.log_history if "loss" in e]
+    mine = [e for e in ours.state.log_history if "loss" in e]
+    assert len(mine) == len(theirs) == 20
+    for a, b in zip(theirs, mine):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["learning_rate"] == a["learning_rate"]
+        assert b["epoch"] == pytest.approx(a["epoch"])
+        assert set(a) == set(b)
+    final = reference.state_dict()
+    for name, value in weights(ours).items():
+        if name in final:
+            np.testing.assert_allclose(value, final[name].numpy(), atol=1e-4, rtol=1e-4)
+    assert ours.state.log_history[-1]["train_loss"] == pytest.approx(hf.state.log_history[-1]["train_loss"], rel=1e-4)
+    assert ours.compile_count == 1
+
+
+def test_meshes_and_zero_stages_give_the_same_run(tmp_path):
+    """The same global batch (8 rows x 2 micro-batches) on one device, data=8, fsdp=8,
+    data 2 x fsdp 4 and every ZeRO stage."""
+    base = run(tiny(), tmp_path / "one", per_device_train_batch_size=8, max_steps=6)
+    runs = {
+        "data=8": dict(mesh={"data": 8}),
+        "fsdp=8": dict(mesh={"fsdp": 8}),
+        "2x4": dict(mesh={"data": 2, "fsdp": 4}),
+        "zero1": dict(mesh={"data": 8}, zero_stage=1),
+        "zero2": dict(mesh={"data": 8}, zero_stage=2),
+        "zero3": dict(mesh={"data": 8}, zero_stage=3),
+    }
+    for name, options in runs.items():
+        other = run(tiny(), tmp_path / name, per_device_train_batch_size=1, max_steps=6, **options)
+        np.testing.assert_allclose(losses(other), losses(base), rtol=1e-5, err_msg=name)
+        for key, value in weights(other).items():
+            np.testing.assert_allclose(value, weights(base)[key], atol=1e-5, err_msg=f"{name}: {key}")
+
+
+def test_accumulation_weights_micro_batches_by_label_tokens(tmp_path):
+    big = run(tiny(), tmp_path / "big", per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=3)
+    small = run(tiny(), tmp_path / "small", per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=3)
+    counts = [int((np.array(r["labels"][1:]) != -100).sum()) for r in dataset()]
+    assert len(set(counts)) > 1  # the micro-batches really hold unequal label counts
+    np.testing.assert_allclose(losses(small), losses(big), rtol=1e-5)
+    for key, value in weights(small).items():
+        np.testing.assert_allclose(value, weights(big)[key], atol=1e-5)
+
+
+def _bytes_on(arrays, device) -> int:
+    return sum(s.data.nbytes for a in jax.tree.leaves(arrays) for s in a.addressable_shards if s.device == device)
+
+
+def test_zero_stages_split_what_they_say(tmp_path):
+    """Per-device bytes of the placed state, and the compiled step's arguments."""
+    measured = {}
+    for stage in range(4):
+        trainer = run(tiny(), tmp_path / f"z{stage}", per_device_train_batch_size=1, max_steps=1, mesh={"data": 8},
+                      zero_stage=stage)
+        state = trainer.train_state
+        device = jax.devices()[0]
+        total_opt = sum(a.nbytes for a in jax.tree.leaves(state.opt_state))
+        total_params = sum(a.nbytes for a in jax.tree.leaves(state.params))
+        opt, params = _bytes_on(state.opt_state, device), _bytes_on(state.params, device)
+        if stage >= 1:
+            assert opt <= total_opt / 8 * 1.02 + 64, (stage, opt, total_opt)
+        else:
+            assert opt == total_opt
+        assert params == (total_params / 8 if stage == 3 else total_params), (stage, params, total_params)
+        measured[stage] = trainer._train_program.memory_analysis().argument_size_in_bytes
+        assert losses(trainer)[0] == pytest.approx(losses(run(tiny(), tmp_path / "one", max_steps=1,
+                                                               per_device_train_batch_size=8))[0], rel=1e-5)
+    assert measured[0] > measured[1] > measured[3]
+
+
+def test_gradient_checkpointing_recomputes_layers(tmp_path):
+    """jax.checkpoint around every decoder layer: the compiled step's temporary memory
+    drops. XLA:CPU's default concurrency-optimized scheduler runs the recomputations
+    early, which cancels the saving; the test compiles without it (TPU and GPU
+    schedulers are memory-aware)."""
+    script = textwrap.dedent(f"""
+        import numpy as np, torch, transformers, json
+        from ttpu import Trainer, TrainingArguments
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=128, num_hidden_layers=8,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+        rng = np.random.default_rng(0)
+        data = [{{"input_ids": (ids := rng.integers(1, 64, 256).tolist()), "labels": ids}} for _ in range(8)]
+        temp = {{}}
+        for checkpointing in (False, True):
+            torch.manual_seed(0)
+            args = TrainingArguments(output_dir="{tmp_path}", per_device_train_batch_size=8, max_steps=1,
+                gradient_checkpointing=checkpointing, report_to="none", disable_tqdm=True, save_strategy="no",
+                logging_steps=1)
+            trainer = Trainer(transformers.LlamaForCausalLM(config), args, train_dataset=data,
+                data_collator=lambda rows: {{k: torch.tensor([r[k] for r in rows]) for k in rows[0]}})
+            trainer.train()
+            temp[checkpointing] = [trainer._train_program.memory_analysis().temp_size_in_bytes,
+                                   trainer.state.log_history[0]["loss"]]
+        print(json.dumps(temp))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    temp = json.loads(out.stdout.strip().splitlines()[-1])
+    (plain, plain_loss), (remat, remat_loss) = temp["false"], temp["true"]
+    assert remat_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert remat < 0.85 * plain, (remat, plain)
