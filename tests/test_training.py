@@ -202,3 +202,78 @@ def test_gradient_checkpointing_recomputes_layers(tmp_path):
     (plain, plain_loss), (remat, remat_loss) = temp["false"], temp["true"]
     assert remat_loss == pytest.approx(plain_loss, rel=1e-6)
     assert remat < 0.85 * plain, (remat, plain)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import transformers
+from test_training import tiny, dataset, collate, COMMON
+from ttpu import Trainer, TrainingArguments
+
+class Kill(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == {kill_at}:
+            {before_kill}
+            os.kill(os.getpid(), signal.SIGKILL)
+
+args = TrainingArguments(output_dir={out!r}, **{{**COMMON, "max_steps": 10, "save_strategy": "steps", "save_steps": 5}})
+trainer = Trainer(tiny(), args, train_dataset=dataset(), data_collator=collate, callbacks=[Kill()])
+{patch}
+trainer.train()
+"""
+
+
+def killed_run(out: Path, kill_at: int, before_kill: str = "pass", patch: str = "") -> None:
+    script = KILLED_RUN.format(tests=str(ROOT / "tests"), out=str(out), kill_at=kill_at, before_kill=before_kill,
+                               patch=patch)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-6000:]
+
+
+def test_resume_after_a_kill_continues_the_unbroken_run(tmp_path):
+    unbroken = run(tiny(), tmp_path / "unbroken", max_steps=10)
+    out = tmp_path / "killed"
+    killed_run(out, kill_at=7, before_kill="trainer._checkpoints.wait()")
+    assert transformers.trainer_utils.get_last_checkpoint(str(out)).endswith("checkpoint-5")
+    state = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["global_step"] == 5 and len([e for e in state["log_history"] if "loss" in e]) == 5
+    again = Trainer(tiny(), TrainingArguments(output_dir=str(out), **{**COMMON, "max_steps": 10}),
+                    train_dataset=dataset(), data_collator=collate)
+    again.train(resume_from_checkpoint=str(out / "checkpoint-5"))
+    assert [e["step"] for e in again.state.log_history if "loss" in e] == list(range(1, 11))
+    np.testing.assert_allclose(losses(again), losses(unbroken), rtol=1e-6)
+    for key, value in weights(again).items():
+        np.testing.assert_allclose(value, weights(unbroken)[key], atol=1e-6)
+
+
+KILL_BEFORE_COMMIT = """
+import orbax.checkpoint._src.path.atomicity as atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def killing_finalize(self, *args, **kwargs):
+    if "checkpoint-10" in str(self.get_final()):
+        os.kill(os.getpid(), signal.SIGKILL)  # every file of checkpoint-10 written, not yet committed
+    return await finalize(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+"""
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_latest(tmp_path):
+    out = tmp_path / "run"
+    killed_run(out, kill_at=-1, patch=KILL_BEFORE_COMMIT)
+    names = sorted(p.name for p in out.iterdir())
+    assert any(n.startswith("checkpoint-10.") for n in names), names  # the unfinished write is there
+    assert transformers.trainer_utils.get_last_checkpoint(str(out)).endswith("checkpoint-5")
+    resumed = Trainer(tiny(), TrainingArguments(output_dir=str(out), **{**COMMON, "max_steps": 10}),
+                      train_dataset=dataset(), data_collator=collate)
+    resumed.train(resume_from_checkpoint=True)
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e][4:] == list(range(5, 11))
+    assert not any(p.name.startswith("checkpoint-10.") for p in out.iterdir())  # orbax cleans it up
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path):
+    trainer = run(tiny(), tmp_path, max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-6", "checkpoint-8"]
+    assert json.loads((tmp_path / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
+    assert trainer.compile_count == 1

@@ -1,8 +1,9 @@
 """Training checkpoints with orbax, named and laid out as transformers' Trainer's.
 
 ``output_dir/checkpoint-N/`` holds the train state (trainable parameters, optimizer state,
-step: an orbax ``StandardSave``), the loop's position (``loop``: epoch, step in epoch) and,
-once the asynchronous write has finished, transformers' ``trainer_state.json``. orbax
+step: an orbax ``StandardSave``), the loop's position (``loop``: epoch, step in epoch),
+transformers' trainer state (``trainer_state``, what resuming reads) and, once the
+asynchronous write has finished, a copy of it as transformers' ``trainer_state.json``. orbax
 writes each checkpoint into a temporary directory and renames it when complete, so a
 save killed midway never appears as ``checkpoint-N`` (the latest stays the previous one);
 ``save_total_limit`` keeps the newest N. Restoring reads arrays straight into the
@@ -11,8 +12,8 @@ shardings of the current mesh, which may differ from the one that saved them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,7 +65,7 @@ class Checkpoints:
             cleanup_tmp_directories=True, create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
-        self._unwritten_states: dict[int, str] = {}
+        self._unwritten_states: dict[int, TrainerState] = {}
 
     def save(self, state: TrainState, loop: dict[str, Any], trainer_state: TrainerState) -> Path:
         """Start writing ``checkpoint-{step}``; returns its path (complete once
@@ -72,10 +73,14 @@ class Checkpoints:
         step = int(loop["global_step"])
         self._write_trainer_states()
         self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop),
+                trainer_state=ocp.args.JsonSave(dataclasses.asdict(trainer_state)),
+            ),
             force=True,
         )
-        self._unwritten_states[step] = trainer_state.to_json_string()
+        self._unwritten_states[step] = copy.deepcopy(trainer_state)
         return self.directory / f"checkpoint-{step}"
 
     def wait(self) -> None:
@@ -87,9 +92,13 @@ class Checkpoints:
         step = self._manager.latest_step()
         return None if step is None else self.directory / f"checkpoint-{step}"
 
-    def restore(self, path: str | Path, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """The train state of ``path`` in ``target``'s shapes and shardings, and the
-        loop position."""
+    def poll(self) -> None:
+        """Write ``trainer_state.json`` into checkpoints whose write has finished."""
+        self._write_trainer_states()
+
+    def restore(self, path: str | Path, target: TrainState) -> tuple[TrainState, dict[str, Any], TrainerState]:
+        """The train state of ``path`` in ``target``'s shapes and shardings, the loop
+        position and transformers' trainer state."""
         path = Path(path)
         match = CHECKPOINT_NAME.fullmatch(path.name)
         if match is None or not path.is_dir():
@@ -101,9 +110,13 @@ class Checkpoints:
             path.parent, options=ocp.CheckpointManagerOptions(step_name_format=TransformersNames(), read_only=True)
         )
         restored = manager.restore(
-            int(match[1]), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore())
+            int(match[1]),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore(),
+                trainer_state=ocp.args.JsonRestore(),
+            ),
         )
-        return TrainState(*restored.state), dict(restored.loop)
+        return TrainState(*restored.state), dict(restored.loop), TrainerState(**restored.trainer_state)
 
     def close(self) -> None:
         self.wait()
@@ -113,10 +126,10 @@ class Checkpoints:
         """transformers' ``trainer_state.json`` into each checkpoint whose write finished."""
         if not self._unwritten_states or self._manager.is_saving_in_progress():
             return
-        for step, text in self._unwritten_states.items():
+        for step, trainer_state in self._unwritten_states.items():
             directory = self.directory / f"checkpoint-{step}"
             if directory.is_dir():
-                (directory / TRAINER_STATE).write_text(text)
+                trainer_state.save_to_json(str(directory / TRAINER_STATE))
         self._unwritten_states.clear()
 
 
@@ -130,6 +143,3 @@ def host_state_dict(arrays: dict[str, jax.Array], names: set[str], to_host: Any)
     return tensors
 
 
-def read_trainer_state(checkpoint: Path) -> dict[str, Any] | None:
-    path = Path(checkpoint) / TRAINER_STATE
-    return json.loads(path.read_text()) if path.is_file() else None

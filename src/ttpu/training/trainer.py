@@ -169,9 +169,8 @@ class Trainer:
         epoch, first_step = 0, 0
         checkpoint = self._resume_path(resume_from_checkpoint)
         if checkpoint is not None:
-            self.train_state, loop = self._checkpoints.restore(checkpoint, self.train_state)
+            self.train_state, loop, saved = self._checkpoints.restore(checkpoint, self.train_state)
             self.forward.params.update(self.train_state.params)
-            saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
             self.state.global_step, self.state.log_history = saved.global_step, saved.log_history
             self.state.epoch, self.state.total_flos = saved.epoch, saved.total_flos
             self.state.num_input_tokens_seen = saved.num_input_tokens_seen
@@ -204,6 +203,7 @@ class Trainer:
                 micro_done = min(step_in_epoch * args.gradient_accumulation_steps, batches.micro_batches_per_epoch)
                 self.state.epoch = epoch + micro_done / batches.micro_batches_per_epoch
                 self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                self._checkpoints.poll()
                 last_logged = self._log_save_evaluate(pending, rates, last_logged, epoch, step_in_epoch)
                 if self.state.global_step >= max_steps:
                     self.control.should_training_stop = True
@@ -351,9 +351,9 @@ class Trainer:
                 logger.info("resume_from_checkpoint=True: no checkpoint in %s, starting fresh", self.args.output_dir)
             return Path(found) if found else None
         path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
+        if not (path / "state").is_dir():
             raise InvalidArgumentError(
-                f"resume_from_checkpoint={resume!r} is not a finished ttpu checkpoint (no trainer_state.json); "
+                f"resume_from_checkpoint={resume!r} is not a finished ttpu checkpoint (no state/ inside); "
                 "pass True for the latest one in output_dir."
             )
         return path
