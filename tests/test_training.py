@@ -277,3 +277,121 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
         "checkpoint-6", "checkpoint-8"]
     assert json.loads((tmp_path / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
     assert trainer.compile_count == 1
+
+
+PLAIN_TRANSFORMERS = """
+import sys, json, numpy as np, torch, transformers
+assert "ttpu" not in sys.modules
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+logits = model(torch.tensor([[5, 6, 7, 8, 9]])).logits.detach().numpy()
+np.save(sys.argv[2], logits)
+print(json.dumps({"tied": tied}))
+"""
+
+
+def test_save_model_loads_with_plain_transformers(tmp_path):
+    trainer = run(tiny("gemma3"), tmp_path / "run", max_steps=3)
+    saved = trainer.save_model(tmp_path / "final")
+    assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
+    result = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(saved), str(tmp_path / "logits.npy")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"tied": True}
+    ours = trainer.forward({"input_ids": jax.numpy.asarray([[5, 6, 7, 8, 9]])}, {}).logits
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), np.asarray(ours), atol=1e-5)
+
+
+def test_lora_trains_only_the_adapter(tmp_path):
+    import peft
+
+    model = peft.get_peft_model(tiny(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = run(model, tmp_path / "run", max_steps=4, learning_rate=5e-2)
+    assert trainer.trainable_names and all(".lora_A." in n or ".lora_B." in n for n in trainer.trainable_names)
+    assert set(trainer.train_state.params) == set(trainer.trainable_names)
+    for leaf in jax.tree.leaves(trainer.train_state.opt_state):  # Adam moments of adapter weights only
+        assert leaf.size <= max(trainer.train_state.params[n].size for n in trainer.trainable_names)
+    for name, before in frozen_before.items():
+        assert np.array_equal(np.asarray(trainer.forward.params[name]), before.numpy()), name
+    assert losses(trainer)[-1] < losses(trainer)[0]
+
+    saved = trainer.save_model(tmp_path / "adapter")
+    assert (saved / "adapter_model.safetensors").is_file() and not (saved / "model.safetensors").exists()
+    loaded = peft.PeftModel.from_pretrained(tiny(), saved).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    ours = np.asarray(trainer.forward({"input_ids": jax.numpy.asarray(ids.numpy())}, {}).logits)
+    np.testing.assert_allclose(loaded(input_ids=ids).logits.detach().numpy(), ours, atol=1e-5)
+    merged = loaded.merge_and_unload()
+    np.testing.assert_allclose(merged(input_ids=ids).logits.detach().numpy(), ours, atol=1e-5)
+
+
+class Recorder(transformers.TrainerCallback):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            events = object.__getattribute__(self, "events")
+            return lambda *args, **kwargs: events.append(name)
+        return object.__getattribute__(self, name)
+
+
+def test_callbacks_metrics_and_log_history_as_transformers(tmp_path, transformers_trainer):
+    def compute_metrics(prediction):
+        logits, labels = prediction
+        predicted = logits[:, :-1].argmax(-1)
+        kept = labels[:, 1:] != -100
+        return {"accuracy": float((predicted == labels[:, 1:])[kept].mean())}
+
+    options = dict(COMMON, max_steps=6, eval_strategy="steps", eval_steps=3, logging_steps=2, save_strategy="steps",
+                   save_steps=3, per_device_eval_batch_size=4)
+    runs = {}
+    for name, cls, arguments, model in [
+        ("hf", transformers_trainer, transformers.TrainingArguments, tiny()),
+        ("ttpu", Trainer, TrainingArguments, tiny()),
+    ]:
+        recorder = Recorder()
+        args = arguments(output_dir=str(tmp_path / name), **options, **({"use_cpu": True} if name == "hf" else {}))
+        trainer = cls(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(10, seed=1),
+                      data_collator=collate, compute_metrics=compute_metrics, callbacks=[recorder])
+        trainer.train()
+        runs[name] = (trainer, recorder.events)
+    (hf, hf_events), (ours, our_events) = runs["hf"], runs["ttpu"]
+    assert our_events == hf_events
+    hf_keys = [sorted(e) for e in hf.state.log_history]
+    assert [sorted(e) for e in ours.state.log_history] == hf_keys
+    for a, b in zip(hf.state.log_history, ours.state.log_history):
+        for key in ("loss", "eval_loss", "eval_accuracy", "learning_rate", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert ours.compile_count == 2  # one train step, one eval step, over logging, eval and save boundaries
+
+
+def test_arguments_keep_transformers_fields_and_refuse_the_rest(tmp_path):
+    hf = transformers.TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, warmup_steps=5,
+                                        lr_scheduler_type="cosine", per_device_train_batch_size=3)
+    ours = TrainingArguments(**{k: v for k, v in hf.to_dict().items() if k in
+                                ("output_dir", "learning_rate", "warmup_steps", "lr_scheduler_type",
+                                 "per_device_train_batch_size")})
+    assert (ours.learning_rate, ours.warmup_steps, ours.lr_scheduler_type) == (3e-4, 5, hf.lr_scheduler_type)
+    with pytest.raises(InvalidArgumentError, match="torch_compile=True"):
+        TrainingArguments(output_dir=str(tmp_path), torch_compile=True)
+    with pytest.raises(InvalidArgumentError, match="optim"):
+        TrainingArguments(output_dir=str(tmp_path), optim="sgd")
+    with pytest.raises(InvalidArgumentError, match="zero_stage"):
+        TrainingArguments(output_dir=str(tmp_path), zero_stage=4)
+    with pytest.raises(InvalidArgumentError, match="offload_optimizer"):
+        TrainingArguments(output_dir=str(tmp_path), deepspeed={"zero_optimization": {
+            "stage": 3, "offload_optimizer": {"device": "cpu"}}})
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2,
+                                  "gradient_accumulation_steps": 4, "gradient_clipping": 0.5,
+                                  "bf16": {"enabled": "auto"}, "train_batch_size": 64}))
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(config), parallelism="dp")
+    assert (args.zero_stage, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+            args.max_grad_norm, args.bf16) == (2, 2, 4, 0.5, False)
+    args.check_batch(8)
+    with pytest.raises(InvalidArgumentError, match="train_batch_size=64"):
+        args.check_batch(4)
+    assert TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard").zero_stage == 3

@@ -47,6 +47,7 @@ IMPLEMENTED = frozenset({
     "dataloader_pin_memory", "remove_unused_columns", "label_names", "train_sampling_strategy",
     "ignore_data_skip", "resume_from_checkpoint", "do_train", "do_eval", "do_predict", "use_cpu",
     "skip_memory_metrics", "local_rank", "deepspeed", "fsdp", "save_on_each_node", "debug",
+    "include_num_input_tokens_seen",
 })
 
 

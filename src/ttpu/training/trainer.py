@@ -217,7 +217,7 @@ class Trainer:
         steps_run = self.state.global_step - start_step
         metrics = speed_metrics(
             "train", start, num_samples=steps_run * self.state.train_batch_size * args.gradient_accumulation_steps,
-            num_steps=steps_run, num_tokens=tokens,
+            num_steps=steps_run, num_tokens=tokens if args.include_num_input_tokens_seen != "no" else None,
         )
         losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
         metrics["total_flos"] = self.state.total_flos
@@ -244,6 +244,7 @@ class Trainer:
             if self._eval_program is None:
                 self._eval_program = self._steps_or_new().compile_eval(trainable, frozen, placed)
             loss, logits = self._eval_program(trainable, frozen, placed, jnp.float32(max(batch.item_count, 1)))
+            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
             weighted += float(loss) * batch.rows
             rows += batch.rows
             if self.compute_metrics is not None and not self.args.prediction_loss_only:
@@ -266,6 +267,8 @@ class Trainer:
     def log(self, logs: dict[str, float]) -> None:
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
+        if self.args.include_num_input_tokens_seen != "no":
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
