@@ -395,3 +395,30 @@ def test_arguments_keep_transformers_fields_and_refuse_the_rest(tmp_path):
     with pytest.raises(InvalidArgumentError, match="train_batch_size=64"):
         args.check_batch(4)
     assert TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard").zero_stage == 3
+
+
+def test_dropout_draws_a_new_mask_every_step_from_the_seed(tmp_path):
+    def run_with(seed: int) -> np.ndarray:
+        return losses(run(tiny(attention_dropout=0.5), tmp_path / str(seed), max_steps=4, seed=seed, data_seed=0))
+
+    first, again, other = run_with(1), run_with(1), run_with(2)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-4  # same data, same start, other masks
+    trainer = run(tiny(attention_dropout=0.5), tmp_path / "masks", max_steps=1)
+    steps, params = trainer._steps, trainer.train_state.params
+    batch = {k: jax.numpy.asarray(v[0]) for k, v in trainer._batches(dataset(), 2, 1, False).epoch(
+        list(range(40))).__next__().arrays.items()}
+
+    def loss(key):
+        return float(steps._loss(params, trainer._frozen(), batch, jax.numpy.float32(20), key, True)[0])
+
+    assert loss(jax.random.key(3)) == loss(jax.random.key(3)) != loss(jax.random.key(4))
+
+
+def test_bf16_computes_in_bf16_and_keeps_float32_state(tmp_path):
+    full = run(tiny(), tmp_path / "f32", max_steps=5)
+    half = run(tiny(), tmp_path / "bf16", max_steps=5, bf16=True)
+    assert all(a.dtype == np.float32 for a in jax.tree.leaves(half.train_state.params))
+    assert all(a.dtype in (np.float32, np.int32) for a in jax.tree.leaves(half.train_state.opt_state))
+    np.testing.assert_allclose(losses(half), losses(full), rtol=2e-2)
+    assert "bf16" in half._train_program.as_text()

@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from ttpu.backends.attention_masks import mask_for_groups, materialised_mask
-from ttpu.backends.jax.environment import to_traced
+from ttpu.backends.jax.environment import to_traced, tracing_environment
 from ttpu.backends.jax.torchax_compat import import_torchax
 
 ATTENTION_NAME = "ttpu"
@@ -40,12 +40,14 @@ def dot_product_attention(
     scale: float,
     softcap: float | None = None,
     sinks: jax.Array | None = None,
+    dropout: tuple[float, jax.Array] | None = None,
 ) -> jax.Array:
     """Attention over [batch, heads, seq, dim] inputs; returns [batch, q_seq, heads, dim].
 
     ``key``/``value`` may have fewer heads than ``query`` (GQA/MQA). ``mask`` is boolean
     (True = attend) or additive, broadcastable to [batch, q_heads, q_seq, kv_seq].
-    Scores and softmax are computed in float32.
+    Scores and softmax are computed in float32. ``dropout``: (rate, PRNG key) drops
+    attention probabilities as ``torch.nn.functional.dropout`` does (scaled by 1/(1-rate)).
     """
     batch, q_heads, q_len, _ = query.shape
     kv_heads = key.shape[1]
@@ -74,6 +76,10 @@ def dot_product_attention(
         probs = probs[:, :, :-1]
     else:
         probs = jax.nn.softmax(scores, axis=2)
+    if dropout is not None:
+        rate, dropout_key = dropout
+        kept = jax.random.bernoulli(dropout_key, 1.0 - rate, probs.shape)
+        probs = jnp.where(kept, probs / (1.0 - rate), 0.0)
     out = jax.lax.dot_general(
         probs.astype(value.dtype), value, (((2,), (2,)), ((0, 1), (0, 1)))
     )  # [batch, kv_heads, groups, q_seq, dim]
@@ -150,11 +156,8 @@ def ttpu_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if dropout and module.training:
-        raise NotImplementedError(
-            "attention dropout during training is not supported by the ttpu attention yet; "
-            "set the model's attention dropout to 0."
-        )
+    # the key comes from the environment, which a train step seeds per step
+    drop = (dropout, tracing_environment().get_and_rotate_prng_key()) if dropout and module.training else None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     view = torchax.interop.jax_view
     mask = None if attention_mask is None else view(attention_mask)
@@ -168,6 +171,7 @@ def ttpu_attention_forward(
         scale=scale,
         softcap=softcap,
         sinks=None if s_aux is None else view(s_aux),
+        dropout=drop,
     )
     return to_traced(out), None
 
