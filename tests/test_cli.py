@@ -121,3 +121,30 @@ def test_generate_prints_no_deprecation_noise(model_dir) -> None:
     assert done.returncode == 0, done.stderr
     noise = [line for line in done.stderr.splitlines() if "deprecat" in line.lower() or "Warning" in line]
     assert not noise, noise
+
+
+def test_train_fine_tunes_on_a_text_file_and_resumes(model_dir, tmp_path, capsys) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "corpus.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "the quick brown fox jumps over a lazy dog " * 3}) for _ in range(12)))
+    out = tmp_path / "out"
+    command = ["train", model_dir, "--data", str(text), "--output-dir", str(out), "--block-size", "16",
+               "--batch-size", "2", "--max-steps", "4", "--logging-steps", "2", "--save-steps", "2",
+               "--learning-rate", "1e-2"]
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert "trained 4 steps" in captured.out
+    assert "train_tokens_per_second" in captured.out + captured.err  # throughput as it goes
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert main([*command[:-6], "--max-steps", "6", "--logging-steps", "2", "--save-steps", "2", "--resume"]) == 0
+    assert "trained 6 steps" in capsys.readouterr().out
+
+
+def test_train_reports_a_bad_jsonl_field(model_dir, tmp_path, capsys) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"content": "hello"}\n')
+    assert main(["train", model_dir, "--data", str(data), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "has no 'text' field" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``ttpu`` command: generate, chat, predict, doctor, serve, coverage, launch."""
+"""The ``ttpu`` command: generate, chat, predict, doctor, serve, train, coverage, launch."""
 
 from __future__ import annotations
 
@@ -266,6 +266,55 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    """Fine-tune a causal LM on text or JSONL files (transformers' Trainer semantics)."""
+    from ttpu.training.arguments import TrainingArguments
+    from ttpu.training.data import language_modeling_blocks
+    from ttpu.training.trainer import Trainer
+
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, parallelism=args.parallelism, zero_stage=args.zero_stage,
+        bf16=args.bf16, include_num_input_tokens_seen="non_padding", report_to="none",
+    )
+    from ttpu import models
+    from ttpu.auto import _load_tokenizer
+    from ttpu.errors import InvalidArgumentError
+
+    source = models.resolve(args.model)
+    tokenizer = _load_tokenizer(source, False)
+    if tokenizer is None:
+        raise InvalidArgumentError(f"{args.model} has no tokenizer stored with it; ttpu train needs one.")
+    blocks = language_modeling_blocks(args.data, tokenizer, args.block_size, args.field)
+    print(f"{len(blocks)} blocks of {args.block_size} tokens", file=sys.stderr, flush=True)
+    with step(f"loading {args.model}"):
+        trainer = Trainer(
+            _lora_model(source, args.lora_rank) if args.lora_rank else source, training_args,
+            train_dataset=blocks, processing_class=tokenizer,
+        )
+    metrics = trainer.train(resume_from_checkpoint=args.resume or None)
+    saved = trainer.save_model(args.output_dir)
+    print(f"trained {trainer.state.global_step} steps, loss {metrics['train_loss']:.4f}; saved to {saved}")
+    return 0
+
+
+def _lora_model(source: str, rank: int) -> Any:
+    """The model in ``source`` with LoRA adapters (rank ``rank``) on every linear layer."""
+    import peft
+    import torch
+    from transformers import AutoConfig
+
+    from ttpu.tasks import auto_class, task_from_config
+
+    module = auto_class(task_from_config(AutoConfig.from_pretrained(source))).from_pretrained(source, dtype=torch.float32)
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
+    return peft.get_peft_model(module, config)
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="jax", help="backend (default: jax)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -315,6 +364,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     _add_model_options(p)
     p.set_defaults(run=serve)
+
+    p = commands.add_parser("train", help=train.__doc__)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--data", nargs="+", required=True, help="text files, or .jsonl files with a text field")
+    p.add_argument("--field", default="text", help="the JSONL field holding the text (default: text)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--block-size", type=int, default=256, help="tokens per training example")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per data-parallel device")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--lr-scheduler-type", default="linear")
+    p.add_argument("--warmup-steps", type=float, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --num-train-epochs)")
+    p.add_argument("--num-train-epochs", type=float, default=1.0)
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--save-steps", type=int, default=500)
+    p.add_argument("--save-total-limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (parameters stay float32)")
+    p.add_argument("--parallelism", default=None, help="dp, fsdp, tp, 2d, 3d or auto (default: one device)")
+    p.add_argument("--zero-stage", type=int, default=None, help="0-3 (default: 3 with an fsdp axis, else 0)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of every weight")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.set_defaults(run=train)
 
     p = commands.add_parser("coverage", help=coverage.__doc__, add_help=False)
     p.set_defaults(run=coverage)  # its own options are parsed by ttpu.coverage

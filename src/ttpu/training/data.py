@@ -151,3 +151,37 @@ def forward_columns(module: torch.nn.Module, label_names: Sequence[str] | None) 
     its forward's parameters, the label names and ``label``/``label_ids``."""
     signature = inspect.signature(module.forward)
     return [*signature.parameters, "label", "label_ids", *(label_names or [])]
+
+
+def language_modeling_blocks(paths: Sequence[str], tokenizer: Any, length: int, field: str = "text") -> list[dict]:
+    """Causal-LM examples from text files, as transformers' ``run_clm`` makes them: every
+    document (a ``.jsonl`` line's ``field``, or a whole other file) tokenized and ended
+    with EOS, all concatenated and cut into blocks of ``length`` tokens (the remainder
+    dropped)."""
+    import json
+    from pathlib import Path
+
+    documents = []
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8")
+        if str(path).endswith(".jsonl"):
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if field not in record:
+                        raise InvalidArgumentError(f"{path}:{number} has no {field!r} field (keys: {sorted(record)}).")
+                    documents.append(record[field])
+        else:
+            documents.append(text)
+    ids: list[int] = []
+    for document in documents:
+        ids.extend(tokenizer(document)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    blocks = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+    if not blocks:
+        raise InvalidArgumentError(
+            f"{', '.join(map(str, paths))} hold{'s' if len(paths) == 1 else ''} {len(ids)} tokens, fewer than one "
+            f"block of {length}; give more text or a smaller --block-size."
+        )
+    return [{"input_ids": block, "attention_mask": [1] * length, "labels": list(block)} for block in blocks]

@@ -126,6 +126,8 @@ class Trainer:
         self._train_program: Any = None
         self._eval_program: Any = None
         self._checkpoints: Checkpoints | None = None
+        self._start_time: float | None = None
+        self._initial_tokens_seen = 0
         self.control = self.callback_handler.on_init_end(args, self.state, self.control)
 
     # public API ----------------------------------------------------------------------
@@ -179,7 +181,8 @@ class Trainer:
                 epoch, first_step = epoch + 1, 0
             logger.info("resuming from %s at step %d", checkpoint, self.state.global_step)
 
-        start = time.time()
+        start = self._start_time = time.time()
+        self._initial_tokens_seen = self.state.num_input_tokens_seen
         start_step, tokens = self.state.global_step, 0
         pending: list[Metrics] = []
         last_logged = self.state.global_step
@@ -264,11 +267,17 @@ class Trainer:
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def log(self, logs: dict[str, float]) -> None:
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Record ``logs`` in ``state.log_history`` and tell the callbacks, as
+        transformers does (with the tokens seen and their rate when
+        ``include_num_input_tokens_seen`` is on)."""
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
         if self.args.include_num_input_tokens_seen != "no":
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+            if start_time is not None:
+                seen = self.state.num_input_tokens_seen - self._initial_tokens_seen
+                logs.update(speed_metrics("train", start_time, num_tokens=seen))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
@@ -328,7 +337,7 @@ class Trainer:
             logs["learning_rate"] = float(rates[self.state.global_step - 1])
             pending.clear()
             last_logged = self.state.global_step
-            self.log(logs)
+            self.log(logs, self._start_time)
         if self.control.should_evaluate:
             self.evaluate()
         if self.control.should_save:
