@@ -34,9 +34,10 @@ def tiny(kind: str = "llama", **extra) -> transformers.PreTrainedModel:
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
 
 
-def dataset(size: int = 40, seed: int = 0) -> list[dict]:
+def dataset(size: int = 41, seed: int = 0) -> list[dict]:
     """Rows of unequal lengths whose first labels are sometimes ignored, so micro-batches
-    hold unequal numbers of label tokens."""
+    hold unequal numbers of label tokens. 41 rows: an epoch ends with a partial
+    micro-batch and a partial accumulation."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(size):
