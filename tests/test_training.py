@@ -423,3 +423,33 @@ def test_bf16_computes_in_bf16_and_keeps_float32_state(tmp_path):
     assert all(a.dtype in (np.float32, np.int32) for a in jax.tree.leaves(half.train_state.opt_state))
     np.testing.assert_allclose(losses(half), losses(full), rtol=2e-2)
     assert "bf16" in half._train_program.as_text()
+
+
+class StopAt(transformers.TrainerCallback):
+    """Save and stop after step ``step``, as a preempted job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = control.should_training_stop = True
+        return control
+
+
+def test_resume_onto_other_meshes_continues_the_run(tmp_path):
+    """Steps 1-4 on data=8 (ZeRO-3), 5-7 on data 2 x fsdp 4, 8-10 on one device: the
+    losses and weights of one unbroken run on one device."""
+    unbroken = run(tiny(), tmp_path / "unbroken", max_steps=10, per_device_train_batch_size=8)
+    out = tmp_path / "moved"
+    segments = [(4, dict(mesh={"data": 8}, zero_stage=3, per_device_train_batch_size=1)),
+                (7, dict(mesh={"data": 2, "fsdp": 4}, per_device_train_batch_size=1)),
+                (10, dict(per_device_train_batch_size=8))]
+    for stop, options in segments:
+        args = TrainingArguments(output_dir=str(out), **{**COMMON, "max_steps": 10, **options})
+        trainer = Trainer(tiny(), args, train_dataset=dataset(), data_collator=collate, callbacks=[StopAt(stop)])
+        trainer.train(resume_from_checkpoint=True)
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == list(range(1, 11))
+    np.testing.assert_allclose(losses(trainer), losses(unbroken), rtol=1e-5)
+    for key, value in weights(trainer).items():
+        np.testing.assert_allclose(value, weights(unbroken)[key], atol=1e-5)
