@@ -13,5 +13,5 @@ if ! "$env_dir/bin/python" -c "import torch_xla" 2>/dev/null; then
 fi
 # This checkout's ttpu (the cached environment outlives clones); the JAX backend and the
 # offline models too, for the tests comparing the two backends and the real-weight checks.
-pip_install -e '.[torch-xla,jax,offline,test]'
+pip_install -e '.[torch-xla,jax,offline,train,test]'
 echo "$env_dir"

@@ -315,7 +315,8 @@ def test_lora_trains_only_the_adapter(tmp_path):
         assert leaf.size <= max(trainer.train_state.params[n].size for n in trainer.trainable_names)
     for name, before in frozen_before.items():
         assert np.array_equal(np.asarray(trainer.forward.params[name]), before.numpy()), name
-    assert losses(trainer)[-1] < losses(trainer)[0]
+    trained_b = [np.asarray(a) for n, a in trainer.train_state.params.items() if ".lora_B." in n]
+    assert all(np.abs(b).max() > 0 for b in trained_b)  # PEFT starts B at zero
 
     saved = trainer.save_model(tmp_path / "adapter")
     assert (saved / "adapter_model.safetensors").is_file() and not (saved / "model.safetensors").exists()

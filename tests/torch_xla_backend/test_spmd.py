@@ -117,3 +117,40 @@ def test_fsdp_v2_refuses_a_model_without_an_fsdp_axis() -> None:
     model = AutoModelForTPU.from_model(SHARDED[0].build(), backend="torch_xla", parallelism="tp")
     with pytest.raises(InvalidArgumentError, match="parallelism='fsdp'"):
         fsdp_v2(model)
+
+
+def test_trainer_on_torch_xla_trains_like_the_jax_trainer_and_saves_trained_weights(tmp_path) -> None:
+    """``Trainer(args.backend="torch_xla")`` is transformers' Trainer over ttpu's FSDPv2
+    model on 8 devices: its losses are the JAX Trainer's on one device, and its
+    checkpoint holds the trained weights (transformers#36004 saved the base ones)."""
+    import transformers
+    from test_training import COMMON, collate, dataset, tiny
+
+    from ttpu import Trainer, TrainingArguments
+    from ttpu.training.torch_xla import XlaTrainer
+
+    options = {**COMMON, "max_steps": 4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
+    initial = tiny().state_dict()
+    args = TrainingArguments(output_dir=str(tmp_path / "xla"), backend="torch_xla", save_strategy="steps",
+                             save_steps=4, **{k: v for k, v in options.items() if k != "save_strategy"})
+    trainer = Trainer(tiny(), args, train_dataset=dataset(), data_collator=collate)
+    assert isinstance(trainer, XlaTrainer) and trainer.tpu_model.sharding.mesh.size("fsdp") == 8
+    trainer.train()
+    reference = Trainer(tiny(), TrainingArguments(output_dir=str(tmp_path / "jax"), **options),
+                        train_dataset=dataset(), data_collator=collate)
+    reference.train()
+    xla_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    jax_losses = [e["loss"] for e in reference.state.log_history if "loss" in e]
+    np.testing.assert_allclose(xla_losses, jax_losses, rtol=1e-4)
+    recomputing = Trainer(tiny(), TrainingArguments(output_dir=str(tmp_path / "remat"), backend="torch_xla",
+                                                    gradient_checkpointing=True, **options),
+                          train_dataset=dataset(), data_collator=collate)
+    recomputing.train()  # torch_xla's checkpoint around each layer (torch's fails on XLA)
+    np.testing.assert_allclose([e["loss"] for e in recomputing.state.log_history if "loss" in e], xla_losses,
+                               rtol=1e-5)
+
+    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "xla" / "checkpoint-4").state_dict()
+    assert set(saved) == set(initial)
+    for name, value in saved.items():
+        assert not torch.equal(value, initial[name]), name  # trained, not the base weights
+        np.testing.assert_allclose(value.numpy(), np.asarray(reference.forward.params[name]), atol=1e-4)

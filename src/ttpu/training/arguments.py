@@ -40,7 +40,8 @@ IMPLEMENTED = frozenset({
     "max_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "gradient_accumulation_steps",
     "average_tokens_across_devices", "max_grad_norm", "bf16", "gradient_checkpointing",
-    "gradient_checkpointing_kwargs", "logging_strategy", "logging_steps", "logging_first_step",
+    "gradient_checkpointing_kwargs", "activation_checkpointing", "activation_checkpointing_kwargs",
+    "logging_strategy", "logging_steps", "logging_first_step",
     "logging_nan_inf_filter", "disable_tqdm", "report_to", "run_name", "project", "log_level",
     "log_level_replica", "log_on_each_node", "eval_strategy", "eval_steps", "prediction_loss_only",
     "save_strategy", "save_steps", "save_total_limit", "seed", "data_seed", "dataloader_drop_last",
@@ -85,6 +86,8 @@ class TrainingArguments(transformers.TrainingArguments):
         if fsdp:
             self._apply_fsdp(fsdp)
         bf16, self.bf16 = self.bf16, False  # transformers refuses bf16 without a torch GPU
+        if self.backend == "torch_xla":
+            _spmd_before_the_runtime_starts()
         super().__post_init__()
         self.deepspeed, self.fsdp, self.bf16 = deepspeed, fsdp, bf16
         self._check()
@@ -98,7 +101,7 @@ class TrainingArguments(transformers.TrainingArguments):
             raise InvalidArgumentError(
                 f"unknown remat_policy {self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}."
             )
-        if self.remat_policy is not None and not self.gradient_checkpointing:
+        if self.remat_policy is not None and not self.checkpoints_layers:
             raise InvalidArgumentError("remat_policy applies with gradient_checkpointing=True; set both.")
         if str(self.optim) not in ADAMW_NAMES and getattr(self.optim, "value", None) not in ADAMW_NAMES:
             raise InvalidArgumentError(
@@ -169,10 +172,29 @@ class TrainingArguments(transformers.TrainingArguments):
                 f"({self.gradient_accumulation_steps}) x data-parallel devices ({data_parallel_size}) = {expected}."
             )
 
+    @property
+    def checkpoints_layers(self) -> bool:
+        """Gradient (activation) checkpointing, under either of transformers' names."""
+        return bool(self.gradient_checkpointing or self.activation_checkpointing)
+
     def resolved_zero_stage(self, mesh: MeshShape) -> int:
         if self.zero_stage is not None:
             return self.zero_stage
         return 3 if mesh.size("fsdp") > 1 else 0
+
+
+def _spmd_before_the_runtime_starts() -> None:
+    """transformers' device setup starts the XLA runtime; started outside SPMD mode it
+    counts every device as a process (accelerate would split batches across them) and
+    SPMD cannot be switched on any more. The torch_xla trainer runs FSDPv2 under SPMD,
+    so SPMD is switched on first (process-wide, as the torch_xla backend does)."""
+    from ttpu.backends.torch_xla.versions import import_torch_xla
+
+    import_torch_xla()
+    import torch_xla.runtime as xr
+
+    if not xr.is_spmd():
+        xr.use_spmd()
 
 
 def _refuse_unimplemented(args: TrainingArguments) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +23,11 @@ import torch
 import torch.utils._pytree as torch_pytree
 from jax.sharding import NamedSharding
 
-from ttpu.backends.jax.backend import JaxForward
-from ttpu.backends.jax.environment import tracing_environment
 from ttpu.training import optimizer
 from ttpu.training.zero import ZeroPlan, data_entry
+
+if TYPE_CHECKING:  # the JAX backend (torchax) is imported when a JAX trainer is built
+    from ttpu.backends.jax.backend import JaxForward
 
 Params = dict[str, jax.Array]
 Batch = dict[str, jax.Array]
@@ -54,6 +55,8 @@ def checkpointed_layers(policy: str | None) -> Callable[..., Any]:
     """A ``gradient_checkpointing_func`` for transformers' decoder layers that wraps the
     layer in ``jax.checkpoint``: its activations are recomputed in the backward pass
     instead of kept (``policy``: what to keep, a ``jax.checkpoint_policies`` name)."""
+    from ttpu.backends.jax.environment import tracing_environment
+
     chosen = getattr(jax.checkpoint_policies, policy) if policy else None
     env = tracing_environment()
 
@@ -130,6 +133,8 @@ class Steps:
     def _loss(self, params: Params, frozen: Params, batch: Batch, item_count: jax.Array, key: jax.Array | None,
               training: bool) -> tuple[jax.Array, jax.Array]:
         """The model's loss on one micro-batch, and its logits."""
+        from ttpu.backends.jax.environment import tracing_environment
+
         weights = {**frozen, **params}
         if self.bf16:
             weights = {n: w.astype(jnp.bfloat16) if jnp.issubdtype(w.dtype, jnp.floating) else w

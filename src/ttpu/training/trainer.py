@@ -57,7 +57,17 @@ class Trainer:
     ``model``: an alias, local directory or hub id (loaded as a causal LM in float32), a
     transformers ``PreTrainedModel``, or a PEFT model (only its trainable adapter
     parameters are trained and saved). The other arguments are transformers'.
+
+    With ``args.backend="torch_xla"`` this builds transformers' own Trainer instead, over
+    a model ttpu placed with FSDPv2 (:func:`ttpu.training.torch_xla.xla_trainer`).
     """
+
+    def __new__(cls, model: Any = None, args: Any = None, **kwargs: Any) -> Any:
+        if isinstance(args, TrainingArguments) and args.backend == "torch_xla":
+            from ttpu.training.torch_xla import xla_trainer
+
+            return xla_trainer(model, args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -76,11 +86,6 @@ class Trainer:
                 "args must be a ttpu.TrainingArguments (transformers' fields plus mesh and ZeRO options); "
                 f"got {type(args).__name__}. Build one with ttpu.TrainingArguments(**hf_args.to_dict())."
             )
-        if args.backend != "jax":
-            raise InvalidArgumentError(
-                "ttpu.Trainer(..., args.backend='torch_xla') is ttpu.training.torch_xla_trainer(); "
-                "this class runs the JAX backend."
-            )
         self.args = args
         self.module, tokenizer = _load_module(model)
         self.processing_class = processing_class if processing_class is not None else tokenizer
@@ -96,7 +101,7 @@ class Trainer:
 
         runtime = get_backend("jax")
         prepare_module(transformers_module, runtime)
-        if args.gradient_checkpointing:
+        if args.checkpoints_layers:
             _enable_checkpointing(transformers_module, args.remat_policy)
         plan = plan_sharding(
             self.module, parallelism=args.parallelism, mesh=args.mesh, rules=args.sharding_rules,
