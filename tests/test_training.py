@@ -90,15 +90,25 @@ def transformers_trainer(monkeypatch):
     return transformers.Trainer
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "mean-loss"])
 def test_every_step_matches_transformers_trainer(kind, tmp_path, transformers_trainer):
-    reference = tiny(kind)
+    """"mean-loss": a model whose loss ignores num_items_in_batch (accepts_loss_kwargs
+    False): both trainers average per micro-batch, and the epoch's last step, with fewer
+    micro-batches, divides by its own count."""
+
+    def model():
+        module = tiny("llama" if kind == "mean-loss" else kind)
+        if kind == "mean-loss":
+            module.accepts_loss_kwargs = False
+        return module
+
+    reference = model()
     hf = transformers_trainer(
         model=reference, args=transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), use_cpu=True, **COMMON),
         train_dataset=dataset(), data_collator=collate,
     )
     hf.train()
-    ours = run(tiny(kind), tmp_path / "ttpu")
+    ours = run(model(), tmp_path / "ttpu")
     theirs = [e for e in hf.state.log_history if "loss" in e]
     mine = [e for e in ours.state.log_history if "loss" in e]
     assert len(mine) == len(theirs) == 20
@@ -415,6 +425,35 @@ def test_dropout_draws_a_new_mask_every_step_from_the_seed(tmp_path):
         return float(steps._loss(params, trainer._frozen(), batch, jax.numpy.float32(20), key, True)[0])
 
     assert loss(jax.random.key(3)) == loss(jax.random.key(3)) != loss(jax.random.key(4))
+
+
+def test_dropout_under_gradient_checkpointing(tmp_path):
+    """Each recomputed layer draws its dropout from a key passed into its checkpoint."""
+    plain = losses(run(tiny(attention_dropout=0.5), tmp_path / "plain", max_steps=3))
+    recomputed = losses(run(tiny(attention_dropout=0.5), tmp_path / "remat", max_steps=3, gradient_checkpointing=True))
+    assert np.all(np.isfinite(recomputed)) and np.abs(plain - recomputed).max() < 0.5
+
+
+def test_rerunning_into_the_same_directory_overwrites_its_checkpoints(tmp_path):
+    run(tiny(), tmp_path, max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=0)
+    again = run(tiny(), tmp_path, max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=0)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-2", "checkpoint-4"]  # 0 keeps all, as transformers
+    assert again.state.log_history[-1]["train_loss"] == pytest.approx(np.mean(losses(again)))
+
+
+def test_bad_data_gets_clear_errors(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), **{**COMMON, "max_steps": 1})
+    with pytest.raises(InvalidArgumentError, match="tokenized 'input_ids'"):
+        Trainer(tiny(), args, train_dataset=[{"text": "hello"}], data_collator=collate).train()
+    floats = [{"input_ids": [1, 2, 3], "labels": [0.5, 0.5, 0.5]}]
+    with pytest.raises(InvalidArgumentError, match="float"):
+        Trainer(tiny(), args, train_dataset=floats, data_collator=collate).train()
+    without_labels = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]}] * 4
+    with pytest.raises(Exception, match="returned no loss"):
+        Trainer(tiny(), args, train_dataset=without_labels, data_collator=collate).train()
+    with pytest.raises(InvalidArgumentError, match="needs an eval_dataset"):
+        Trainer(tiny(), TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps"), train_dataset=dataset())
 
 
 def test_bf16_computes_in_bf16_and_keeps_float32_state(tmp_path):

@@ -281,6 +281,8 @@ def train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, parallelism=args.parallelism, zero_stage=args.zero_stage,
         bf16=args.bf16, include_num_input_tokens_seen="non_padding", report_to="none",
     )
+    from transformers import default_data_collator
+
     from ttpu import models
     from ttpu.auto import _load_tokenizer
     from ttpu.errors import InvalidArgumentError
@@ -294,7 +296,7 @@ def train(args: argparse.Namespace) -> int:
     with step(f"loading {args.model}"):
         trainer = Trainer(
             _lora_model(source, args.lora_rank) if args.lora_rank else source, training_args,
-            train_dataset=blocks, processing_class=tokenizer,
+            train_dataset=blocks, processing_class=tokenizer, data_collator=default_data_collator,
         )
     metrics = trainer.train(resume_from_checkpoint=args.resume or None)
     saved = trainer.save_model(args.output_dir)

@@ -31,6 +31,7 @@ REMAT_POLICIES = (
 # AdamW under transformers' names: every one computes torch's AdamW update.
 ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
 SAMPLING_STRATEGIES = ("random", "sequential")
+UNSCHEDULED = ("reduce_lr_on_plateau", "greedy")  # rates that follow metrics, not steps
 FSDP_TO_ZERO = {"full_shard": 3, "shard_grad_op": 2, "no_shard": 0}
 
 # transformers fields ttpu implements with transformers' meaning (or that only describe
@@ -45,7 +46,7 @@ IMPLEMENTED = frozenset({
     "logging_nan_inf_filter", "disable_tqdm", "report_to", "run_name", "project", "log_level",
     "log_level_replica", "log_on_each_node", "eval_strategy", "eval_steps", "prediction_loss_only",
     "save_strategy", "save_steps", "save_total_limit", "seed", "data_seed", "dataloader_drop_last",
-    "dataloader_pin_memory", "remove_unused_columns", "label_names", "train_sampling_strategy",
+    "dataloader_pin_memory", "remove_unused_columns", "train_sampling_strategy",
     "ignore_data_skip", "resume_from_checkpoint", "do_train", "do_eval", "do_predict", "use_cpu",
     "skip_memory_metrics", "local_rank", "deepspeed", "fsdp", "save_on_each_node", "debug",
     "include_num_input_tokens_seen",
@@ -78,7 +79,8 @@ class TrainingArguments(transformers.TrainingArguments):
     backend: str = field(default="jax", metadata={"help": "jax or torch_xla"})
 
     def __post_init__(self) -> None:
-        _refuse_unimplemented(self)
+        if self.backend == "jax":  # backend="torch_xla" runs transformers' own Trainer
+            _refuse_unimplemented(self)
         deepspeed, self.deepspeed = self.deepspeed, None  # read here, not by transformers
         fsdp, self.fsdp = self.fsdp, None
         if deepspeed:
@@ -95,6 +97,15 @@ class TrainingArguments(transformers.TrainingArguments):
     def _check(self) -> None:
         if self.backend not in BACKENDS:
             raise InvalidArgumentError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}.")
+        if self.backend == "torch_xla":
+            set_here = [f"{name}={getattr(self, name)!r}" for name in ("zero_stage", "remat_policy")
+                        if getattr(self, name) is not None]
+            if set_here:
+                raise InvalidArgumentError(
+                    f"{', '.join(set_here)} apply to the JAX backend; backend='torch_xla' runs FSDPv2 (parameters, "
+                    "gradients and optimizer state split, ZeRO-3) with torch_xla's checkpoint."
+                )
+            return  # transformers' own Trainer checks the rest
         if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
             raise InvalidArgumentError(f"zero_stage must be one of {ZERO_STAGES} (got {self.zero_stage!r}).")
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
@@ -106,6 +117,11 @@ class TrainingArguments(transformers.TrainingArguments):
         if str(self.optim) not in ADAMW_NAMES and getattr(self.optim, "value", None) not in ADAMW_NAMES:
             raise InvalidArgumentError(
                 f"optim={self.optim!r} is not implemented by ttpu.Trainer; valid: {', '.join(ADAMW_NAMES)} (AdamW)."
+            )
+        if self.lr_scheduler_type in UNSCHEDULED:
+            raise InvalidArgumentError(
+                f"lr_scheduler_type={str(self.lr_scheduler_type)!r} changes the rate from evaluation metrics, which a "
+                "compiled step cannot follow; use a step-based schedule (linear, cosine, constant_with_warmup, ...)."
             )
         if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
             raise InvalidArgumentError(

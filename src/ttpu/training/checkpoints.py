@@ -1,7 +1,7 @@
 """Training checkpoints with orbax, named and laid out as transformers' Trainer's.
 
 ``output_dir/checkpoint-N/`` holds the train state (trainable parameters, optimizer state,
-step: an orbax ``StandardSave``), the loop's position (``loop``: epoch, step in epoch),
+step: an orbax ``StandardSave``), the position in the data (``position``: epoch, step in epoch),
 transformers' trainer state (``trainer_state``, what resuming reads) and, once the
 asynchronous write has finished, a copy of it as transformers' ``trainer_state.json``. orbax
 writes each checkpoint into a temporary directory and renames it when complete, so a
@@ -19,14 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
-import torch
 from etils import epath
 from transformers import TrainerState
 
-from ttpu.training.step import TrainState
+from ttpu.training.step import TrainState, abstract_arrays
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = "trainer_state.json"
@@ -59,23 +56,27 @@ class Checkpoints:
     """The checkpoints of one output directory."""
 
     def __init__(self, output_dir: str | Path, keep: int | None, asynchronous: bool = True) -> None:
+        """``keep``: how many checkpoints to keep (None or <= 0: all, as transformers)."""
         self.directory = Path(output_dir).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, step_name_format=TransformersNames(), enable_async_checkpointing=asynchronous,
+            max_to_keep=keep if keep and keep > 0 else None, step_name_format=TransformersNames(), enable_async_checkpointing=asynchronous,
             cleanup_tmp_directories=True, create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._unwritten_states: dict[int, TrainerState] = {}
 
-    def save(self, state: TrainState, loop: dict[str, Any], trainer_state: TrainerState) -> Path:
+    def save(self, state: TrainState, position: dict[str, Any], trainer_state: TrainerState) -> Path:
         """Start writing ``checkpoint-{step}``; returns its path (complete once
         :meth:`wait` returns)."""
-        step = int(loop["global_step"])
+        step = int(position["global_step"])
         self._write_trainer_states()
+        if step in self._manager.all_steps():  # a rerun into the same directory overwrites, as transformers does
+            self._manager.wait_until_finished()
+            self._manager.delete(step)
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop),
+                state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(position),
                 trainer_state=ocp.args.JsonSave(dataclasses.asdict(trainer_state)),
             ),
             force=True,
@@ -88,39 +89,31 @@ class Checkpoints:
         self._manager.wait_until_finished()
         self._write_trainer_states()
 
-    def latest(self) -> Path | None:
-        step = self._manager.latest_step()
-        return None if step is None else self.directory / f"checkpoint-{step}"
-
     def poll(self) -> None:
         """Write ``trainer_state.json`` into checkpoints whose write has finished."""
         self._write_trainer_states()
 
     def restore(self, path: str | Path, target: TrainState) -> tuple[TrainState, dict[str, Any], TrainerState]:
-        """The train state of ``path`` in ``target``'s shapes and shardings, the loop
-        position and transformers' trainer state."""
+        """The train state of ``path`` in ``target``'s shapes and shardings, the
+        position in the data and transformers' trainer state."""
         path = Path(path)
         match = CHECKPOINT_NAME.fullmatch(path.name)
         if match is None or not path.is_dir():
             raise FileNotFoundError(f"{path} is not a checkpoint-N directory written by ttpu.Trainer.")
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target
-        )
-        manager = self._manager if path.parent == self.directory else ocp.CheckpointManager(
+        same_directory = path.parent == self.directory
+        manager = self._manager if same_directory else ocp.CheckpointManager(
             path.parent, options=ocp.CheckpointManagerOptions(step_name_format=TransformersNames(), read_only=True)
         )
         restored = manager.restore(
             int(match[1]),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore(),
+                state=ocp.args.StandardRestore(abstract_arrays(target)), position=ocp.args.JsonRestore(),
                 trainer_state=ocp.args.JsonRestore(),
             ),
         )
-        return TrainState(*restored.state), dict(restored.loop), TrainerState(**restored.trainer_state)
-
-    def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        if not same_directory:
+            manager.close()
+        return TrainState(*restored.state), dict(restored.position), TrainerState(**restored.trainer_state)
 
     def _write_trainer_states(self) -> None:
         """transformers' ``trainer_state.json`` into each checkpoint whose write finished."""
@@ -131,15 +124,3 @@ class Checkpoints:
             if directory.is_dir():
                 trainer_state.save_to_json(str(directory / TRAINER_STATE))
         self._unwritten_states.clear()
-
-
-def host_state_dict(arrays: dict[str, jax.Array], names: set[str], to_host: Any) -> dict[str, torch.Tensor]:
-    """``arrays`` whose names are in ``names`` (the module's state dict keys) as CPU torch
-    tensors, read one at a time."""
-    tensors = {}
-    for name, array in arrays.items():
-        if name in names:
-            tensors[name] = torch.from_numpy(np.array(to_host(array)))
-    return tensors
-
-

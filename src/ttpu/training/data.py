@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +32,15 @@ LENGTH_MULTIPLE = 8
 class StepBatch:
     """One optimizer step's data: arrays ``[accumulation, rows, length]``, the label
     tokens that count for the loss (transformers' ``num_items_in_batch``), how many
-    micro-batches and rows are real, and the non-padding tokens."""
+    micro-batches and rows are real, the non-padding tokens, and the elements of the
+    collated (not yet padded) ``input_ids``, as transformers counts them for FLOPs."""
 
     arrays: dict[str, np.ndarray]
     item_count: int
     micro_batches: int
     rows: int
     tokens: int
+    input_elements: int
 
 
 def epoch_order(size: int, seed: int, epoch: int, strategy: str) -> list[int]:
@@ -63,6 +65,11 @@ class Batches:
             )
         if len(dataset) == 0:
             raise InvalidArgumentError("the dataset is empty.")
+        if drop_last and len(dataset) < rows:
+            raise InvalidArgumentError(
+                f"dataloader_drop_last=True with {len(dataset)} examples and {rows} rows per batch drops them all; "
+                "use a smaller batch or dataloader_drop_last=False."
+            )
         self.dataset = dataset
         self.collator = collator
         self.rows = rows
@@ -103,20 +110,34 @@ class Batches:
                 value = micro[key]
                 padded[i, : value.shape[0], : value.shape[1]] = value
             arrays[key] = padded
-        labels = arrays.get("labels")
-        counted = labels[..., 1:] if labels is not None and self.shifts_labels else labels
+        if "shift_labels" in arrays:  # already shifted by the collator
+            counted = arrays["shift_labels"]
+        elif "labels" in arrays:
+            counted = arrays["labels"][..., 1:] if self.shifts_labels else arrays["labels"]
+        else:
+            counted = None
         item_count = int((counted != IGNORE_INDEX).sum()) if counted is not None else 0
+        elements = sum(int(np.prod(c["input_ids"].shape)) for c in collated)
         mask = arrays.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else sum(int(np.prod(c[keys[0]].shape)) for c in collated)
-        return StepBatch(arrays, item_count, len(groups), sum(len(g) for g in groups), tokens)
+        tokens = int(mask.sum()) if mask is not None else elements
+        return StepBatch(arrays, item_count, len(groups), sum(len(g) for g in groups), tokens, elements)
 
     def _collate(self, examples: list[dict]) -> dict[str, np.ndarray]:
         if self.keep_columns is not None:
             examples = [{k: v for k, v in e.items() if k in self.keep_columns} for e in examples]
         batch = self.collator(examples)
+        if "input_ids" not in batch:
+            raise InvalidArgumentError(
+                f"the collated batch has no 'input_ids' (keys: {sorted(batch)}); ttpu.Trainer trains on token batches."
+            )
         out = {}
         for key, value in dict(batch).items():
             array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+                raise InvalidArgumentError(
+                    f"the collated batch's {key!r} holds {array.dtype} values; ttpu.Trainer takes token "
+                    "batches (integer input_ids, attention_mask, labels) for causal language models."
+                )
             if array.ndim != 2:
                 raise InvalidArgumentError(
                     f"the collated batch's {key!r} has shape {array.shape}; ttpu.Trainer pads "
@@ -131,7 +152,7 @@ class Batches:
         return out
 
     def _fill(self, key: str) -> int:
-        if key == "labels":
+        if key in ("labels", "shift_labels"):
             return IGNORE_INDEX
         if key == "input_ids":
             return self.pad_token_id
@@ -141,7 +162,16 @@ class Batches:
         column = None
         if hasattr(self.dataset, "column_names") and "input_ids" in self.dataset.column_names:
             column = self.dataset["input_ids"]
-        longest = max(len(ids) for ids in (column if column is not None else (e["input_ids"] for e in self.dataset)))
+        if column is None:
+            first = self.dataset[0]
+            if not isinstance(first, Mapping) or "input_ids" not in first:
+                raise InvalidArgumentError(
+                    "ttpu.Trainer takes examples with tokenized 'input_ids' (dicts, or a datasets.Dataset with that "
+                    f"column); the first example is {type(first).__name__}"
+                    + (f" with keys {sorted(first)}" if isinstance(first, Mapping) else "") + "."
+                )
+            column = (example["input_ids"] for example in self.dataset)
+        longest = max(len(ids) for ids in column)
         multiple = getattr(self.collator, "pad_to_multiple_of", None) or LENGTH_MULTIPLE
         return -(-longest // multiple) * multiple
 

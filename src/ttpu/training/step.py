@@ -23,6 +23,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 from jax.sharding import NamedSharding
 
+from ttpu.errors import InvalidArgumentError
 from ttpu.training import optimizer
 from ttpu.training.zero import ZeroPlan, data_entry
 
@@ -73,8 +74,15 @@ def checkpointed_layers(policy: str | None) -> Callable[..., Any]:
             call_args, call_keywords = torch_pytree.tree_unflatten(filled, tree)
             return env.t2j_iso(target(*call_args, **call_keywords))
 
+        def layer_with_key(key: jax.Array, *arrays: jax.Array) -> Any:
+            # dropout inside rotates the environment's key: a key of its own, passed in,
+            # so no value of the checkpointed trace leaks into the environment
+            with env.override_property(prng=key):
+                return layer(*arrays)
+
         arrays = [env.t2j_iso(leaves[i]) for i in traced]
-        return env.j2t_iso(jax.checkpoint(layer, policy=chosen)(*arrays))
+        key = env.get_and_rotate_prng_key()
+        return env.j2t_iso(jax.checkpoint(layer_with_key, policy=chosen)(key, *arrays))
 
     return run_checkpointed
 
@@ -85,7 +93,7 @@ class Steps:
 
     def __init__(
         self, forward: JaxForward, tx: optax.GradientTransformation | None, zero: ZeroPlan, *,
-        seed: int, max_grad_norm: float, bf16: bool, loss_takes_item_count: bool,
+        seed: int, max_grad_norm: float, bf16: bool, loss_takes_item_count: bool, parameter_names: frozenset[str],
     ) -> None:
         self.forward = forward
         self.tx = tx
@@ -94,6 +102,7 @@ class Steps:
         self.max_grad_norm = max_grad_norm
         self.bf16 = bf16
         self.loss_takes_item_count = loss_takes_item_count
+        self.parameter_names = parameter_names  # cast to bf16 with ``bf16`` (buffers are not)
         placement = forward.placement
         self.mesh = placement.mesh
         self.replicated = placement.replicated
@@ -137,14 +146,22 @@ class Steps:
 
         weights = {**frozen, **params}
         if self.bf16:
-            weights = {n: w.astype(jnp.bfloat16) if jnp.issubdtype(w.dtype, jnp.floating) else w
-                       for n, w in weights.items()}
+            weights = {
+                n: w.astype(jnp.bfloat16) if n in self.parameter_names and jnp.issubdtype(w.dtype, jnp.floating) else w
+                for n, w in weights.items()
+            }
         env = tracing_environment()
         inputs = env.j2t_iso(dict(batch))
         if self.loss_takes_item_count:
             inputs["num_items_in_batch"] = env.j2t_iso(item_count)
         with env.override_property(prng=key) if key is not None else contextlib.nullcontext():
             out = self.forward.call_traced(weights, inputs, training=training)
+        if getattr(out, "loss", None) is None:
+            raise InvalidArgumentError(
+                "the model returned no loss: the batches need labels (for a causal LM, "
+                "DataCollatorForLanguageModeling(tokenizer, mlm=False) adds them) and the model a head that "
+                "computes a loss (e.g. a *ForCausalLM class)."
+            )
         return out.loss.jax().astype(jnp.float32), out.logits.jax()
 
     def _train(self, state: TrainState, frozen: Params, batch: Batch, item_count: jax.Array,
@@ -162,7 +179,12 @@ class Steps:
                 # transformers' Trainer then divides by the number of micro-batches
                 return loss if self.loss_takes_item_count else loss / micro_batches
 
-            loss, micro_grads = jax.value_and_grad(loss_of)(state.params)
+            def nothing(params: Params) -> tuple[jax.Array, Params]:
+                return jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params)
+
+            # micro-batches past the real ones (the end of an epoch) are skipped, not run:
+            # a model's own mean over their no labels would be 0/0
+            loss, micro_grads = jax.lax.cond(index < micro_batches, jax.value_and_grad(loss_of), nothing, state.params)
             micro_grads = jax.lax.with_sharding_constraint(micro_grads, grad_shardings)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             return (grads, loss_sum + loss), None
@@ -197,7 +219,7 @@ class Steps:
             donate_argnums=(0,),
         )
         scalar = jax.ShapeDtypeStruct((), jnp.float32)
-        return jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch), scalar, scalar).compile()
+        return jitted.lower(abstract_arrays(state), abstract_arrays(frozen), abstract_arrays(batch), scalar, scalar).compile()
 
     def compile_eval(self, params: Params, frozen: Params, batch: Batch) -> jax.stages.Compiled:
         jitted = jax.jit(
@@ -208,7 +230,7 @@ class Steps:
             ),
         )
         scalar = jax.ShapeDtypeStruct((), jnp.float32)
-        return jitted.lower(_abstract(params), _abstract(frozen), _abstract(batch), scalar).compile()
+        return jitted.lower(abstract_arrays(params), abstract_arrays(frozen), abstract_arrays(batch), scalar).compile()
 
     def batch_sharding(self, ndim: int, accumulated: bool) -> NamedSharding:
         """Rows split over the data axes (after the accumulation axis, if any)."""
@@ -217,6 +239,7 @@ class Steps:
         return self._sharding(spec + (None,) * (ndim - len(spec)))
 
 
-def _abstract(tree: Any) -> Any:
+def abstract_arrays(tree: Any) -> Any:
+    """``tree``'s arrays as shape, dtype and sharding only."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 

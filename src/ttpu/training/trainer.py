@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import torch
 from transformers import (
@@ -31,6 +32,7 @@ from transformers import (
 )
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.utils import logging as transformers_logging
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint, speed_metrics
 
@@ -43,7 +45,7 @@ from ttpu.sharding import plan_sharding
 from ttpu.tasks import auto_class, task_from_config
 from ttpu.training import optimizer
 from ttpu.training.arguments import TrainingArguments
-from ttpu.training.checkpoints import Checkpoints, host_state_dict
+from ttpu.training.checkpoints import Checkpoints
 from ttpu.training.data import Batches, StepBatch, epoch_order, forward_columns
 from ttpu.training.step import Metrics, Steps, TrainState, checkpointed_layers
 from ttpu.training.zero import ZeroPlan, placement_plan, plan_zero
@@ -54,7 +56,8 @@ logger = logging.getLogger(__name__)
 class Trainer:
     """Train a transformers model with transformers' Trainer semantics on the JAX backend.
 
-    ``model``: an alias, local directory or hub id (loaded as a causal LM in float32), a
+    ``model``: an alias, local directory or hub id (loaded in float32 with the class of
+    its config's architecture, e.g. a causal LM), a
     transformers ``PreTrainedModel``, or a PEFT model (only its trainable adapter
     parameters are trained and saved). The other arguments are transformers'.
 
@@ -83,9 +86,14 @@ class Trainer:
     ) -> None:
         if not isinstance(args, TrainingArguments):
             raise InvalidArgumentError(
-                "args must be a ttpu.TrainingArguments (transformers' fields plus mesh and ZeRO options); "
-                f"got {type(args).__name__}. Build one with ttpu.TrainingArguments(**hf_args.to_dict())."
+                "args must be a ttpu.TrainingArguments (transformers' fields, same names, plus mesh and ZeRO "
+                f"options); got {type(args).__name__}."
             )
+        if args.eval_strategy != "no" and eval_dataset is None:
+            raise InvalidArgumentError(
+                f"eval_strategy={str(args.eval_strategy)!r} needs an eval_dataset; pass one or set eval_strategy='no'."
+            )
+        transformers_logging.set_verbosity(args.get_process_log_level())
         self.args = args
         self.module, tokenizer = _load_module(model)
         self.processing_class = processing_class if processing_class is not None else tokenizer
@@ -96,13 +104,17 @@ class Trainer:
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         transformers_module = _unwrap_peft(self.module)
         self._loss_takes_item_count = _accepts_loss_kwargs(transformers_module)
-        self._shifts_labels = LOSS_MAPPING.get(getattr(transformers_module, "loss_type", None)) is ForCausalLMLoss
+        self._shifts_labels = LOSS_MAPPING.get(
+            getattr(transformers_module, "loss_type", None)
+        ) is ForCausalLMLoss and not getattr(transformers_module.config, "is_encoder_decoder", False)
+        self._flops_per_token = 6 * transformers_module.num_parameters(exclude_embeddings=True)
         self._columns = forward_columns(transformers_module, args.label_names) if args.remove_unused_columns else None
 
         runtime = get_backend("jax")
         prepare_module(transformers_module, runtime)
         if args.checkpoints_layers:
-            _enable_checkpointing(transformers_module, args.remat_policy)
+            options = args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs or {}
+            _enable_checkpointing(transformers_module, args.remat_policy, options.get("every_n_layers", 1))
         plan = plan_sharding(
             self.module, parallelism=args.parallelism, mesh=args.mesh, rules=args.sharding_rules,
             device_count=runtime.device_count(), device_memory=runtime.device_memory(),
@@ -129,7 +141,7 @@ class Trainer:
         self.train_state: TrainState | None = None
         self._steps: Steps | None = None
         self._train_program: Any = None
-        self._eval_program: Any = None
+        self._eval_programs: dict[tuple, Any] = {}  # by batch shape
         self._checkpoints: Checkpoints | None = None
         self._start_time: float | None = None
         self._initial_tokens_seen = 0
@@ -142,8 +154,9 @@ class Trainer:
 
     @property
     def compile_count(self) -> int:
-        """Programs compiled so far: the train step (once per run) and the eval step."""
-        return int(self._train_program is not None) + int(self._eval_program is not None)
+        """Programs this trainer holds compiled: the train step of the last ``train()``
+        call (one per call) and one eval step per eval batch shape."""
+        return int(self._train_program is not None) + len(self._eval_programs)
 
     def add_callback(self, callback: Any) -> None:
         self.callback_handler.add_callback(callback)
@@ -159,10 +172,8 @@ class Trainer:
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         rates = optimizer.learning_rates(args, max_steps)
         decayed = optimizer.decayed_parameters(self.module, self.trainable_names)
-        self._steps = Steps(
-            self.forward, optimizer.adamw(args, rates, decayed), self.zero, seed=args.seed,
-            max_grad_norm=args.max_grad_norm, bf16=args.bf16, loss_takes_item_count=self._loss_takes_item_count,
-        )
+        self._steps = self._new_steps(optimizer.adamw(args, rates, decayed))
+        self._train_program = None  # this call's optimizer and schedule
         params = {n: self.forward.params[n] for n in self.trainable_names}
         self.train_state = self._steps.init_state(params)
         self._checkpoints = Checkpoints(args.output_dir, args.save_total_limit)
@@ -173,22 +184,25 @@ class Trainer:
         )
         self.state.max_steps = max_steps
         self.state.num_train_epochs = math.ceil(max_steps / steps_per_epoch)
+        self.state.compute_steps(args, max_steps)  # fractions of max_steps, as transformers
         epoch, first_step = 0, 0
         checkpoint = self._resume_path(resume_from_checkpoint)
         if checkpoint is not None:
-            self.train_state, loop, saved = self._checkpoints.restore(checkpoint, self.train_state)
+            self.train_state, position, saved = self._checkpoints.restore(checkpoint, self.train_state)
             self.forward.params.update(self.train_state.params)
             self.state.global_step, self.state.log_history = saved.global_step, saved.log_history
             self.state.epoch, self.state.total_flos = saved.epoch, saved.total_flos
             self.state.num_input_tokens_seen = saved.num_input_tokens_seen
-            epoch, first_step = loop["epoch"], loop["step_in_epoch"]
+            epoch, first_step = position["epoch"], position["step_in_epoch"]
+            if args.ignore_data_skip:  # transformers: the data starts over, the schedule does not
+                epoch, first_step = 0, 0
             if first_step >= steps_per_epoch:
                 epoch, first_step = epoch + 1, 0
             logger.info("resuming from %s at step %d", checkpoint, self.state.global_step)
 
         start = self._start_time = time.time()
         self._initial_tokens_seen = self.state.num_input_tokens_seen
-        start_step, tokens = self.state.global_step, 0
+        start_step, total_loss = self.state.global_step, 0.0
         pending: list[Metrics] = []
         last_logged = self.state.global_step
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
@@ -199,7 +213,6 @@ class Trainer:
             for batch in batches.epoch(order, first_step):
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                 metrics = self._train_step(batch)
-                tokens += batch.tokens
                 for _ in range(batch.micro_batches - 1):
                     self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
                 self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
@@ -207,30 +220,39 @@ class Trainer:
                 pending.append(metrics)
                 step_in_epoch += 1
                 self.state.global_step += 1
-                self.state.num_input_tokens_seen += batch.tokens
+                self.state.total_flos += self._flops_per_token * batch.input_elements
+                if args.include_num_input_tokens_seen != "no":
+                    self.state.num_input_tokens_seen += (
+                        batch.tokens if args.include_num_input_tokens_seen == "non_padding" else batch.input_elements
+                    )
                 micro_done = min(step_in_epoch * args.gradient_accumulation_steps, batches.micro_batches_per_epoch)
                 self.state.epoch = epoch + micro_done / batches.micro_batches_per_epoch
                 self.control = self.callback_handler.on_step_end(args, self.state, self.control)
                 self._checkpoints.poll()
-                last_logged = self._log_save_evaluate(pending, rates, last_logged, epoch, step_in_epoch)
+                last_logged, total_loss = self._log_save_evaluate(
+                    pending, rates, last_logged, total_loss, epoch, step_in_epoch
+                )
                 if self.state.global_step >= max_steps:
                     self.control.should_training_stop = True
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
             self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-            last_logged = self._log_save_evaluate(pending, rates, last_logged, epoch, step_in_epoch)
+            last_logged, total_loss = self._log_save_evaluate(
+                pending, rates, last_logged, total_loss, epoch, step_in_epoch
+            )
             epoch, first_step = epoch + 1, 0
 
         self._checkpoints.wait()
         steps_run = self.state.global_step - start_step
+        total_loss += self._interval_loss(pending)
         metrics = speed_metrics(
             "train", start, num_samples=steps_run * self.state.train_batch_size * args.gradient_accumulation_steps,
-            num_steps=steps_run, num_tokens=tokens if args.include_num_input_tokens_seen != "no" else None,
+            num_steps=steps_run,
         )
-        losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
         metrics["total_flos"] = self.state.total_flos
-        metrics["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+        metrics["train_loss"] = total_loss / max(steps_run, 0.001)  # transformers' mean over this call's steps
         self.log(metrics)
+        self._sync_torch_module()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return metrics
 
@@ -249,9 +271,10 @@ class Trainer:
         for batch in batches.epoch(list(range(len(dataset)))):
             arrays = {k: v[0] for k, v in batch.arrays.items()}
             placed = {k: jax.device_put(v, self._steps_or_new().batch_sharding(v.ndim, False)) for k, v in arrays.items()}
-            if self._eval_program is None:
-                self._eval_program = self._steps_or_new().compile_eval(trainable, frozen, placed)
-            loss, logits = self._eval_program(trainable, frozen, placed, jnp.float32(max(batch.item_count, 1)))
+            shape = tuple(sorted((k, v.shape) for k, v in arrays.items()))
+            if shape not in self._eval_programs:
+                self._eval_programs[shape] = self._steps_or_new().compile_eval(trainable, frozen, placed)
+            loss, logits = self._eval_programs[shape](trainable, frozen, placed, jnp.float32(max(batch.item_count, 1)))
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
             weighted += float(loss) * batch.rows
             rows += batch.rows
@@ -265,10 +288,11 @@ class Trainer:
         metrics = {f"{metric_key_prefix}_loss": weighted / rows}
         if predictions:
             computed = self.compute_metrics(EvalPrediction(np.concatenate(predictions), np.concatenate(label_ids)))
-            metrics.update({f"{metric_key_prefix}_{k}" if not k.startswith(metric_key_prefix) else k: v
+            metrics.update({k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": v
                             for k, v in computed.items()})
         metrics.update(speed_metrics(metric_key_prefix, start, num_samples=rows, num_steps=batches.steps_per_epoch))
         self.log(metrics)
+        self._sync_torch_module()
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
@@ -292,9 +316,7 @@ class Trainer:
         output_dir = Path(output_dir or self.args.output_dir)
         if self._checkpoints is not None:
             self._checkpoints.wait()
-        names = set(self.module.state_dict())
-        state_dict = host_state_dict(self.forward.params, names, self.forward.to_host)
-        self.module.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        self.module.save_pretrained(output_dir, state_dict=self._host_state_dict(), safe_serialization=True)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(output_dir)
         return output_dir
@@ -313,43 +335,69 @@ class Trainer:
         self.forward.params.update(self.train_state.params)
         return metrics
 
+    def _host_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights as the module's state dict (CPU tensors, read one at a
+        time; tied weights under their first name, as transformers saves them)."""
+        names = set(self.module.state_dict())
+        return {n: _to_torch(self.forward.to_host(a)) for n, a in self.forward.params.items() if n in names}
+
+    def _sync_torch_module(self) -> None:
+        """Copy the trained weights into the torch module that callbacks receive."""
+        if self.train_state is not None:
+            self.module.load_state_dict(self._host_state_dict(), strict=False)
+
     def _frozen(self) -> dict[str, jax.Array]:
         trainable = set(self.trainable_names)
         return {n: a for n, a in self.forward.params.items() if n not in trainable}
 
     def _steps_or_new(self) -> Steps:
         if self._steps is None:  # evaluate() before train(): no optimizer needed
-            self._steps = Steps(
-                self.forward, None, self.zero, seed=self.args.seed,
-                max_grad_norm=self.args.max_grad_norm, bf16=self.args.bf16,
-                loss_takes_item_count=self._loss_takes_item_count,
-            )
+            self._steps = self._new_steps(None)
         return self._steps
 
-    def _log_save_evaluate(self, pending: list[Metrics], rates: np.ndarray, last_logged: int, epoch: int,
-                           step_in_epoch: int) -> int:
+    def _new_steps(self, tx: Any) -> Steps:
+        return Steps(
+            self.forward, tx, self.zero, seed=self.args.seed, max_grad_norm=self.args.max_grad_norm,
+            bf16=self.args.bf16, loss_takes_item_count=self._loss_takes_item_count,
+            parameter_names=frozenset(n for n, _ in self.module.named_parameters()),
+        )
+
+    def _interval_loss(self, pending: list[Metrics]) -> float:
+        """The summed loss of the steps since the last log, with transformers' NaN/Inf
+        filter (a non-finite step counts as the running mean so far; applied per step,
+        where transformers applies it per micro-batch)."""
+        total = 0.0
+        for i, metrics in enumerate(pending):
+            loss = float(metrics.loss)
+            if self.args.logging_nan_inf_filter and not math.isfinite(loss):
+                total += total / (1 + i)
+            else:
+                total += loss
+        return total
+
+    def _log_save_evaluate(self, pending: list[Metrics], rates: np.ndarray, last_logged: int, total_loss: float,
+                           epoch: int, step_in_epoch: int) -> tuple[int, float]:
+        """transformers' ``_maybe_log_save_evaluate``; returns the step last logged and
+        the summed loss of the logged steps."""
         if self.control.should_log and self.state.global_step > last_logged:
-            losses = [float(m.loss) for m in pending]
-            total = 0.0
-            for i, loss in enumerate(losses):
-                if self.args.logging_nan_inf_filter and not math.isfinite(loss):
-                    total += total / (1 + i)  # transformers' filter: the running mean instead
-                else:
-                    total += loss
-            logs = {"loss": total / (self.state.global_step - last_logged)}
-            if self.args.max_grad_norm > 0:
-                logs["grad_norm"] = float(pending[-1].grad_norm)
-            logs["learning_rate"] = float(rates[self.state.global_step - 1])
+            interval = self._interval_loss(pending)
+            logs = {
+                "loss": interval / (self.state.global_step - last_logged),
+                "grad_norm": float(pending[-1].grad_norm),
+                "learning_rate": float(rates[self.state.global_step - 1]),
+            }
             pending.clear()
+            total_loss += interval
             last_logged = self.state.global_step
             self.log(logs, self._start_time)
         if self.control.should_evaluate:
             self.evaluate()
         if self.control.should_save:
-            loop = {"global_step": self.state.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch}
-            self._checkpoints.save(self.train_state, loop, self.state)
+            position = {"global_step": self.state.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch}
+            self._checkpoints.save(self.train_state, position, self.state)
+            self._sync_torch_module()
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-        return last_logged
+        return last_logged, total_loss
 
     def _batches(self, dataset: Any, per_device: int, accumulation: int, drop_last: bool) -> Batches:
         pad = getattr(self.processing_class, "pad_token_id", None)
@@ -411,13 +459,21 @@ def _accepts_loss_kwargs(module: torch.nn.Module) -> bool:
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
 
 
-def _enable_checkpointing(module: PreTrainedModel, policy: str | None) -> None:
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
+
+
+def _enable_checkpointing(module: PreTrainedModel, policy: str | None, every_n_layers: int) -> None:
     if not module.supports_gradient_checkpointing:
         raise InvalidArgumentError(
             f"{type(module).__name__} does not support gradient checkpointing (transformers' "
             "supports_gradient_checkpointing is False); set gradient_checkpointing=False."
         )
-    module._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpointed_layers(policy))
+    module._set_gradient_checkpointing(
+        enable=True, gradient_checkpointing_func=checkpointed_layers(policy), every_n_layers=every_n_layers
+    )
 
 
 def _default_collator(processing_class: Any) -> Callable[[list[dict]], Any]:
