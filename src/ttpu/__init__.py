@@ -28,6 +28,7 @@ _LAZY = {
     "fsdp_v2": "ttpu.backends.torch_xla.fsdp",
     "LLM": "ttpu.serving.llm",
     "SamplingParams": "ttpu.serving.request",
+    "QuantizationConfig": "ttpu.quantization",
     "Trainer": "ttpu.training.trainer",
     "TrainingArguments": "ttpu.training.arguments",
 }
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from ttpu.backends.torch_xla.fsdp import fsdp_v2
     from ttpu.buckets import BucketPolicy
     from ttpu.model import TPUModel
+    from ttpu.quantization import QuantizationConfig
     from ttpu.serving.llm import LLM
     from ttpu.serving.request import SamplingParams
     from ttpu.sharding import describe_sharding

@@ -16,6 +16,7 @@ from ttpu.errors import InvalidArgumentError, ModelNotFoundError
 from ttpu.logs import transformers_progress_hidden
 from ttpu.model import TPUModel
 from ttpu.patches import Patch, apply_patches
+from ttpu.quantization import QuantizationConfig, quantize_module, resolve_quantization
 from ttpu.sharding import plan_sharding
 from ttpu.sharding.rules import Rule
 from ttpu.tasks import auto_class, check_task, task_from_config
@@ -41,6 +42,7 @@ class AutoModelForTPU:
         parallelism: str | None = None,
         mesh: Mapping[str, int] | None = None,
         sharding_rules: Sequence[Rule] | None = None,
+        quantization: str | QuantizationConfig | None = None,
         **hf_kwargs: Any,
     ) -> TPUModel:
         """Load ``name``: an offline alias (e.g. "gemma-3-270m"), a local directory or a hub id.
@@ -51,11 +53,14 @@ class AutoModelForTPU:
         "3d" or "auto" (default None: one device); or ``mesh`` gives the axis sizes
         (``{"data": 2, "fsdp": 2, "tensor": 2}``); ``sharding_rules`` are
         ``(regex, spec)`` pairs that override the per-parameter specs;
+        ``quantization`` ("int8", "int4" or a ``ttpu.QuantizationConfig``) keeps the
+        linear layers' (and the embedding's) weights quantized on the device;
         extra keyword arguments go to transformers' ``from_pretrained``.
         """
         runtime = get_backend(backend)
         torch_dtype = resolve_dtype(dtype, runtime.platform())
         _check_attention_choice(attn_implementation)
+        quantization = resolve_quantization(quantization)
         if task is not None:
             check_task(task)
         source = models.resolve(name)
@@ -79,7 +84,9 @@ class AutoModelForTPU:
         except OSError as exc:
             raise ModelNotFoundError(_weights_error(source, exc)) from exc
         sharding = _Sharding(parallelism, mesh, sharding_rules, release_host_weights=True)
-        model = cls._wrap(module, runtime, task, torch_dtype, attn_implementation, None, buckets, sharding)
+        model = cls._wrap(
+            module, runtime, task, torch_dtype, attn_implementation, None, buckets, sharding, quantization
+        )
         # Loaded last: the backend's warm-up (compiling and first-running the programs
         # this model ran last time) proceeds meanwhile.
         model.tokenizer = _load_tokenizer(source, trust_remote_code)
@@ -99,9 +106,11 @@ class AutoModelForTPU:
         parallelism: str | None = None,
         mesh: Mapping[str, int] | None = None,
         sharding_rules: Sequence[Rule] | None = None,
+        quantization: str | QuantizationConfig | None = None,
     ) -> TPUModel:
         """Wrap an already-built transformers torch module (its attention and patches are
-        set in place; it keeps its weights). Options as in :meth:`from_pretrained`."""
+        set in place; it keeps its weights, unless ``quantization`` replaces its layers).
+        Options as in :meth:`from_pretrained`."""
         if not isinstance(module, PreTrainedModel):
             raise InvalidArgumentError(
                 f"from_model expects a transformers PreTrainedModel, got {type(module).__name__}."
@@ -112,11 +121,18 @@ class AutoModelForTPU:
         task = check_task(task) if task else task_from_config(module.config, type(module).__name__)
         module = module.to(torch_dtype)
         sharding = _Sharding(parallelism, mesh, sharding_rules, release_host_weights=False)
-        return cls._wrap(module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets, sharding)
+        return cls._wrap(
+            module, runtime, task, torch_dtype, attn_implementation, tokenizer, buckets, sharding,
+            resolve_quantization(quantization),
+        )
 
     @staticmethod
-    def _wrap(module, runtime, task, dtype, attn_implementation, tokenizer, buckets, sharding: _Sharding) -> TPUModel:
+    def _wrap(
+        module, runtime, task, dtype, attn_implementation, tokenizer, buckets, sharding: _Sharding,
+        quantization: QuantizationConfig | None,
+    ) -> TPUModel:
         applied = prepare_module(module, runtime, attn_implementation)
+        report = quantize_module(module, quantization) if quantization is not None else None
         plan = plan_sharding(
             module,
             parallelism=sharding.parallelism,
@@ -135,6 +151,7 @@ class AutoModelForTPU:
             buckets=buckets,
             sharding=plan,
             release_host_weights=sharding.release_host_weights,
+            quantization=report,
         )
 
 

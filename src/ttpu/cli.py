@@ -50,7 +50,7 @@ def _load(args: argparse.Namespace) -> Any:
     with step(f"loading {args.model} (backend {args.backend})"), library_progress_hidden():
         return AutoModelForTPU.from_pretrained(
             args.model, backend=args.backend, dtype=args.dtype, task=args.task,
-            parallelism=args.parallelism,
+            parallelism=args.parallelism, quantization=args.quantization,
         )
 
 
@@ -108,6 +108,16 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"moe experts: {experts}")
     print(f"tokenizer:   {type(model.tokenizer).__name__ if model.tokenizer else 'none found'}")
     print(f"seq buckets: {model.sequence_padding} (on | verify: checked on first padded call | off)")
+    report = model.quantization
+    if report is None:
+        print("quantized:   no (--quantization int8 | int4)")
+    else:
+        group = f", groups of {report.config.group_size}" if report.config.weights == "int4" else ""
+        print(f"quantized:   {report.config.weights}{group}: {len(report.quantized)} modules, parameters "
+              f"{report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} MiB "
+              f"({report.bytes_after / report.bytes_before:.2f}x)")
+        for name in report.quantized:
+            print(f"  - {name}")
     print(f"patches:     {len(model.patches)} applied")
     for patch in model.patches:
         print(f"  - {patch.name}: {patch.reason}")
@@ -324,6 +334,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parallelism", default=None,
         help="spread over every device: dp, fsdp, tp, 2d, 3d or auto (default: one device)",
+    )
+    parser.add_argument(
+        "--quantization", default=None, help="keep the weights quantized on the device: int8 or int4 (default: off)"
     )
 
 

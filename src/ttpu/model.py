@@ -25,6 +25,7 @@ from ttpu.buckets import (
 )
 from ttpu.inputs import TOKEN_ID_INPUTS, bind_arguments, check_token_ids, split_inputs
 from ttpu.patches import Patch
+from ttpu.quantization import QuantizationReport
 from ttpu.sharding import ShardingPlan
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class TPUModel:
         buckets: BucketPolicy | None = None,
         sharding: ShardingPlan,
         release_host_weights: bool = False,
+        quantization: QuantizationReport | None = None,
     ) -> None:
         self.torch_module = torch_module
         self.task = task
@@ -62,6 +64,7 @@ class TPUModel:
         self.patches = list(patches or [])
         self.buckets = (buckets or BucketPolicy()).batch_multiple_of(sharding.mesh.data_parallel_size)
         self.sharding = sharding
+        self.quantization = quantization  # what was quantized (None: nothing)
         self._backend = backend
         self._forward: CompiledForward = backend.compile(torch_module, sharding, release_host_weights)
         self._decoder: Any = None

@@ -102,6 +102,7 @@ class JaxForward(CompiledForward):
             self._jittable = torchax.interop.JittableModule(module)
         _drop_computed_tensors(self._jittable.buffers, module)
         _keep_small_buffers_constant(self._jittable.buffers, module)
+        _share_tied_frozen_weights(self._jittable)
         self._buffer_names = frozenset(self._jittable.buffers)
         weights = {**self._jittable.params, **self._jittable.buffers}
         self._jittable.params.clear()  # the placed arrays replace them
@@ -221,6 +222,19 @@ def _drop_computed_tensors(buffers: dict[str, torch.Tensor], module: torch.nn.Mo
         owner = module.get_submodule(owner_path)
         if isinstance(getattr(type(owner), attribute, None), property):
             del buffers[name]
+
+
+def _share_tied_frozen_weights(jittable: Any) -> None:
+    """One entry per tensor among the frozen weights too. torchax keeps one name of a
+    tensor tied under several names (an embedding and its LM head) only among trainable
+    parameters; frozen ones (a PEFT base, quantized tables) would be placed twice. The
+    other names are filled back in at each call, as torchax does for parameters."""
+    first_name = {id(tensor): name for name, tensor in jittable.params.items()}
+    for name, tensor in list(jittable.buffers.items()):
+        kept = first_name.setdefault(id(tensor), name)
+        if kept != name:
+            del jittable.buffers[name]
+            jittable._extra_dumped_weights.setdefault(kept, []).append(name)
 
 
 # Buffers up to this many elements are compile-time constants; larger ones are traced.

@@ -1,0 +1,50 @@
+"""What to quantize: ``QuantizationConfig`` and the ``quantization=`` option's values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ttpu.errors import InvalidArgumentError
+
+SCHEMES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 128  # int4: values per scale along the input dimension
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """``weights``: "int8" (symmetric, a scale per output channel) or "int4" (symmetric,
+    a scale per ``group_size`` input values, two values per byte). ``exclude``: module
+    names (or name suffixes, e.g. "lm_head") left in floating point. ``embeddings``: also
+    quantize the token embedding (and with it a tied LM head)."""
+
+    weights: str = "int8"
+    group_size: int = DEFAULT_GROUP_SIZE
+    exclude: Sequence[str] = field(default_factory=tuple)
+    embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weights not in SCHEMES:
+            raise InvalidArgumentError(
+                f"unknown quantization scheme {self.weights!r}; valid: {', '.join(SCHEMES)}."
+            )
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
+            raise InvalidArgumentError(f"group_size must be a positive integer (got {self.group_size!r}).")
+        if self.weights == "int4" and self.group_size % 2:
+            raise InvalidArgumentError(f"int4 packs two values per byte: group_size must be even (got {self.group_size}).")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+
+    def excludes(self, name: str) -> bool:
+        return any(name == e or name.endswith("." + e) for e in self.exclude)
+
+
+def resolve_quantization(value: str | QuantizationConfig | None) -> QuantizationConfig | None:
+    """``quantization=`` as given to ``from_pretrained``: None, a scheme name, or a config."""
+    if value is None or isinstance(value, QuantizationConfig):
+        return value
+    if isinstance(value, str):
+        return QuantizationConfig(weights=value)
+    raise InvalidArgumentError(
+        f"quantization must be one of {', '.join(SCHEMES)} or a ttpu.QuantizationConfig (got {value!r})."
+    )
