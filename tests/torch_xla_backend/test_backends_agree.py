@@ -64,3 +64,25 @@ def test_gemma_on_both_backends_agrees(gemma) -> None:
         model.generate(ids, attention_mask=mask, max_new_tokens=16),
         on_jax.generate(ids, attention_mask=mask, max_new_tokens=16),
     )
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_models_give_the_same_outputs_on_both_backends(scheme) -> None:
+    """The same quantized modules on both backends: integer weights on the device, the
+    same logits and greedy tokens."""
+    from ttpu import QuantizationConfig
+
+    arch = next(a for a in ARCHITECTURES if a.name == "gemma3_text")
+    config = QuantizationConfig(scheme, group_size=32)
+    inputs = arch.make_inputs(arch.build())
+    on_jax = AutoModelForTPU.from_model(arch.build(), backend="jax", quantization=config)
+    on_xla = AutoModelForTPU.from_model(arch.build(), backend="torch_xla", quantization=config)
+    weight = on_xla.compiled_forward.params["model.layers.0.mlp.up_proj.weight"]
+    assert weight.dtype == (torch.int8 if scheme == "int8" else torch.uint8)
+    expected = as_numpy(main_output(on_jax(**inputs)))
+    assert relative_error(as_numpy(main_output(on_xla(**inputs))), expected) <= 1e-5
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    np.testing.assert_array_equal(
+        on_xla.generate(ids, attention_mask=mask, max_new_tokens=8),
+        on_jax.generate(ids, attention_mask=mask, max_new_tokens=8),
+    )
