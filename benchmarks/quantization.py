@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32, help="tokens to decode for the speed figure")
     args = parser.parse_args()
 
-    schemes = {"float32": None, "int8": QuantizationConfig("int8"), "int4 g128": QuantizationConfig("int4", 128)}
+    schemes = {
+        "float32": None, "int8": QuantizationConfig("int8"), "int8 g32": QuantizationConfig("int8", 32),
+        "int4 g128": QuantizationConfig("int4", 128), "int4 g32": QuantizationConfig("int4", 32),
+    }
     models = {name: AutoModelForTPU.from_pretrained(MODEL, quantization=config) for name, config in schemes.items()}
     tokenizer = models["float32"].tokenizer
     text = importlib.metadata.metadata("transformers").get_payload()  # local prose: its long description

@@ -46,13 +46,19 @@ def test_int8_round_trip_is_within_half_a_step_and_zero_rows_stay_zero():
 
 
 def test_int4_packs_two_values_per_byte_in_groups():
-    weight = torch.randn(16, 256)
+    weight = torch.randn(16, 256) + 0.5  # skewed groups: the 16 levels span each one's range
     weight[:, :64] = 0  # a zero group
-    packed, scale = quantize_int4(weight, 64)
-    assert packed.dtype == torch.uint8 and packed.shape == (16, 128) and scale.shape == (16, 4)
-    error = (dequantize(packed, scale, torch.float32) - weight).abs().reshape(16, 4, 64)
-    assert torch.all(error <= scale[..., None] / 2 + 1e-7)
-    assert torch.all(dequantize(packed, scale, torch.float32)[:, :64] == 0)
+    packed, scale, minimum = quantize_int4(weight, 64)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 128) and scale.shape == minimum.shape == (16, 4)
+    restored = dequantize(packed, scale, torch.float32, minimum)
+    error = (restored - weight).abs().reshape(16, 4, 64)
+    assert torch.all(error <= scale[..., None] / 2 + 1e-6)
+    assert torch.all(restored[:, :64] == 0)
+    grid = torch.arange(16.0) * 0.25 - 1.0  # values already on a 16-level grid come back exactly
+    on_grid = grid[torch.randint(0, 16, (4, 64))]
+    on_grid[:, 0], on_grid[:, 1] = -1.0, 2.75
+    packed, scale, minimum = quantize_int4(on_grid, 64)
+    np.testing.assert_allclose(dequantize(packed, scale, torch.float32, minimum), on_grid, atol=1e-6)
 
 
 def test_bad_quantization_options_are_refused():
@@ -60,7 +66,7 @@ def test_bad_quantization_options_are_refused():
         QuantizationConfig("int3")
     with pytest.raises(InvalidArgumentError, match="positive integer"):
         QuantizationConfig("int4", group_size=0)
-    with pytest.raises(InvalidArgumentError, match="do not divide the input dimension 64"):
+    with pytest.raises(InvalidArgumentError, match="groups of 48 do not divide the input dimension 64"):
         quantize_module(tiny_gemma(), QuantizationConfig("int4", group_size=48))
     with pytest.raises(InvalidArgumentError, match="no linear layers"):
         quantize_module(torch.nn.Sequential(torch.nn.ReLU()), QuantizationConfig("int8"))

@@ -112,7 +112,8 @@ def doctor(args: argparse.Namespace) -> int:
     if report is None:
         print("quantized:   no (--quantization int8 | int4)")
     else:
-        group = f", groups of {report.config.group_size}" if report.config.weights == "int4" else ""
+        size = report.config.group_size or (128 if report.config.weights == "int4" else None)
+        group = f", groups of {size}" if size else ", per output channel"
         print(f"quantized:   {report.config.weights}{group}: {len(report.quantized)} modules, parameters "
               f"{report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} MiB "
               f"({report.bytes_after / report.bytes_before:.2f}x)")

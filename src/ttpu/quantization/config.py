@@ -13,13 +13,14 @@ DEFAULT_GROUP_SIZE = 128  # int4: values per scale along the input dimension
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """``weights``: "int8" (symmetric, a scale per output channel) or "int4" (symmetric,
-    a scale per ``group_size`` input values, two values per byte). ``exclude``: module
-    names (or name suffixes, e.g. "lm_head") left in floating point. ``embeddings``: also
-    quantize the token embedding (and with it a tied LM head)."""
+    """``weights``: "int8" or "int4", symmetric, round to nearest. ``group_size``: one
+    scale per that many input values (default: int8 one scale per output channel, int4
+    groups of 128); int4 packs two values per byte. ``exclude``: module names (or name
+    suffixes, e.g. "lm_head") left in floating point. ``embeddings``: also quantize the
+    token embedding (and with it a tied LM head)."""
 
     weights: str = "int8"
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
     exclude: Sequence[str] = field(default_factory=tuple)
     embeddings: bool = True
 
@@ -28,10 +29,15 @@ class QuantizationConfig:
             raise InvalidArgumentError(
                 f"unknown quantization scheme {self.weights!r}; valid: {', '.join(SCHEMES)}."
             )
+        if self.group_size is None:
+            return self._check_exclude()
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
             raise InvalidArgumentError(f"group_size must be a positive integer (got {self.group_size!r}).")
         if self.weights == "int4" and self.group_size % 2:
             raise InvalidArgumentError(f"int4 packs two values per byte: group_size must be even (got {self.group_size}).")
+        self._check_exclude()
+
+    def _check_exclude(self) -> None:
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
 

@@ -1,8 +1,9 @@
 """Quantized torch modules and the swap that puts them into a model.
 
 Both modules store ``weight`` (int8 ``[out, in]``, or int4 packed into uint8
-``[out, in / 2]``) and ``weight_scale`` (float32: ``[out]`` for int8, ``[out, in /
-group]`` for int4) as frozen parameters, under the names the float module had, so the
+``[out, in / 2]``), ``weight_scale`` (float32: ``[out]`` for int8 per channel,
+``[out, in / group]`` with groups) and for int4 ``weight_minimum`` (``[out, in /
+group]``) as frozen parameters, under the names the float module had, so the
 sharding rules engine and transformers' tensor-parallel plans split them as they split
 the float weight. The forward dequantizes with plain torch ops (a convert and a multiply
 next to the matmul), which each backend traces into its compiled program.
@@ -16,68 +17,89 @@ import torch
 import torch.nn.functional as F
 
 from ttpu.errors import InvalidArgumentError
-from ttpu.quantization.config import QuantizationConfig
+from ttpu.quantization.config import DEFAULT_GROUP_SIZE, QuantizationConfig
 
 INT8_MAX = 127
-INT4_MAX = 7
-INT4_OFFSET = 8  # stored nibble = value + 8, in [1, 15]
+INT4_LEVELS = 15  # nibbles 0..15
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: ``weight ≈ q * scale[:, None]``; error ≤ scale / 2.
-    An all-zero row gets scale 1 (its values are 0)."""
-    weight = weight.detach().float()
-    peak = weight.abs().amax(dim=1)
-    scale = torch.where(peak > 0, peak / INT8_MAX, torch.ones_like(peak))
-    q = torch.clamp(torch.round(weight / scale[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: ``weight ≈ q * scale`` with a scale per row (``[out]``) or, with
+    ``group_size``, per group of input values (``[out, in / group_size]``); error ≤
+    scale / 2. An all-zero row or group gets scale 1 (its values are 0)."""
+    if group_size is None:
+        q, scale = _symmetric(weight.detach().float()[:, None, :], INT8_MAX)
+        return q.reshape(weight.shape).to(torch.int8), scale[:, 0]
+    q, scale = _symmetric(_groups(weight, group_size), INT8_MAX)
+    return q.reshape(weight.shape).to(torch.int8), scale
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 in groups of ``group_size`` input values, two per byte (element
-    ``2i`` in the low nibble): ``weight ≈ (nibble - 8) * scale``; error ≤ scale / 2."""
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of ``group_size`` input values, two per byte (element
+    ``2i`` in the low nibble): ``weight ≈ nibble * scale + minimum``, the 16 levels
+    spanning each group's range (as GGUF's K-quants and torchao's int4 do); error ≤
+    scale / 2. Returns the packed nibbles, the scales and the minimums."""
+    groups = _groups(weight, group_size)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    scale = torch.where(high > low, (high - low) / INT4_LEVELS, torch.ones_like(high))
+    q = torch.clamp(torch.round((groups - low[..., None]) / scale[..., None]), 0, INT4_LEVELS)
+    q = q.reshape(weight.shape).to(torch.int16)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8), scale, low
+
+
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, minimum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The float ``[rows, in]`` weight of an int8 or packed-int4 ``weight`` (rows may be
+    a gathered subset, e.g. embedding rows) with one scale per row or per group (and,
+    for int4, each group's minimum)."""
+    if weight.dtype == torch.int8:
+        values = weight
+    else:
+        low, high = (weight & 0xF).to(torch.int16), (weight >> 4).to(torch.int16)
+        values = torch.stack([low, high], dim=-1).reshape(*weight.shape[:-1], weight.shape[-1] * 2)
+    if scale.dim() < values.dim():  # one scale per row
+        return values.to(dtype) * scale.to(dtype).unsqueeze(-1)
+    groups = scale.shape[-1]
+    grouped = values.to(dtype).reshape(*values.shape[:-1], groups, values.shape[-1] // groups)
+    grouped = grouped * scale.to(dtype).unsqueeze(-1)
+    if minimum is not None:
+        grouped = grouped + minimum.to(dtype).unsqueeze(-1)
+    return grouped.reshape(values.shape)
+
+
+def _groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     out, inputs = weight.shape
     if inputs % group_size:
         raise InvalidArgumentError(
-            f"int4 groups of {group_size} do not divide the input dimension {inputs}; choose a group_size "
+            f"groups of {group_size} do not divide the input dimension {inputs}; choose a group_size "
             f"that divides it (e.g. {_divisor_near(inputs, group_size)})."
         )
-    groups = weight.detach().float().reshape(out, inputs // group_size, group_size)
+    return weight.detach().float().reshape(out, inputs // group_size, group_size)
+
+
+def _symmetric(groups: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest ``[out, groups, size]`` values to ``[-limit, limit]`` with one
+    absmax scale per group."""
     peak = groups.abs().amax(dim=2)
-    scale = torch.where(peak > 0, peak / INT4_MAX, torch.ones_like(peak))
-    q = torch.clamp(torch.round(groups / scale[..., None]), -INT4_MAX, INT4_MAX).to(torch.int16) + INT4_OFFSET
-    q = q.reshape(out, inputs)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-    return packed, scale
-
-
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float ``[rows, in]`` weight of an int8 or packed-int4 ``weight`` (rows may be
-    a gathered subset, e.g. embedding rows)."""
-    if weight.dtype == torch.int8:
-        return weight.to(dtype) * scale.to(dtype).unsqueeze(-1)
-    low = (weight & 0xF).to(torch.int16)
-    high = (weight >> 4).to(torch.int16)
-    values = torch.stack([low, high], dim=-1).reshape(*weight.shape[:-1], weight.shape[-1] * 2) - INT4_OFFSET
-    groups = scale.shape[-1]
-    grouped = values.to(dtype).reshape(*values.shape[:-1], groups, values.shape[-1] // groups)
-    return (grouped * scale.to(dtype).unsqueeze(-1)).reshape(values.shape)
+    scale = torch.where(peak > 0, peak / limit, torch.ones_like(peak))
+    return torch.clamp(torch.round(groups / scale[..., None]), -limit, limit), scale
 
 
 class QuantizedLinear(torch.nn.Module):
     """``nn.Linear`` with an int8 or int4 weight (see the module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 in_features: int) -> None:
+    def __init__(self, tensors: QuantizedTensors, bias: torch.Tensor | None, in_features: int) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, weight.shape[0]
-        self.weight, self.weight_scale = _frozen(weight), _frozen(weight_scale)
+        self.in_features, self.out_features = in_features, tensors.weight.shape[0]
+        self.weight, self.weight_scale = tensors.weight, tensors.scale
+        self.weight_minimum = tensors.minimum
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.int8:  # the scale applies to the output: no float weight is scaled
+        if self.weight_scale.dim() == 1:  # int8 per channel: the scale applies to the output
             return _add_bias(F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype), self.bias)
-        return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
+        return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype, self.weight_minimum), self.bias)
 
     def extra_repr(self) -> str:
         scheme = "int8" if self.weight.dtype == torch.int8 else "int4"
@@ -89,19 +111,30 @@ class QuantizedEmbedding(torch.nn.Module):
     dequantized after the gather. ``embed_scale`` (Gemma's scaled embeddings) multiplies
     the result, as the module it replaces did."""
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, source: torch.nn.Embedding) -> None:
+    def __init__(self, tensors: QuantizedTensors, source: torch.nn.Embedding) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = source.num_embeddings, source.embedding_dim
         self.padding_idx = source.padding_idx
-        self.weight, self.weight_scale = _frozen(weight), _frozen(weight_scale)
+        self.weight, self.weight_scale, self.weight_minimum = tensors.weight, tensors.scale, tensors.minimum
         embed_scale = getattr(source, "embed_scale", None)
         self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(),
                              persistent=False)
         self.dtype = source.weight.dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = dequantize(self.weight[input_ids], self.weight_scale[input_ids], self.dtype)
+        minimum = None if self.weight_minimum is None else self.weight_minimum[input_ids]
+        rows = dequantize(self.weight[input_ids], self.weight_scale[input_ids], self.dtype, minimum)
         return rows if self.embed_scale is None else rows * self.embed_scale.to(self.dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedTensors:
+    """One quantized weight as frozen parameters: the values, their scales and (int4)
+    each group's minimum. Modules sharing a table (a tied LM head) share these."""
+
+    weight: torch.nn.Parameter
+    scale: torch.nn.Parameter
+    minimum: torch.nn.Parameter | None = None
 
 
 @dataclass
@@ -122,24 +155,23 @@ def quantize_module(module: torch.nn.Module, config: QuantizationConfig) -> Quan
     report = QuantizationReport(config, bytes_before=_parameter_bytes(module))
     embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
     table = id(embeddings.weight) if isinstance(embeddings, torch.nn.Embedding) else None
-    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # float weight id -> its quantized copy
+    shared: dict[int, QuantizedTensors] = {}  # float weight id -> its quantized copy
     if config.embeddings and isinstance(embeddings, torch.nn.Embedding):
         name = _name_of(module, embeddings)
         if not config.excludes(name):
-            weight, scale = (_frozen(t) for t in _quantize(embeddings.weight, config, name))
-            shared[id(embeddings.weight)] = (weight, scale)  # the same parameters for a tied head
-            _replace(module, name, QuantizedEmbedding(weight, scale, embeddings))
+            tensors = shared[id(embeddings.weight)] = _quantize(embeddings.weight, config, name)  # also a tied head's
+            _replace(module, name, QuantizedEmbedding(tensors, embeddings))
             report.quantized.append(name)
     for name, child in list(module.named_modules()):
         if not isinstance(child, torch.nn.Linear) or config.excludes(name):
             continue
         if id(child.weight) in shared:  # a tied LM head: the embedding's stored table
-            weight, scale = shared[id(child.weight)]
+            tensors = shared[id(child.weight)]
         elif id(child.weight) == table:  # tied to an embedding left in floating point
             continue
         else:
-            weight, scale = _quantize(child.weight, config, name)
-        _replace(module, name, QuantizedLinear(weight, scale, child.bias, child.in_features))
+            tensors = _quantize(child.weight, config, name)
+        _replace(module, name, QuantizedLinear(tensors, child.bias, child.in_features))
         report.quantized.append(name)
     if not report.quantized:
         raise InvalidArgumentError(
@@ -150,20 +182,18 @@ def quantize_module(module: torch.nn.Module, config: QuantizationConfig) -> Quan
     return report
 
 
-def _quantize(weight: torch.Tensor, config: QuantizationConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(weight: torch.Tensor, config: QuantizationConfig, name: str) -> QuantizedTensors:
     if weight.dim() != 2:
         raise InvalidArgumentError(f"{name}: cannot quantize a weight of shape {tuple(weight.shape)} (2-D only).")
-    if config.weights == "int8":
-        return quantize_int8(weight)
     try:
-        return quantize_int4(weight, config.group_size)
+        if config.weights == "int8":
+            return QuantizedTensors(*map(_frozen, quantize_int8(weight, config.group_size)))
+        return QuantizedTensors(*map(_frozen, quantize_int4(weight, config.group_size or DEFAULT_GROUP_SIZE)))
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"{name}: {exc}") from None
 
 
 def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
-    if isinstance(tensor, torch.nn.Parameter):
-        return tensor
     return torch.nn.Parameter(tensor, requires_grad=False)
 
 
