@@ -129,3 +129,23 @@ def test_generate_sharding_and_serving_on_a_quantized_model():
     llm = LLM(AutoModelForTPU.from_model(tiny_gemma(), quantization="int8"), max_num_seqs=2, max_model_len=64)
     out = llm.generate([{"prompt_token_ids": prompt[0].tolist()}], SamplingParams(max_tokens=8, temperature=0))
     assert out[0].outputs[0].token_ids == expected[0, prompt.shape[1]:].tolist()
+
+
+def test_shared_embeddings_quantize_every_reference_and_other_layers_are_left_alone():
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_ff=128, d_kv=16, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0)
+    module = transformers.T5ForConditionalGeneration(config).eval()
+    report = quantize_module(module, QuantizationConfig("int8"))
+    assert module.encoder.embed_tokens.weight is module.shared.weight is module.decoder.embed_tokens.weight
+    assert isinstance(module.encoder.embed_tokens, QuantizedEmbedding) and report.bytes_after < 0.3 * report.bytes_before
+    tied = tiny_gemma()
+    with pytest.raises(InvalidArgumentError, match="shares its weight with the token embedding"):
+        quantize_module(tied, QuantizationConfig("int8", exclude=["lm_head"]))
+    assert isinstance(tied.model.layers[0].mlp.up_proj, torch.nn.Linear)  # nothing replaced before the error
+    router = transformers.Llama4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                           intermediate_size_mlp=128, num_hidden_layers=1, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=16, num_local_experts=2)
+    llama4 = transformers.Llama4ForCausalLM(router).eval()
+    quantize_module(llama4, QuantizationConfig("int8"))
+    assert not any(isinstance(m, QuantizedLinear) and "router" in n for n, m in llama4.named_modules())
+    llama4(torch.arange(1, 9)[None])  # the router keeps its own forward

@@ -108,11 +108,13 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"moe experts: {experts}")
     print(f"tokenizer:   {type(model.tokenizer).__name__ if model.tokenizer else 'none found'}")
     print(f"seq buckets: {model.sequence_padding} (on | verify: checked on first padded call | off)")
+    from ttpu.quantization.config import DEFAULT_GROUP_SIZE
+
     report = model.quantization
     if report is None:
         print("quantized:   no (--quantization int8 | int4)")
     else:
-        size = report.config.group_size or (128 if report.config.weights == "int4" else None)
+        size = report.config.group_size or (DEFAULT_GROUP_SIZE if report.config.weights == "int4" else None)
         group = f", groups of {size}" if size else ", per output channel"
         print(f"quantized:   {report.config.weights}{group}: {len(report.quantized)} modules, parameters "
               f"{report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} MiB "

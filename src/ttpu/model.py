@@ -116,7 +116,8 @@ class TPUModel:
             embeddings = self.torch_module.get_input_embeddings()
         except (NotImplementedError, AttributeError):  # composite models (CLIP, ...) have none
             return None
-        return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else None
+        # nn.Embedding, or a quantized table (ttpu.quantization.QuantizedEmbedding)
+        return getattr(embeddings, "num_embeddings", None)
 
     @property
     def attn_implementation(self) -> str:

@@ -178,7 +178,15 @@ def _is_causal(cls: type, source: str) -> bool:
 
 
 def run_one(model_type: str) -> dict[str, Any]:
-    """Build, run eagerly, run through ttpu and compare one model type."""
+    """Build, run eagerly, run through ttpu and compare one model type (without
+    autograd; the caller's grad mode is left as it was)."""
+    import torch
+
+    with torch.no_grad():
+        return _run_one(model_type)
+
+
+def _run_one(model_type: str) -> dict[str, Any]:
     import torch
 
     result: dict[str, Any] = {
@@ -186,7 +194,6 @@ def run_one(model_type: str) -> dict[str, Any]:
         "compiles": False, "matches": False, "rel_err": None, "output": "", "stage": "",
         "error": None, "not_attempted": "", "times": {}, "params": None,
     }
-    torch.set_grad_enabled(False)
     t0 = time.time()
     attempts: list[tuple[str, Any]] = []
     errors = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,11 +14,12 @@ DEFAULT_GROUP_SIZE = 128  # int4: values per scale along the input dimension
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """``weights``: "int8" or "int4", symmetric, round to nearest. ``group_size``: one
-    scale per that many input values (default: int8 one scale per output channel, int4
-    groups of 128); int4 packs two values per byte. ``exclude``: module names (or name
-    suffixes, e.g. "lm_head") left in floating point. ``embeddings``: also quantize the
-    token embedding (and with it a tied LM head)."""
+    """``weights``: "int8" (symmetric) or "int4" (asymmetric: a scale and a minimum per
+    group), rounded to nearest. ``group_size``: one scale per that many input values
+    (default: int8 one scale per output channel, int4 groups of 128); int4 packs two
+    values per byte. ``exclude``: module names (or name suffixes, e.g. "lm_head") left in
+    floating point. ``embeddings``: also quantize the token embedding (and with it a tied
+    LM head)."""
 
     weights: str = "int8"
     group_size: int | None = None
@@ -29,17 +31,22 @@ class QuantizationConfig:
             raise InvalidArgumentError(
                 f"unknown quantization scheme {self.weights!r}; valid: {', '.join(SCHEMES)}."
             )
+        self._check_exclude()
         if self.group_size is None:
-            return self._check_exclude()
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
+            return
+        try:
+            size = operator.index(self.group_size)
+        except TypeError:
+            size = 0
+        if isinstance(self.group_size, bool) or size <= 0:
             raise InvalidArgumentError(f"group_size must be a positive integer (got {self.group_size!r}).")
+        object.__setattr__(self, "group_size", size)
         if self.weights == "int4" and self.group_size % 2:
             raise InvalidArgumentError(f"int4 packs two values per byte: group_size must be even (got {self.group_size}).")
-        self._check_exclude()
 
     def _check_exclude(self) -> None:
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
+        exclude = self.exclude or ()
+        object.__setattr__(self, "exclude", (exclude,) if isinstance(exclude, str) else tuple(exclude))
 
     def excludes(self, name: str) -> bool:
         return any(name == e or name.endswith("." + e) for e in self.exclude)

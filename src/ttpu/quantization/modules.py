@@ -70,12 +70,16 @@ def dequantize(
 
 def _groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     out, inputs = weight.shape
+    _check_groups_divide(inputs, group_size)
+    return weight.detach().float().reshape(out, inputs // group_size, group_size)
+
+
+def _check_groups_divide(inputs: int, group_size: int, name: str = "") -> None:
     if inputs % group_size:
         raise InvalidArgumentError(
-            f"groups of {group_size} do not divide the input dimension {inputs}; choose a group_size "
-            f"that divides it (e.g. {_divisor_near(inputs, group_size)})."
+            f"{name + ': ' if name else ''}groups of {group_size} do not divide the input dimension {inputs}; "
+            f"choose a group_size that divides it (e.g. {_divisor_near(inputs, group_size)})."
         )
-    return weight.detach().float().reshape(out, inputs // group_size, group_size)
 
 
 def _symmetric(groups: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +118,9 @@ class QuantizedEmbedding(torch.nn.Module):
     def __init__(self, tensors: QuantizedTensors, source: torch.nn.Embedding) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = source.num_embeddings, source.embedding_dim
-        self.padding_idx = source.padding_idx
         self.weight, self.weight_scale, self.weight_minimum = tensors.weight, tensors.scale, tensors.minimum
-        embed_scale = getattr(source, "embed_scale", None)
-        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(),
+        embed_scale = getattr(source, "embed_scale", None)  # a tensor (Gemma) or a float (BART, ...)
+        self.register_buffer("embed_scale", None if embed_scale is None else torch.as_tensor(embed_scale).clone(),
                              persistent=False)
         self.dtype = source.weight.dtype
 
@@ -149,29 +152,45 @@ class QuantizationReport:
 
 
 def quantize_module(module: torch.nn.Module, config: QuantizationConfig) -> QuantizationReport:
-    """Replace ``module``'s linear layers (and with ``config.embeddings`` its token
-    embedding and a tied LM head) by quantized ones, one at a time: each float weight is
-    released once its quantized copy exists."""
+    """Replace ``module``'s linear layers (exactly ``nn.Linear``: subclasses such as MoE
+    routers keep their own forward) and, with ``config.embeddings``, its token embedding
+    and a tied LM head by quantized ones. Every layer is checked before any is replaced;
+    then they are replaced one at a time, each float weight released with its layer."""
     report = QuantizationReport(config, bytes_before=_parameter_bytes(module))
-    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    table = id(embeddings.weight) if isinstance(embeddings, torch.nn.Embedding) else None
-    shared: dict[int, QuantizedTensors] = {}  # float weight id -> its quantized copy
-    if config.embeddings and isinstance(embeddings, torch.nn.Embedding):
-        name = _name_of(module, embeddings)
-        if not config.excludes(name):
-            tensors = shared[id(embeddings.weight)] = _quantize(embeddings.weight, config, name)  # also a tied head's
-            _replace(module, name, QuantizedEmbedding(tensors, embeddings))
-            report.quantized.append(name)
-    for name, child in list(module.named_modules()):
-        if not isinstance(child, torch.nn.Linear) or config.excludes(name):
-            continue
-        if id(child.weight) in shared:  # a tied LM head: the embedding's stored table
-            tensors = shared[id(child.weight)]
-        elif id(child.weight) == table:  # tied to an embedding left in floating point
-            continue
+    embedding = _input_embedding(module)
+    table = id(embedding.weight) if embedding is not None else None
+    quantize_table = embedding is not None and config.embeddings and not config.excludes(_tables(module, table)[0])
+    linears = [name for name, child in module.named_modules()
+               if type(child) is torch.nn.Linear and not config.excludes(name)]
+    tied_heads = {name for name in linears if id(module.get_submodule(name).weight) == table}
+    excluded_heads = [name for name, child in module.named_modules()
+                      if type(child) is torch.nn.Linear and config.excludes(name) and id(child.weight) == table]
+    if quantize_table and excluded_heads:
+        raise InvalidArgumentError(
+            f"{excluded_heads[0]} shares its weight with the token embedding (tied): quantize both (leave it out "
+            "of exclude) or neither (embeddings=False)."
+        )
+    for name in linears if not quantize_table else [n for n in linears if n not in tied_heads]:
+        _check_shape(module.get_submodule(name).weight, config, name)
+    names = _tables(module, table) if quantize_table else []
+    for name in names:
+        _check_embedding(module.get_submodule(name), config, name)
+    del embedding
+    if quantize_table:
+        tensors = _quantize(module.get_submodule(names[0]).weight, config, names[0])
+        for name in names:  # every embedding of the table (T5's shared one is also each stack's embed_tokens)
+            _replace(module, name, QuantizedEmbedding(tensors, module.get_submodule(name)))
+        report.quantized.extend(names)
+    for name in linears:
+        linear = module.get_submodule(name)
+        if name in tied_heads:
+            if not quantize_table:
+                continue  # tied to an embedding left in floating point
+            quantized = QuantizedLinear(tensors, linear.bias, linear.in_features)  # one stored table
         else:
-            tensors = _quantize(child.weight, config, name)
-        _replace(module, name, QuantizedLinear(tensors, child.bias, child.in_features))
+            quantized = QuantizedLinear(_quantize(linear.weight, config, name), linear.bias, linear.in_features)
+        del linear
+        _replace(module, name, quantized)
         report.quantized.append(name)
     if not report.quantized:
         raise InvalidArgumentError(
@@ -182,15 +201,44 @@ def quantize_module(module: torch.nn.Module, config: QuantizationConfig) -> Quan
     return report
 
 
-def _quantize(weight: torch.Tensor, config: QuantizationConfig, name: str) -> QuantizedTensors:
+def _input_embedding(module: torch.nn.Module) -> torch.nn.Embedding | None:
+    try:
+        embedding = module.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # composite models (CLIP, ...) have none
+        return None
+    return embedding if isinstance(embedding, torch.nn.Embedding) else None
+
+
+def _check_embedding(embedding: torch.nn.Embedding, config: QuantizationConfig, name: str) -> None:
+    """A plain lookup table, or one whose forward only multiplies by ``embed_scale``
+    (Gemma, BART, ...): other subclasses (normed embeddings, ...) would lose their forward."""
+    if type(embedding) is not torch.nn.Embedding and not hasattr(embedding, "embed_scale"):
+        raise InvalidArgumentError(
+            f"{name} is a {type(embedding).__name__}, whose forward does more than a table lookup; ttpu quantizes "
+            "plain embeddings only. Pass QuantizationConfig(..., embeddings=False)."
+        )
+    _check_shape(embedding.weight, config, name)
+
+
+def _check_shape(weight: torch.Tensor, config: QuantizationConfig, name: str) -> None:
     if weight.dim() != 2:
         raise InvalidArgumentError(f"{name}: cannot quantize a weight of shape {tuple(weight.shape)} (2-D only).")
-    try:
-        if config.weights == "int8":
-            return QuantizedTensors(*map(_frozen, quantize_int8(weight, config.group_size)))
-        return QuantizedTensors(*map(_frozen, quantize_int4(weight, config.group_size or DEFAULT_GROUP_SIZE)))
-    except InvalidArgumentError as exc:
-        raise InvalidArgumentError(f"{name}: {exc}") from None
+    size = config.group_size or (DEFAULT_GROUP_SIZE if config.weights == "int4" else None)
+    if size is not None:
+        _check_groups_divide(weight.shape[1], size, name)
+
+
+def _tables(module: torch.nn.Module, table: int) -> list[str]:
+    """Names of the embedding modules whose weight is the tensor with id ``table``."""
+    return [name for name, child in module.named_modules(remove_duplicate=False)
+            if isinstance(child, torch.nn.Embedding) and id(child.weight) == table]
+
+
+def _quantize(weight: torch.Tensor, config: QuantizationConfig, name: str) -> QuantizedTensors:
+    _check_shape(weight, config, name)
+    if config.weights == "int8":
+        return QuantizedTensors(*map(_frozen, quantize_int8(weight, config.group_size)))
+    return QuantizedTensors(*map(_frozen, quantize_int4(weight, config.group_size or DEFAULT_GROUP_SIZE)))
 
 
 def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
@@ -199,10 +247,6 @@ def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
 
 def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x if bias is None else x + bias.to(x.dtype)
-
-
-def _name_of(module: torch.nn.Module, target: torch.nn.Module) -> str:
-    return next(name for name, child in module.named_modules() if child is target)
 
 
 def _replace(module: torch.nn.Module, name: str, new: torch.nn.Module) -> None:

@@ -163,7 +163,7 @@ def _tensor_spec(
 
 
 def _inferred_style(name: str, owner_name: str, owner: torch.nn.Module | None) -> str | None:
-    if isinstance(owner, torch.nn.Embedding):
+    if isinstance(owner, torch.nn.Embedding) or hasattr(owner, "num_embeddings"):  # quantized tables too
         return "embedding_rowwise"  # rows: the vocabulary (or positions)
     parts = owner_name.split(".")
     last = parts[-1] if parts else ""
@@ -180,8 +180,9 @@ def _inferred_style(name: str, owner_name: str, owner: torch.nn.Module | None) -
 def _split_dimension(style: str | None, owner: torch.nn.Module | None, shape: tuple[int, ...]) -> int | None:
     """Which dimension a style splits. Weights are [..., out, in] (torch Linear, MoE
     experts) except GPT-2's Conv1D, [in, out]; biases are split only column-wise."""
-    if style in EMBEDDING_STYLES:
-        return EMBEDDING_STYLES[style] if len(shape) == 2 else None
+    if style in EMBEDDING_STYLES:  # a table, or a quantized table's per-row scales
+        dim = EMBEDDING_STYLES[style]
+        return dim if dim < len(shape) <= 2 else None
     column, row = style in COLUMN_STYLES, style in ROW_STYLES
     if not (column or row):
         return None
