@@ -76,14 +76,22 @@ def zero_stages() -> None:
 
 
 def checkpointing() -> None:
-    rows = data(8, 256)
-    temp = {}
-    for enabled in (False, True):
-        trainer = train(model(layers=8, hidden=32), rows, 1, per_device_train_batch_size=8,
-                        gradient_checkpointing=enabled)
-        temp[enabled] = trainer._train_program.memory_analysis().temp_size_in_bytes
-    print(f"gradient checkpointing, 8 layers, 8 x 256 tokens: temp {temp[False] / 1e6:.1f} MB -> "
-          f"{temp[True] / 1e6:.1f} MB ({temp[True] / temp[False]:.2f}x)")
+    """Temporary memory of the compiled step with and without gradient checkpointing, on
+    an MLP-heavy and an attention-heavy shape."""
+    shapes = {"MLP-heavy (hidden 64, MLP 1024, 32 x 64 tokens)": (64, 1024, 32, 64),
+              "attention-heavy (hidden 32, MLP 128, 8 x 256 tokens)": (32, 128, 8, 256)}
+    for label, (hidden, mlp, rows, length) in shapes.items():
+        temp = {}
+        for enabled in (False, True):
+            module = model(layers=8, hidden=hidden)
+            for layer in module.model.layers:  # the MLP width of the shape
+                layer.mlp = type(layer.mlp)(module.config.__class__(**{
+                    **module.config.to_dict(), "intermediate_size": mlp}))
+            trainer = train(module, data(rows, length), 1, per_device_train_batch_size=rows,
+                            gradient_checkpointing=enabled)
+            temp[enabled] = trainer._train_program.memory_analysis().temp_size_in_bytes
+        print(f"gradient checkpointing, 8 layers, {label}: temp {temp[False] / 1e6:.1f} MB -> "
+              f"{temp[True] / 1e6:.1f} MB ({temp[True] / temp[False]:.2f}x)")
 
 
 class StepClock(transformers.TrainerCallback):

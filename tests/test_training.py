@@ -183,20 +183,21 @@ def test_zero_stages_split_what_they_say(tmp_path):
 
 def test_gradient_checkpointing_recomputes_layers(tmp_path):
     """jax.checkpoint around every decoder layer: the compiled step's temporary memory
-    drops. XLA:CPU's default concurrency-optimized scheduler runs the recomputations
-    early, which cancels the saving; the test compiles without it (TPU and GPU
-    schedulers are memory-aware)."""
+    drops by at least 30% on a model whose activations dominate it (8 layers, 32 x 64
+    tokens), and the loss is unchanged. XLA:CPU's default concurrency-optimized
+    scheduler runs the recomputations early, which cancels the saving; the test compiles
+    without it (TPU and GPU schedulers are memory-aware)."""
     script = textwrap.dedent(f"""
         import numpy as np, torch, transformers, json
         from ttpu import Trainer, TrainingArguments
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=128, num_hidden_layers=8,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=1024, num_hidden_layers=8,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
         rng = np.random.default_rng(0)
-        data = [{{"input_ids": (ids := rng.integers(1, 64, 256).tolist()), "labels": ids}} for _ in range(8)]
+        data = [{{"input_ids": (ids := rng.integers(1, 64, 64).tolist()), "labels": ids}} for _ in range(32)]
         temp = {{}}
         for checkpointing in (False, True):
             torch.manual_seed(0)
-            args = TrainingArguments(output_dir="{tmp_path}", per_device_train_batch_size=8, max_steps=1,
+            args = TrainingArguments(output_dir="{tmp_path}", per_device_train_batch_size=32, max_steps=1,
                 gradient_checkpointing=checkpointing, report_to="none", disable_tqdm=True, save_strategy="no",
                 logging_steps=1)
             trainer = Trainer(transformers.LlamaForCausalLM(config), args, train_dataset=data,
@@ -212,7 +213,7 @@ def test_gradient_checkpointing_recomputes_layers(tmp_path):
     temp = json.loads(out.stdout.strip().splitlines()[-1])
     (plain, plain_loss), (remat, remat_loss) = temp["false"], temp["true"]
     assert remat_loss == pytest.approx(plain_loss, rel=1e-6)
-    assert remat < 0.85 * plain, (remat, plain)
+    assert remat <= 0.7 * plain, (remat, plain)
 
 
 KILLED_RUN = """

@@ -256,9 +256,12 @@ class Trainer:
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return metrics
 
-    def evaluate(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """The eval loss (mean over examples of their batch's loss, as transformers) and
-        ``compute_metrics`` over every example's logits."""
+        ``compute_metrics`` over every example's logits. ``ignore_keys`` is accepted for
+        transformers' signature: only the loss and the logits are read from the output."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise InvalidArgumentError("evaluate() needs an eval_dataset (here or in the Trainer).")
