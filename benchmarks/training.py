@@ -25,9 +25,9 @@ from ttpu import Trainer, TrainingArguments  # noqa: E402
 COLLECTIVE = re.compile(r"\b(all-reduce|reduce-scatter|all-gather|all-to-all)(-start)?\(")
 
 
-def model(layers: int = 4, hidden: int = 64) -> transformers.LlamaForCausalLM:
+def model(layers: int = 4, hidden: int = 64, mlp: int | None = None) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        vocab_size=512, hidden_size=hidden, intermediate_size=mlp or 4 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
     )
     torch.manual_seed(0)
@@ -83,12 +83,8 @@ def checkpointing() -> None:
     for label, (hidden, mlp, rows, length) in shapes.items():
         temp = {}
         for enabled in (False, True):
-            module = model(layers=8, hidden=hidden)
-            for layer in module.model.layers:  # the MLP width of the shape
-                layer.mlp = type(layer.mlp)(module.config.__class__(**{
-                    **module.config.to_dict(), "intermediate_size": mlp}))
-            trainer = train(module, data(rows, length), 1, per_device_train_batch_size=rows,
-                            gradient_checkpointing=enabled)
+            trainer = train(model(layers=8, hidden=hidden, mlp=mlp), data(rows, length), 1,
+                            per_device_train_batch_size=rows, gradient_checkpointing=enabled)
             temp[enabled] = trainer._train_program.memory_analysis().temp_size_in_bytes
         print(f"gradient checkpointing, 8 layers, {label}: temp {temp[False] / 1e6:.1f} MB -> "
               f"{temp[True] / 1e6:.1f} MB ({temp[True] / temp[False]:.2f}x)")
