@@ -190,8 +190,9 @@ class TrainingArguments(transformers.TrainingArguments):
 
     @property
     def checkpoints_layers(self) -> bool:
-        """Gradient (activation) checkpointing, under either of transformers' names."""
-        return bool(self.gradient_checkpointing or self.activation_checkpointing)
+        """Gradient (activation) checkpointing, under either of transformers' names
+        (``activation_checkpointing`` is transformers >= 5.23's)."""
+        return bool(self.gradient_checkpointing or getattr(self, "activation_checkpointing", False))
 
     def resolved_zero_stage(self, mesh: MeshShape) -> int:
         if self.zero_stage is not None:

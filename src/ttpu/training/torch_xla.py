@@ -148,7 +148,8 @@ def transformers_arguments(args: TrainingArguments) -> transformers.TrainingArgu
     # torch's fused AdamW (transformers' default) does not take XLA tensors: the same
     # update, unfused
     values.update(
-        gradient_checkpointing=False, activation_checkpointing=False, deepspeed=None, fsdp=None,
-        dataloader_pin_memory=False, optim="adamw_torch",
+        gradient_checkpointing=False, deepspeed=None, fsdp=None, dataloader_pin_memory=False, optim="adamw_torch",
     )
+    if "activation_checkpointing" in values:  # transformers >= 5.23's name for it
+        values["activation_checkpointing"] = False
     return transformers.TrainingArguments(**values)

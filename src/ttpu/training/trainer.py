@@ -113,7 +113,7 @@ class Trainer:
         runtime = get_backend("jax")
         prepare_module(transformers_module, runtime)
         if args.checkpoints_layers:
-            options = args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs or {}
+            options = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {}
             _enable_checkpointing(transformers_module, args.remat_policy, options.get("every_n_layers", 1))
         plan = plan_sharding(
             self.module, parallelism=args.parallelism, mesh=args.mesh, rules=args.sharding_rules,
