@@ -2,6 +2,11 @@
 one run: device-resident parameter bytes, accuracy on local prose (mean KL divergence of
 the next-token distributions, top-1 agreement, perplexity ratio) and decode speed.
 
+The offline Gemma comes from a Q4_K_M GGUF, so two kinds of rows: loaded by
+``from_pretrained`` (which keeps the GGUF blocks that map exactly onto the scheme; "gguf"
+keeps all of them), and "RTN": the float32 model quantized by round-to-nearest through
+``from_model``, as any model without a GGUF would be.
+
     python benchmarks/quantization.py [--tokens 2048] [--chunk 256]
 """
 
@@ -14,8 +19,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 
 from ttpu import AutoModelForTPU, QuantizationConfig
+from ttpu.models import resolve
 
 MODEL = "gemma-3-270m"
 
@@ -58,12 +65,14 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32, help="tokens to decode for the speed figure")
     args = parser.parse_args()
 
-    schemes = {
-        "float32": None, "int8": QuantizationConfig("int8"), "int8 g32": QuantizationConfig("int8", 32),
-        "int4 g128": QuantizationConfig("int4", 128), "int4 g32": QuantizationConfig("int4", 32),
-    }
-    models = {name: AutoModelForTPU.from_pretrained(MODEL, quantization=config) for name, config in schemes.items()}
+    loaded = {"float32": None, "int8": "int8", "gguf": "gguf", "int4 g128": QuantizationConfig("int4", 128)}
+    rounded = {"int8 RTN": QuantizationConfig("int8"), "int8 g32 RTN": QuantizationConfig("int8", 32),
+               "int4 g128 RTN": QuantizationConfig("int4", 128), "int4 g32 RTN": QuantizationConfig("int4", 32)}
+    models = {name: AutoModelForTPU.from_pretrained(MODEL, quantization=q) for name, q in loaded.items()}
     tokenizer = models["float32"].tokenizer
+    for name, config in rounded.items():
+        module = transformers.AutoModelForCausalLM.from_pretrained(resolve(MODEL), dtype="float32")
+        models[name] = AutoModelForTPU.from_model(module, quantization=config, tokenizer=tokenizer)
     text = importlib.metadata.metadata("transformers").get_payload()  # local prose: its long description
     ids = tokenizer(text)["input_ids"][: args.tokens]
     if len(ids) < args.tokens:
@@ -74,13 +83,13 @@ def main() -> None:
     base_speed = decode_speed(models["float32"], prompt, args.decode)
     print(f"{len(chunks) * args.chunk} tokens of prose in {len(chunks)} sequences of {args.chunk}; "
           f"jax {jax.__version__} on {jax.default_backend()}")
-    print(f"{'scheme':<10} {'MiB':>8} {'x f32':>6} {'mean KL':>9} {'top-1':>7} {'PPL':>8} {'PPL x':>7} "
+    print(f"{'scheme':<13} {'MiB':>8} {'x f32':>6} {'mean KL':>9} {'top-1':>7} {'PPL':>8} {'PPL x':>7} "
           f"{'tok/s':>7} {'x f32':>6}")
     for name, model in models.items():
         size = device_bytes(model)
         speed = base_speed if name == "float32" else decode_speed(model, prompt, args.decode)
         stats = accuracy(models["float32"], model, chunks)
-        print(f"{name:<10} {size / 2**20:8.1f} {size / base_bytes:6.3f} {stats['kl']:9.5f} {stats['top1']:7.2%} "
+        print(f"{name:<13} {size / 2**20:8.1f} {size / base_bytes:6.3f} {stats['kl']:9.5f} {stats['top1']:7.2%} "
               f"{stats['ppl']:8.3f} {stats['ppl_ratio']:7.4f} {speed:7.2f} {speed / base_speed:6.2f}")
 
 

@@ -153,6 +153,6 @@ def test_train_reports_a_bad_jsonl_field(model_dir, tmp_path, capsys) -> None:
 def test_doctor_lists_what_was_quantized(model_dir, capsys) -> None:
     assert main(["doctor", "--quantization", "int8", model_dir]) == 0
     out = capsys.readouterr().out
-    assert "quantized:   int8, per output channel: 16 modules" in out and "  - lm_head" in out
+    assert "quantized:   int8: 16 modules" in out and "  - lm_head: int8 per channel" in out
     assert main(["doctor", "--quantization", "int3", model_dir]) == 2
     assert "valid: int8, int4" in capsys.readouterr().err

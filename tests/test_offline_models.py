@@ -153,3 +153,23 @@ def test_gemma_sharded_over_eight_devices(gemma, parallelism) -> None:
         assert abs(table.bytes_per_device - table.total_bytes / 8) <= 0.01 * table.total_bytes / 8, str(table)
     ids = model.tokenizer([CAKE], return_tensors="np")["input_ids"]
     np.testing.assert_array_equal(model.generate(ids, max_new_tokens=16), hf_greedy(torch_model, ids, 16))
+
+
+def test_gemma_keeps_its_gguf_blocks_on_the_device_with_the_float_logits(gemma):
+    """quantization="gguf": every linear layer and the tied embedding stay the Q4_K_M
+    file's own blocks (int8/int4 arrays on the device, ~0.27x the float32 bytes), which
+    dequantize to exactly the float32 weights the alias was converted to."""
+    model, _ = gemma
+    kept = AutoModelForTPU.from_pretrained("gemma-3-270m", quantization="gguf")
+    report = kept.quantization
+    assert len(report.quantized) == 18 * 7 + 2 and all("(GGUF " in r for r in report.quantized.values())
+    params = kept.compiled_forward.params
+    weights = [f"{name}.weight" for name in report.quantized if f"{name}.weight" in params]  # the tied head: once
+    assert len(weights) == 18 * 7 + 1 and all(params[w].dtype in (np.int8, np.uint8) for w in weights)
+
+    def device_bytes(m) -> int:
+        return sum(s.data.nbytes for a in m.compiled_forward.params.values() for s in a.addressable_shards)
+
+    assert device_bytes(kept) <= 0.30 * device_bytes(model)
+    batch = model.tokenizer(GEMMA_BATCHES["padded-batch"], padding=True, return_tensors="np")
+    np.testing.assert_allclose(np.asarray(kept(**batch).logits), np.asarray(model(**batch).logits), atol=1e-5)

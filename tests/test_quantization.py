@@ -12,7 +12,9 @@ import transformers
 from ttpu import AutoModelForTPU, QuantizationConfig
 from ttpu.errors import InvalidArgumentError
 from ttpu.quantization import quantize_module
-from ttpu.quantization.modules import QuantizedEmbedding, QuantizedLinear, dequantize, quantize_int4, quantize_int8
+from ttpu.quantization.gguf import DECODERS
+from ttpu.quantization.modules import QuantizedEmbedding, QuantizedLinear
+from ttpu.quantization.tensors import dequantize, quantize_int4, quantize_int8
 
 VOCAB = 256
 
@@ -70,8 +72,12 @@ def test_bad_quantization_options_are_refused():
         quantize_module(tiny_gemma(), QuantizationConfig("int4", group_size=48))
     with pytest.raises(InvalidArgumentError, match="no linear layers"):
         quantize_module(torch.nn.Sequential(torch.nn.ReLU()), QuantizationConfig("int8"))
-    with pytest.raises(InvalidArgumentError, match="int8, int4 or a ttpu.QuantizationConfig"):
+    with pytest.raises(InvalidArgumentError, match="int8, int4, gguf or a ttpu.QuantizationConfig"):
         AutoModelForTPU.from_model(tiny_gemma(), quantization=8)
+    with pytest.raises(InvalidArgumentError, match="leave group_size unset"):
+        QuantizationConfig("gguf", group_size=32)
+    with pytest.raises(InvalidArgumentError, match="keeps the blocks of the GGUF file"):
+        AutoModelForTPU.from_model(tiny_gemma(), quantization="gguf")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -149,3 +155,145 @@ def test_shared_embeddings_quantize_every_reference_and_other_layers_are_left_al
     quantize_module(llama4, QuantizationConfig("int8"))
     assert not any(isinstance(m, QuantizedLinear) and "router" in n for n, m in llama4.named_modules())
     llama4(torch.arange(1, 9)[None])  # the router keeps its own forward
+
+
+def random_blocks(kind: str, rows: int, inputs: int, rng: np.random.Generator) -> np.ndarray:
+    """Valid GGUF blocks of type ``kind`` for a ``[rows, inputs]`` weight: random bytes
+    with finite float16 scales (at the offsets each format keeps them)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    values_per_block, bytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    blocks = rng.integers(0, 256, size=(rows * inputs // values_per_block, bytes_per_block), dtype=np.uint8)
+    for offset in {"Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}.get(kind, [0]):
+        blocks[:, offset:offset + 2] = (rng.normal(size=(len(blocks), 1)) / 64).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("scheme,kind", [(s, k) for s in ("int8", "int4") for k in DECODERS[s]])
+def test_gguf_block_formats_decode_exactly_into_ttpu_tensors(scheme, kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from ttpu.quantization.gguf import GgufCheckpoint
+
+    blocks = random_blocks(kind, 6, 512, np.random.default_rng(0))
+    reader = GgufCheckpoint.__new__(GgufCheckpoint)  # decode without a file: one tensor, by hand
+    reader.scheme, reader._tensors = scheme, {"w": _StoredTensor(kind, blocks, (512, 6))}
+    values, scale, minimum = reader.decode("w", (6, 512))
+    assert values.dtype == (torch.int8 if scheme == "int8" else torch.uint8)
+    assert values.shape == (6, 512 if scheme == "int8" else 256)
+    expected = gguf_dequantize(blocks, GGMLQuantizationType[kind]).reshape(6, 512)
+    np.testing.assert_array_equal(dequantize(values, scale, torch.float32, minimum).numpy(), expected)
+
+
+class _StoredTensor:
+    """The fields of a ``gguf.ReaderTensor`` that ttpu reads."""
+
+    def __init__(self, kind: str, data: np.ndarray, shape: tuple[int, ...]) -> None:
+        from gguf import GGMLQuantizationType
+
+        self.name, self.tensor_type, self.data, self.shape = "w", GGMLQuantizationType[kind], data, shape
+
+
+def gemma_for_k_quants() -> transformers.Gemma3ForCausalLM:
+    """A tiny Gemma 3 whose input dimensions are multiples of 256 (K-quant blocks)."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=128, sliding_window=8, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+# block format of each weight in the test GGUF (the rest: F32)
+GGUF_FORMATS = {
+    "model.embed_tokens.weight": "Q8_0", "model.layers.0.self_attn.q_proj.weight": "Q5_0",
+    "model.layers.0.self_attn.k_proj.weight": "Q4_K", "model.layers.0.self_attn.v_proj.weight": "Q4_0",
+    "model.layers.0.self_attn.o_proj.weight": "Q6_K", "model.layers.0.mlp.gate_proj.weight": "Q4_1",
+    "model.layers.0.mlp.up_proj.weight": "F32",
+}
+
+
+def write_gguf(path, module: torch.nn.Module, formats: dict[str, str]) -> None:
+    """Write ``module``'s weights as a GGUF under llama.cpp's names, each in its format
+    (random blocks), and set the module's weights to what the blocks dequantize to, as
+    transformers' GGUF loader would."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import dequantize as gguf_dequantize
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    names = {hf: name for name, hf in get_gguf_hf_weights_map(module, TensorProcessor()).items()}
+    writer = GGUFWriter(str(path), "gemma3")
+    rng = np.random.default_rng(1)
+    state = module.state_dict()
+    for hf_name, kind in formats.items():
+        weight = state[hf_name]
+        if kind == "F32":
+            writer.add_tensor(names[hf_name], weight.numpy())
+            continue
+        blocks = random_blocks(kind, *weight.shape, rng)
+        writer.add_tensor(names[hf_name], blocks, raw_dtype=GGMLQuantizationType[kind])
+        restored = gguf_dequantize(blocks, GGMLQuantizationType[kind]).reshape(weight.shape)
+        weight.copy_(torch.from_numpy(restored))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_blocks_are_kept_as_stored_and_the_rest_quantized_or_left_float(tmp_path):
+    reference = gemma_for_k_quants()
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, reference, GGUF_FORMATS)
+    ids = torch.tensor([[2, 7, 31, 100, 255, 4]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+
+    module = gemma_for_k_quants()
+    module.load_state_dict(reference.state_dict())
+    report = quantize_module(module, QuantizationConfig("gguf"), gguf=path)
+    assert report.quantized == {
+        "model.embed_tokens": "int8 g32 (GGUF Q8_0)", "lm_head": "int8 g32 (GGUF Q8_0)",
+        "model.layers.0.self_attn.q_proj": "int8 g32 (GGUF Q5_0)",
+        "model.layers.0.self_attn.k_proj": "int4 g32 (GGUF Q4_K)",
+        "model.layers.0.self_attn.v_proj": "int4 g32 (GGUF Q4_0)",
+        "model.layers.0.self_attn.o_proj": "int8 g16 (GGUF Q6_K)",
+        "model.layers.0.mlp.gate_proj": "int4 g32 (GGUF Q4_1)",
+    }  # up_proj is F32 in the file, down_proj absent from it: both stay float
+    assert type(module.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert module.lm_head.weight is module.model.embed_tokens.weight  # one stored table
+    for name in report.quantized:  # every kept weight dequantizes to exactly the loaded one
+        layer = module.get_submodule(name)
+        restored = dequantize(layer.weight, layer.weight_scale, torch.float32, layer.weight_minimum)
+        assert torch.equal(restored, reference.get_submodule(name).weight)
+    with torch.no_grad():
+        torch.testing.assert_close(module(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+    int8 = gemma_for_k_quants()
+    int8.load_state_dict(reference.state_dict())
+    report = quantize_module(int8, QuantizationConfig("int8"), gguf=path)
+    assert report.quantized["model.layers.0.self_attn.q_proj"] == "int8 g32 (GGUF Q5_0)"
+    assert report.quantized["model.layers.0.self_attn.v_proj"] == "int8 g32 (GGUF Q4_0)"
+    assert report.quantized["model.layers.0.self_attn.k_proj"] == "int8 per channel"  # Q4_K: no exact int8
+    assert report.quantized["model.layers.0.mlp.up_proj"] == "int8 per channel"
+    int4 = gemma_for_k_quants()
+    int4.load_state_dict(reference.state_dict())
+    report = quantize_module(int4, QuantizationConfig("int4", embeddings=False), gguf=path)
+    assert report.quantized["model.layers.0.self_attn.k_proj"] == "int4 g32 (GGUF Q4_K)"
+    assert report.quantized["model.layers.0.self_attn.q_proj"] == "int4 g128"  # Q5_0: no exact int4
+
+
+def test_gguf_blocks_that_cannot_be_kept_are_refused_or_requantized(tmp_path):
+    module = gemma_for_k_quants()
+    path = tmp_path / "k5.gguf"
+    write_gguf(path, module, {"model.layers.0.self_attn.q_proj.weight": "Q5_K",
+                              "model.layers.0.self_attn.k_proj.weight": "Q8_0"})
+    with pytest.raises(InvalidArgumentError, match="GGUF Q5_K blocks have no exact form in ttpu .*Q8_0"):
+        quantize_module(module, QuantizationConfig("gguf"), gguf=path)
+    assert type(module.model.layers[0].self_attn.k_proj) is torch.nn.Linear  # refused before any change
+    with torch.no_grad():
+        module.model.layers[0].self_attn.k_proj.weight.mul_(1.5)  # no longer what the file holds
+    with pytest.raises(InvalidArgumentError, match="does not dequantize to the weight transformers loaded"):
+        quantize_module(module, QuantizationConfig("gguf", exclude=["q_proj"]), gguf=path)
+    report = quantize_module(module, QuantizationConfig("int8"), gguf=path)
+    assert report.quantized["model.layers.0.self_attn.k_proj"] == "int8 per channel"

@@ -53,8 +53,10 @@ class AutoModelForTPU:
         "3d" or "auto" (default None: one device); or ``mesh`` gives the axis sizes
         (``{"data": 2, "fsdp": 2, "tensor": 2}``); ``sharding_rules`` are
         ``(regex, spec)`` pairs that override the per-parameter specs;
-        ``quantization`` ("int8", "int4" or a ``ttpu.QuantizationConfig``) keeps the
-        linear layers' (and the embedding's) weights quantized on the device;
+        ``quantization`` ("int8", "int4", "gguf" or a ``ttpu.QuantizationConfig``) keeps
+        the linear layers' (and the embedding's) weights quantized on the device; loaded
+        from a GGUF (``gguf_file=...`` or the offline Gemma), the blocks whose format maps
+        exactly onto the scheme are kept as stored;
         extra keyword arguments go to transformers' ``from_pretrained``.
         """
         runtime = get_backend(backend)
@@ -84,8 +86,9 @@ class AutoModelForTPU:
         except OSError as exc:
             raise ModelNotFoundError(_weights_error(source, exc)) from exc
         sharding = _Sharding(parallelism, mesh, sharding_rules, release_host_weights=True)
+        gguf = _gguf_checkpoint(name, source, hf_kwargs) if quantization is not None else None
         model = cls._wrap(
-            module, runtime, task, torch_dtype, attn_implementation, None, buckets, sharding, quantization
+            module, runtime, task, torch_dtype, attn_implementation, None, buckets, sharding, quantization, gguf
         )
         # Loaded last: the backend's warm-up (compiling and first-running the programs
         # this model ran last time) proceeds meanwhile.
@@ -129,10 +132,10 @@ class AutoModelForTPU:
     @staticmethod
     def _wrap(
         module, runtime, task, dtype, attn_implementation, tokenizer, buckets, sharding: _Sharding,
-        quantization: QuantizationConfig | None,
+        quantization: QuantizationConfig | None, gguf: Path | None = None,
     ) -> TPUModel:
         applied = prepare_module(module, runtime, attn_implementation)
-        report = quantize_module(module, quantization) if quantization is not None else None
+        report = quantize_module(module, quantization, gguf) if quantization is not None else None
         plan = plan_sharding(
             module,
             parallelism=sharding.parallelism,
@@ -220,6 +223,17 @@ def _set_static_shape_experts(module: PreTrainedModel) -> None:
         return
     if module._can_set_experts_implementation():
         module.set_experts_implementation(STATIC_SHAPE_EXPERTS)
+
+
+def _gguf_checkpoint(name: str | Path, source: str, hf_kwargs: dict[str, Any]) -> Path | None:
+    """The GGUF file the weights were loaded from: ``gguf_file``, or the one an offline
+    alias was converted from; None for other checkpoints."""
+    if "gguf_file" not in hf_kwargs:
+        return models.gguf_checkpoint(name)
+    from transformers.utils import cached_file
+
+    options = {k: v for k, v in _config_kwargs(hf_kwargs).items() if k != "gguf_file"}
+    return Path(cached_file(source, hf_kwargs["gguf_file"], **options))
 
 
 def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:

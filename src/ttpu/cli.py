@@ -108,19 +108,15 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"moe experts: {experts}")
     print(f"tokenizer:   {type(model.tokenizer).__name__ if model.tokenizer else 'none found'}")
     print(f"seq buckets: {model.sequence_padding} (on | verify: checked on first padded call | off)")
-    from ttpu.quantization.config import DEFAULT_GROUP_SIZE
-
     report = model.quantization
     if report is None:
-        print("quantized:   no (--quantization int8 | int4)")
+        print("quantized:   no (--quantization int8 | int4 | gguf)")
     else:
-        size = report.config.group_size or (DEFAULT_GROUP_SIZE if report.config.weights == "int4" else None)
-        group = f", groups of {size}" if size else ", per output channel"
-        print(f"quantized:   {report.config.weights}{group}: {len(report.quantized)} modules, parameters "
+        print(f"quantized:   {report.config.weights}: {len(report.quantized)} modules, parameters "
               f"{report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} MiB "
               f"({report.bytes_after / report.bytes_before:.2f}x)")
-        for name in report.quantized:
-            print(f"  - {name}")
+        for name, representation in report.quantized.items():
+            print(f"  - {name}: {representation}")
     print(f"patches:     {len(model.patches)} applied")
     for patch in model.patches:
         print(f"  - {patch.name}: {patch.reason}")
@@ -339,7 +335,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="spread over every device: dp, fsdp, tp, 2d, 3d or auto (default: one device)",
     )
     parser.add_argument(
-        "--quantization", default=None, help="keep the weights quantized on the device: int8 or int4 (default: off)"
+        "--quantization", default=None, help="keep the weights quantized on the device: int8, int4, or gguf (a GGUF's own blocks; default: off)"
     )
 
 

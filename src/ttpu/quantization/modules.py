@@ -12,82 +12,16 @@ next to the matmul), which each backend traces into its compiled program.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ttpu.errors import InvalidArgumentError
 from ttpu.quantization.config import DEFAULT_GROUP_SIZE, QuantizationConfig
-
-INT8_MAX = 127
-INT4_LEVELS = 15  # nibbles 0..15
-
-
-def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8: ``weight ≈ q * scale`` with a scale per row (``[out]``) or, with
-    ``group_size``, per group of input values (``[out, in / group_size]``); error ≤
-    scale / 2. An all-zero row or group gets scale 1 (its values are 0)."""
-    if group_size is None:
-        q, scale = _symmetric(weight.detach().float()[:, None, :], INT8_MAX)
-        return q.reshape(weight.shape).to(torch.int8), scale[:, 0]
-    q, scale = _symmetric(_groups(weight, group_size), INT8_MAX)
-    return q.reshape(weight.shape).to(torch.int8), scale
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 in groups of ``group_size`` input values, two per byte (element
-    ``2i`` in the low nibble): ``weight ≈ nibble * scale + minimum``, the 16 levels
-    spanning each group's range (as GGUF's K-quants and torchao's int4 do); error ≤
-    scale / 2. Returns the packed nibbles, the scales and the minimums."""
-    groups = _groups(weight, group_size)
-    low, high = groups.amin(dim=2), groups.amax(dim=2)
-    scale = torch.where(high > low, (high - low) / INT4_LEVELS, torch.ones_like(high))
-    q = torch.clamp(torch.round((groups - low[..., None]) / scale[..., None]), 0, INT4_LEVELS)
-    q = q.reshape(weight.shape).to(torch.int16)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8), scale, low
-
-
-def dequantize(
-    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, minimum: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The float ``[rows, in]`` weight of an int8 or packed-int4 ``weight`` (rows may be
-    a gathered subset, e.g. embedding rows) with one scale per row or per group (and,
-    for int4, each group's minimum)."""
-    if weight.dtype == torch.int8:
-        values = weight
-    else:
-        low, high = (weight & 0xF).to(torch.int16), (weight >> 4).to(torch.int16)
-        values = torch.stack([low, high], dim=-1).reshape(*weight.shape[:-1], weight.shape[-1] * 2)
-    if scale.dim() < values.dim():  # one scale per row
-        return values.to(dtype) * scale.to(dtype).unsqueeze(-1)
-    groups = scale.shape[-1]
-    grouped = values.to(dtype).reshape(*values.shape[:-1], groups, values.shape[-1] // groups)
-    grouped = grouped * scale.to(dtype).unsqueeze(-1)
-    if minimum is not None:
-        grouped = grouped + minimum.to(dtype).unsqueeze(-1)
-    return grouped.reshape(values.shape)
-
-
-def _groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    out, inputs = weight.shape
-    _check_groups_divide(inputs, group_size)
-    return weight.detach().float().reshape(out, inputs // group_size, group_size)
-
-
-def _check_groups_divide(inputs: int, group_size: int, name: str = "") -> None:
-    if inputs % group_size:
-        raise InvalidArgumentError(
-            f"{name + ': ' if name else ''}groups of {group_size} do not divide the input dimension {inputs}; "
-            f"choose a group_size that divides it (e.g. {_divisor_near(inputs, group_size)})."
-        )
-
-
-def _symmetric(groups: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest ``[out, groups, size]`` values to ``[-limit, limit]`` with one
-    absmax scale per group."""
-    peak = groups.abs().amax(dim=2)
-    scale = torch.where(peak > 0, peak / limit, torch.ones_like(peak))
-    return torch.clamp(torch.round(groups / scale[..., None]), -limit, limit), scale
+from ttpu.quantization.gguf import DECODERS, FLOAT_TYPES, GgufCheckpoint
+from ttpu.quantization.tensors import check_groups_divide, dequantize, quantize_int4, quantize_int8
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -142,20 +76,30 @@ class QuantizedTensors:
 
 @dataclass
 class QuantizationReport:
-    """What :func:`quantize_module` changed: module names and bytes before and after
-    (every parameter of the model counted once)."""
+    """What :func:`quantize_module` changed: each quantized module's name and how it is
+    stored (e.g. "int8 per channel", "int4 g32 (GGUF Q4_K)"), and the bytes before and
+    after (every parameter of the model counted once)."""
 
     config: QuantizationConfig
-    quantized: list[str] = field(default_factory=list)
+    quantized: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
 
 
-def quantize_module(module: torch.nn.Module, config: QuantizationConfig) -> QuantizationReport:
+def quantize_module(
+    module: torch.nn.Module, config: QuantizationConfig, gguf: str | Path | None = None
+) -> QuantizationReport:
     """Replace ``module``'s linear layers (exactly ``nn.Linear``: subclasses such as MoE
     routers keep their own forward) and, with ``config.embeddings``, its token embedding
     and a tied LM head by quantized ones. Every layer is checked before any is replaced;
-    then they are replaced one at a time, each float weight released with its layer."""
+    then they are replaced one at a time, each float weight released with its layer.
+
+    ``gguf``: the GGUF file the weights were loaded from. Weights whose block format maps
+    exactly onto the scheme are kept as stored instead of re-quantized (Q8_0 as int8 in
+    groups of 32, ...: :mod:`ttpu.quantization.gguf`); the scheme "gguf" keeps every
+    block format as the representation that holds it exactly and leaves float tensors
+    float."""
+    checkpoint = _gguf_checkpoint(module, config, gguf)
     report = QuantizationReport(config, bytes_before=_parameter_bytes(module))
     embedding = _input_embedding(module)
     table = id(embedding.weight) if embedding is not None else None
@@ -170,28 +114,30 @@ def quantize_module(module: torch.nn.Module, config: QuantizationConfig) -> Quan
             f"{excluded_heads[0]} shares its weight with the token embedding (tied): quantize both (leave it out "
             "of exclude) or neither (embeddings=False)."
         )
-    for name in linears if not quantize_table else [n for n in linears if n not in tied_heads]:
-        _check_shape(module.get_submodule(name).weight, config, name)
     names = _tables(module, table) if quantize_table else []
     for name in names:
-        _check_embedding(module.get_submodule(name), config, name)
+        _check_embedding(module.get_submodule(name), name)
     del embedding
-    if quantize_table:
-        tensors = _quantize(module.get_submodule(names[0]).weight, config, names[0])
+    plans = {name: _plan(module.get_submodule(name).weight, config, name, checkpoint)
+             for name in names[:1] + [n for n in linears if n not in tied_heads]}
+    if names and plans[names[0]] is not None:
+        tensors = _quantize(module.get_submodule(names[0]).weight, config, names[0], plans[names[0]], checkpoint)
         for name in names:  # every embedding of the table (T5's shared one is also each stack's embed_tokens)
             _replace(module, name, QuantizedEmbedding(tensors, module.get_submodule(name)))
-        report.quantized.extend(names)
+            report.quantized[name] = plans[names[0]].representation
+        for name in tied_heads:
+            linear = module.get_submodule(name)
+            _replace(module, name, QuantizedLinear(tensors, linear.bias, linear.in_features))  # one stored table
+            report.quantized[name] = plans[names[0]].representation
     for name in linears:
+        if name in tied_heads or plans[name] is None:
+            continue  # tied to the table (replaced with it, or left float with it), or kept float from the GGUF
         linear = module.get_submodule(name)
-        if name in tied_heads:
-            if not quantize_table:
-                continue  # tied to an embedding left in floating point
-            quantized = QuantizedLinear(tensors, linear.bias, linear.in_features)  # one stored table
-        else:
-            quantized = QuantizedLinear(_quantize(linear.weight, config, name), linear.bias, linear.in_features)
-        del linear
+        tensors = _quantize(linear.weight, config, name, plans[name], checkpoint)
+        quantized = QuantizedLinear(tensors, linear.bias, linear.in_features)
+        del linear, tensors
         _replace(module, name, quantized)
-        report.quantized.append(name)
+        report.quantized[name] = plans[name].representation
     if not report.quantized:
         raise InvalidArgumentError(
             f"{type(module).__name__} has no linear layers (torch.nn.Linear) or embedding to quantize"
@@ -199,6 +145,52 @@ def quantize_module(module: torch.nn.Module, config: QuantizationConfig) -> Quan
         )
     report.bytes_after = _parameter_bytes(module)
     return report
+
+
+def _gguf_checkpoint(module: torch.nn.Module, config: QuantizationConfig, gguf: str | Path | None) -> GgufCheckpoint | None:
+    if gguf is not None:
+        return GgufCheckpoint(gguf, module, config.weights)
+    if config.weights == "gguf":
+        raise InvalidArgumentError(
+            "quantization='gguf' keeps the blocks of the GGUF file the model was loaded from: load one with "
+            "from_pretrained(..., gguf_file=...) (or the offline 'gemma-3-270m'), or choose int8 or int4."
+        )
+    return None
+
+
+class _Plan(NamedTuple):
+    """How one weight will be stored, and whether from the GGUF's own blocks."""
+
+    representation: str
+    from_gguf: bool = False
+
+
+def _plan(weight: torch.Tensor, config: QuantizationConfig, name: str, checkpoint: GgufCheckpoint | None) -> _Plan | None:
+    """How module ``name``'s weight will be stored, or None when it stays float (the
+    "gguf" scheme, for a tensor the file holds in float). Raises for a weight that
+    cannot be quantized as configured."""
+    weight_name = f"{name}.weight"
+    if checkpoint is not None and checkpoint.keeps(weight_name):
+        if checkpoint.matches(weight_name, weight):
+            return _Plan(checkpoint.representation(weight_name), from_gguf=True)
+        if config.weights == "gguf":
+            raise InvalidArgumentError(
+                f"{weight_name}: the GGUF tensor ({checkpoint.format(weight_name)}) in {checkpoint.path.name} does "
+                "not dequantize to the weight transformers loaded (its GGUF loader transforms this tensor), so it "
+                "cannot be kept; pass quantization='int8' or 'int4' to quantize the loaded weights instead."
+            )
+    elif config.weights == "gguf":
+        kind = checkpoint.format(weight_name)
+        if kind is None or kind in FLOAT_TYPES:
+            return None
+        raise InvalidArgumentError(
+            f"{name}: GGUF {kind} blocks have no exact form in ttpu (kept as they are: "
+            f"{', '.join(DECODERS['gguf'])}); pass quantization='int8' or 'int4' to quantize the loaded weights."
+        )
+    _check_shape(weight, config, name)
+    if config.weights == "int8" and config.group_size is None:
+        return _Plan("int8 per channel")
+    return _Plan(f"{config.weights} g{config.group_size or DEFAULT_GROUP_SIZE}")
 
 
 def _input_embedding(module: torch.nn.Module) -> torch.nn.Embedding | None:
@@ -209,7 +201,7 @@ def _input_embedding(module: torch.nn.Module) -> torch.nn.Embedding | None:
     return embedding if isinstance(embedding, torch.nn.Embedding) else None
 
 
-def _check_embedding(embedding: torch.nn.Embedding, config: QuantizationConfig, name: str) -> None:
+def _check_embedding(embedding: torch.nn.Embedding, name: str) -> None:
     """A plain lookup table, or one whose forward only multiplies by ``embed_scale``
     (Gemma, BART, ...): other subclasses (normed embeddings, ...) would lose their forward."""
     if type(embedding) is not torch.nn.Embedding and not hasattr(embedding, "embed_scale"):
@@ -217,7 +209,6 @@ def _check_embedding(embedding: torch.nn.Embedding, config: QuantizationConfig, 
             f"{name} is a {type(embedding).__name__}, whose forward does more than a table lookup; ttpu quantizes "
             "plain embeddings only. Pass QuantizationConfig(..., embeddings=False)."
         )
-    _check_shape(embedding.weight, config, name)
 
 
 def _check_shape(weight: torch.Tensor, config: QuantizationConfig, name: str) -> None:
@@ -225,7 +216,7 @@ def _check_shape(weight: torch.Tensor, config: QuantizationConfig, name: str) ->
         raise InvalidArgumentError(f"{name}: cannot quantize a weight of shape {tuple(weight.shape)} (2-D only).")
     size = config.group_size or (DEFAULT_GROUP_SIZE if config.weights == "int4" else None)
     if size is not None:
-        _check_groups_divide(weight.shape[1], size, name)
+        check_groups_divide(weight.shape[1], size, name)
 
 
 def _tables(module: torch.nn.Module, table: int) -> list[str]:
@@ -234,11 +225,16 @@ def _tables(module: torch.nn.Module, table: int) -> list[str]:
             if isinstance(child, torch.nn.Embedding) and id(child.weight) == table]
 
 
-def _quantize(weight: torch.Tensor, config: QuantizationConfig, name: str) -> QuantizedTensors:
-    _check_shape(weight, config, name)
-    if config.weights == "int8":
-        return QuantizedTensors(*map(_frozen, quantize_int8(weight, config.group_size)))
-    return QuantizedTensors(*map(_frozen, quantize_int4(weight, config.group_size or DEFAULT_GROUP_SIZE)))
+def _quantize(
+    weight: torch.Tensor, config: QuantizationConfig, name: str, plan: _Plan, checkpoint: GgufCheckpoint | None
+) -> QuantizedTensors:
+    if plan.from_gguf:
+        tensors = checkpoint.decode(f"{name}.weight", tuple(weight.shape))
+    elif config.weights == "int8":
+        tensors = quantize_int8(weight, config.group_size)
+    else:
+        tensors = quantize_int4(weight, config.group_size or DEFAULT_GROUP_SIZE)
+    return QuantizedTensors(*(_frozen(t) for t in tensors if t is not None))
 
 
 def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
@@ -256,8 +252,3 @@ def _replace(module: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
 
 def _parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _divisor_near(n: int, target: int) -> int:
-    divisors = [d for d in range(2, n + 1, 2) if n % d == 0] or [n]
-    return min(divisors, key=lambda d: abs(d - target))
