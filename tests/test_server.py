@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -263,3 +265,71 @@ def test_soak_1000_requests_at_64_concurrent(server) -> None:
     first, last = rss
     print(f"server RSS after 100 requests: {first:.0f} MiB, after 1000: {last:.0f} MiB")
     assert last - first < 64, (first, last)
+
+
+def _aborted(server) -> float:
+    metrics = httpx.get(server.url + "/metrics").text
+    found = re.search(r'ttpu:request_success_total\{finished_reason="abort"\} ([0-9.]+)', metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+def _engine_idle(server, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = httpx.get(server.url + "/metrics").text
+        if "ttpu:num_requests_running 0.0" in metrics and "ttpu:kv_cache_blocks_used 0.0" in metrics:
+            return metrics
+        time.sleep(0.2)
+    pytest.fail("a request whose client left still holds the engine:\n" + metrics)
+
+
+def test_a_client_leaving_a_non_streaming_request_aborts_it(server) -> None:
+    """No byte of a non-streaming response is sent before the end: the server notices
+    the hang-up by watching the connection."""
+    before = _aborted(server)
+    body = json.dumps({"model": MODEL, "prompt": "Go on", "max_tokens": 1000, "min_tokens": 1000}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while "ttpu:num_requests_running 1.0" not in httpx.get(server.url + "/metrics").text:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+    _engine_idle(server)
+    assert _aborted(server) == before + 1
+
+
+def test_a_stream_abandoned_before_its_response_starts_is_aborted(saved_model) -> None:
+    """The client is gone by the time the response would start (the ASGI app gets the
+    disconnect at once), so the stream's generator never runs: its requests are still
+    aborted, before the app call returns."""
+    from ttpu import LLM, AutoModelForTPU
+    from ttpu.serving.server import build_app
+
+    directory, _, tokenizer = saved_model
+    llm = LLM(AutoModelForTPU.from_pretrained(directory), max_num_seqs=2, max_model_len=256, block_size=8)
+    app = build_app(llm, MODEL)
+    body = json.dumps({"model": MODEL, "prompt": "Go on", "max_tokens": 200, "min_tokens": 200, "stream": True})
+    messages = [{"type": "http.request", "body": body.encode(), "more_body": False}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        await asyncio.sleep(0.01)  # a real send may wait for the socket: the disconnect lands here
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    engine = app.state.engine
+    try:
+        asyncio.run(app(scope, receive, send))
+        assert not any(m.get("body", b"").startswith(b"data:") for m in sent)  # not one event was streamed
+        assert not llm.engine.has_unfinished_requests and llm.engine.kv.used_blocks == 0
+        assert engine.metrics.finished.labels("abort")._value.get() == 1
+    finally:
+        engine.shutdown()

@@ -1,8 +1,9 @@
 """``ttpu serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine.
 
 The engine steps in a background thread; each HTTP request adds an engine request and
-awaits its tokens through an asyncio queue. A streaming client that disconnects aborts
-its request (its blocks are free before the next step). Bad fields answer 400 with an
+awaits its tokens through an asyncio queue. A client that disconnects, streaming or not,
+at any point after its request was added (even before its response started) aborts the
+request (its blocks are free before the next step). Bad fields answer 400 with an
 OpenAI-shaped error body; an unknown model 404.
 """
 
@@ -14,13 +15,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +32,7 @@ from ttpu.serving.llm import LLM
 from ttpu.serving.request import Request, SamplingParams, TokenLogprobs
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class _Body(BaseModel):
@@ -200,8 +203,15 @@ class AsyncEngine:
                 yield update
         finally:
             if unfinished:  # the client left (synchronous: this may run as the task is cancelled)
-                with self._lock:
-                    self.metrics.finished.labels("abort").inc(self._drop(submission))
+                self.release(submission)
+
+    def release(self, submission: _Submission) -> None:
+        """Abort ``submission``'s unfinished requests (their client is gone), counted as
+        aborted; a no-op once they all finished. Blocks while a step holds the lock."""
+        if not any(request_id in self._streams for request_id in submission.request_ids):
+            return  # all finished (each leaves _streams with its final update): no need to wait for the lock
+        with self._lock:
+            self.metrics.finished.labels("abort").inc(self._drop(submission))
 
     def _drop(self, submission: _Submission) -> int:
         """Abort ``submission``'s requests that are still running (under the lock); how many."""
@@ -314,24 +324,25 @@ def build_app(llm: LLM, model_name: str, default_max_tokens: int = 16) -> FastAP
         return None
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, http: HttpRequest) -> Any:
         if (missing := check_model(body)) is not None:
             return missing
         _, prompt = llm._prompt(body.prompt if isinstance(body.prompt, str) else list(body.prompt))
-        return await _respond(engine, llm, body, prompt, "text_completion", default_max_tokens, model_name)
+        return await _respond(engine, llm, http, body, prompt, "text_completion", default_max_tokens, model_name)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody) -> Any:
+    async def chat_completions(body: ChatBody, http: HttpRequest) -> Any:
         if (missing := check_model(body)) is not None:
             return missing
         prompt = chat_prompt(llm.tokenizer, [m.model_dump() for m in body.messages])[0].tolist()
-        return await _respond(engine, llm, body, prompt, "chat.completion", default_max_tokens, model_name)
+        return await _respond(engine, llm, http, body, prompt, "chat.completion", default_max_tokens, model_name)
 
     return app
 
 
 async def _respond(
-    engine: AsyncEngine, llm: LLM, body: _Body, prompt: list[int], kind: str, default_max_tokens: int, model_name: str
+    engine: AsyncEngine, llm: LLM, http: HttpRequest, body: _Body, prompt: list[int], kind: str,
+    default_max_tokens: int, model_name: str,
 ) -> Any:
     params = body.sampling_params(default_max_tokens)
     if len(prompt) + (params.max_tokens or 0) > llm.engine.max_model_len:
@@ -357,11 +368,23 @@ async def _respond(
 
     if not body.stream:
         finals: dict[int, _Update] = {}
-        async for update in engine.updates(submission):
-            if update.error:
-                return _error(500, f"generation failed: {update.error}")
-            if update.final:
-                finals[update.index] = update
+
+        async def collect() -> str | None:
+            """The forks' final updates into ``finals``; the first error, if any."""
+            async for update in engine.updates(submission):
+                if update.error:
+                    return update.error
+                if update.final:
+                    finals[update.index] = update
+            return None
+
+        try:
+            error = await _unless_disconnected(http, collect())
+        except ClientGone:
+            await asyncio.to_thread(engine.release, submission)
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        if error:
+            return _error(500, f"generation failed: {error}")
         ordered = [finals[i] for i in sorted(finals)]
         return {
             **header, "object": kind,
@@ -393,7 +416,29 @@ async def _respond(
             yield f"data: {json.dumps({**header, 'object': chunk_kind, 'choices': [], 'usage': _usage(len(prompt), generated)})}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    # Run after the stream ends, however it ends: a client gone before the first event
+    # leaves events() unstarted, so its own cleanup would never run.
+    release = BackgroundTask(asyncio.to_thread, engine.release, submission)
+    return StreamingResponse(events(), media_type="text/event-stream", background=release)
+
+
+DISCONNECT_POLL_S = 0.1
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its response was ready."""
+
+
+async def _unless_disconnected(http: HttpRequest, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientGone (``work`` cancelled) once the client disconnects."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+            if await http.is_disconnected():
+                raise ClientGone
+        return task.result()
+    finally:
+        task.cancel()
 
 
 class _TokenText:
