@@ -73,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--static-batches", default="8,32", help="batch sizes of the static baselines")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="the engine's max_model_len (default: the workload's longest request)")
     parser.add_argument("--poisson", type=float, default=None, help="also run arrivals at this rate (requests/s)")
     parser.add_argument("--skip", default="", help="comma-separated rows to leave out: hf-static,hf-continuous,ttpu-static")
     parser.add_argument("--seed", type=int, default=0)
@@ -158,7 +160,7 @@ def build_engine(model: Any, workload: Workload, args: argparse.Namespace) -> tu
     warm-up's seconds."""
     from ttpu.serving.engine import EngineConfig, LLMEngine
 
-    max_len = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
+    max_len = args.max_model_len or max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=-(-max_len // 16) * 16,
                           max_num_batched_tokens=args.max_num_batched_tokens)
     engine = LLMEngine(model, config)

@@ -19,7 +19,11 @@ from ttpu.serving.paged_attention import (
 BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
 
 
-def run_step(contexts: list[int], news: list[int], seed: int, kernel=xla_paged_attention, dim: int = DIM, **options):
+# chunks of two blocks: the XLA kernel's context loop takes several turns
+SMALL_CHUNKS = functools.partial(xla_paged_attention, context_chunk=2 * BLOCK)
+
+
+def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNKS, dim: int = DIM, **options):
     """Requests with ``contexts[i]`` cached positions computing ``news[i]`` more: the
     paged result for the new tokens (by ``kernel``) against the dense one, per request."""
     DIM = dim  # noqa: N806  the head width of this run
@@ -89,13 +93,18 @@ MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after c
         ([0, 0, 0], [7, 13, 1], {}),  # prefill only
         (*MIXED, {}),
         (*MIXED, {"sliding_window": 5}),
+        ([20, 14], [1, 2], {"sliding_window": 5}),  # every window starts past the first chunk: skipped
         (*MIXED, {"softcap": 2.0}),
         (*MIXED, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}),
     ],
-    ids=["decode", "prefill", "mixed", "mixed-window", "mixed-softcap", "mixed-sinks"],
+    ids=["decode", "prefill", "mixed", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks"],
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
     run_step(contexts, news, seed=len(contexts), **options)
+
+
+def test_one_context_chunk_gives_what_many_give() -> None:
+    run_step(*MIXED, seed=3, kernel=xla_paged_attention, sliding_window=5, softcap=2.0)
 
 
 def test_the_pallas_arguments_give_jax_reference_ragged_attention_the_same_result() -> None:

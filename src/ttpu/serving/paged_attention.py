@@ -21,7 +21,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ttpu.backends.jax.attention import dot_product_attention
 
 
 class PagedBatch(NamedTuple):
@@ -41,6 +40,10 @@ def write_kv(pool: jax.Array, keys: jax.Array, values: jax.Array, slots: jax.Arr
     return pool.reshape(blocks * block_size, heads, dim).at[slots].set(rows, mode="drop").reshape(pool.shape)
 
 
+CONTEXT_CHUNK = 128  # cached positions the XLA kernel gathers per token per loop iteration
+Carry = tuple[jax.Array, jax.Array, jax.Array]  # online softmax: running max, sum of exp, weighted values
+
+
 def xla_paged_attention(
     query: jax.Array,
     pool: jax.Array,
@@ -50,25 +53,88 @@ def xla_paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: jax.Array | None = None,
+    context_chunk: int = CONTEXT_CHUNK,
 ) -> jax.Array:
     """Each token's attention [tokens, q_heads, dim] over its request's cached positions
     ``<=`` its own (and ``> position - sliding_window``). The pool already holds this
-    step's keys and values (:func:`write_kv`)."""
+    step's keys and values (:func:`write_kv`).
+
+    Two parts joined by an online softmax, so a step costs what its contexts hold, not
+    ``max_model_len``, and no context length is a compiled shape:
+
+    - the step's own tokens attend to each other densely (``tokens x tokens``): a prompt
+      chunk reads its own keys once, not once per token;
+    - the positions cached before each request's first token in the step are gathered
+      by block table in a loop over chunks of ``context_chunk`` positions, which runs
+      only over the chunks some token reaches (bounds computed on the device)."""
     blocks, block_size, heads, dim = pool.shape
-    # [requests, context] the slot of every position of every request's table
+    kv_heads, tokens, q_heads = heads // 2, query.shape[0], query.shape[1]
+    q = query.reshape(tokens, kv_heads, q_heads // kv_heads, dim)
+    flat = pool.reshape(blocks * block_size, heads, dim)
+    positions, rows = batch.positions, batch.rows
+    real = positions >= 0
+
+    def scores_of(keys: jax.Array) -> jax.Array:
+        """[tokens, kv, g, n] from keys [n, kv, dim] (shared by all tokens) or [tokens, n, kv, dim]."""
+        shape = "nhd" if keys.ndim == 3 else "tnhd"
+        scores = jnp.einsum(f"thgd,{shape}->thgn", q, keys, preferred_element_type=jnp.float32) * scale
+        return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+
+    def in_window(context: jax.Array) -> jax.Array:  # context [tokens or 1, n] -> [tokens, n]
+        return context > positions[:, None] - sliding_window if sliding_window is not None else True
+
+    # The step's own keys: token s is visible to token t of the same request at or after it.
+    own = flat[batch.slots]  # [tokens, 2 * kv_heads, dim]
+    visible = (rows[:, None] == rows[None, :]) & (positions[None, :] <= positions[:, None]) & real[None, :]
+    visible &= in_window(positions[None, :])
+    carry = _online_softmax(None, scores_of(own[:, 0::2]), visible, own[:, 1::2])
+
+    # The cached positions: those before the request's first token in this step.
+    requests = batch.block_tables.shape[0]
+    first = jax.ops.segment_min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), rows, requests)
+    cached = jnp.where(real, first[rows], 0)  # token t reads cached positions < cached[t]
+    per_chunk = max(1, min(context_chunk // block_size, batch.block_tables.shape[1]))
+    chunks = -(-batch.block_tables.shape[1] // per_chunk)
+    tables = jnp.pad(batch.block_tables, ((0, 0), (0, chunks * per_chunk - batch.block_tables.shape[1])))
+    span = per_chunk * block_size
     offsets = jnp.arange(block_size)
-    context_slots = (batch.block_tables[:, :, None] * block_size + offsets).reshape(batch.block_tables.shape[0], -1)
-    gathered = pool.reshape(blocks * block_size, heads, dim)[context_slots[batch.rows]]  # [tokens, context, 2h, dim]
-    keys = jnp.moveaxis(gathered[:, :, 0::2], 2, 1)  # [tokens, kv_heads, context, dim]
-    values = jnp.moveaxis(gathered[:, :, 1::2], 2, 1)
-    context = jnp.arange(context_slots.shape[1])
-    allowed = context[None, :] <= batch.positions[:, None]
-    if sliding_window is not None:
-        allowed &= context[None, :] > batch.positions[:, None] - sliding_window
-    out = dot_product_attention(
-        query[:, :, None, :], keys, values, allowed[:, None, None, :], scale=scale, softcap=softcap, sinks=sinks
-    )  # [tokens, 1, q_heads, dim]
-    return out[:, 0]
+
+    def chunk(index: jax.Array, carry: Carry) -> Carry:
+        ids = jax.lax.dynamic_slice_in_dim(tables, index * per_chunk, per_chunk, axis=1)
+        slots = (ids[:, :, None] * block_size + offsets).reshape(requests, span)
+        gathered = flat[slots[rows]]  # [tokens, span, 2 * kv_heads, dim]
+        context = index * span + jnp.arange(span)[None, :]
+        allowed = (context < cached[:, None]) & in_window(context)
+        return _online_softmax(carry, scores_of(gathered[:, :, 0::2]), allowed, gathered[:, :, 1::2])
+
+    start = 0
+    if sliding_window is not None:  # the earliest position any token's window reaches
+        start = jnp.maximum(jnp.min(jnp.where(real, positions - sliding_window + 1, jnp.max(cached))), 0) // span
+    high, total, acc = jax.lax.fori_loop(start, (jnp.max(cached) - 1) // span + 1, chunk, carry)
+    if sinks is not None:  # each head's sink logit joins the softmax's denominator only
+        sink = sinks.astype(jnp.float32).reshape(high.shape[1:])
+        peak = jnp.maximum(high, sink)
+        acc, total = acc * jnp.exp(high - peak)[..., None], total * jnp.exp(high - peak) + jnp.exp(sink - peak)
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # a padding token attends to nothing: 0
+    return out.reshape(tokens, q_heads, dim).astype(query.dtype)
+
+
+def _online_softmax(carry: Carry | None, scores: jax.Array, allowed: jax.Array, values: jax.Array) -> Carry:
+    """The softmax state after ``scores`` [tokens, kv, g, n] (where ``allowed`` [tokens,
+    n]) over ``values`` [n, kv, dim] (shared by all tokens) or [tokens, n, kv, dim] joins
+    ``carry`` (None: the first part)."""
+    lowest = jnp.finfo(jnp.float32).min
+    allowed = allowed[:, None, None, :]
+    scores = jnp.where(allowed, scores, lowest)
+    high = scores.max(axis=-1) if carry is None else jnp.maximum(carry[0], scores.max(axis=-1))
+    weights = jnp.where(allowed, jnp.exp(scores - high[..., None]), 0.0)
+    shape = "nhd" if values.ndim == 3 else "tnhd"
+    weighted = jnp.einsum(f"thgn,{shape}->thgd", weights.astype(values.dtype), values,
+                          preferred_element_type=jnp.float32)
+    if carry is None:
+        return high, weights.sum(axis=-1), weighted
+    decay = jnp.exp(carry[0] - high)
+    return high, carry[1] * decay + weights.sum(axis=-1), carry[2] * decay[..., None] + weighted
 
 
 def pallas_paged_attention(
