@@ -13,7 +13,7 @@ import pytest
 
 from ttpu.backends.jax.attention import dot_product_attention
 from ttpu.serving.paged_attention import (
-    PagedBatch, pallas_paged_attention, ragged_arguments, write_kv, xla_paged_attention,
+    PagedBatch, pallas_paged_attention, ragged_arguments, split_over_heads, write_kv, xla_paged_attention,
 )
 
 BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
@@ -105,6 +105,17 @@ def test_paged_attention_matches_dense_attention(contexts, news, options) -> Non
 
 def test_one_context_chunk_gives_what_many_give() -> None:
     run_step(*MIXED, seed=3, kernel=xla_paged_attention, sliding_window=5, softcap=2.0)
+
+
+@pytest.mark.parametrize("options", [{"sliding_window": 5, "softcap": 2.0}, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}],
+                         ids=["window-softcap", "sinks"])
+def test_each_device_attends_over_its_own_heads(options) -> None:
+    """The kernel in a shard_map over the heads (as under tensor parallelism), queries,
+    pool and sinks split over 2 devices (GQA: each holds one key head and its 2 query heads)."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:KV_HEADS]), ("tensor",))
+    run_step(*MIXED, seed=5, kernel=split_over_heads(SMALL_CHUNKS, mesh, "tensor"), **options)
 
 
 def test_the_pallas_arguments_give_jax_reference_ragged_attention_the_same_result() -> None:

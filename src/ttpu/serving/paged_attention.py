@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 
 
@@ -177,8 +178,27 @@ def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
-def paged_attention_kernel(sinks: bool = False, sharded: bool = False) -> Callable[..., jax.Array]:
+def paged_attention_kernel(sinks: bool = False) -> Callable[..., jax.Array]:
     """The kernel for this platform (both take the same arguments): Pallas on TPU, unless
-    the layer has attention ``sinks``, which it does not take, or the pool is ``sharded``
-    (GSPMD cannot split a Pallas call; that needs a shard_map over the heads); XLA elsewhere."""
-    return pallas_paged_attention if _on_tpu() and not (sinks or sharded) else xla_paged_attention
+    the layer has attention ``sinks``, which it does not take; XLA elsewhere."""
+    return pallas_paged_attention if _on_tpu() and not sinks else xla_paged_attention
+
+
+def split_over_heads(kernel: Callable[..., jax.Array], mesh: Mesh, axis: str) -> Callable[..., jax.Array]:
+    """``kernel`` run by each device on its own heads (a ``shard_map``; GSPMD cannot split
+    a Pallas call): the queries, the pool and the sinks split over mesh ``axis`` by head,
+    the batch whole. A pool interleaves each key head with its value head, so every
+    device holds whole pairs; with GQA, its query heads are those of its key heads."""
+
+    def run(query: jax.Array, pool: jax.Array, batch: PagedBatch, *, sinks: jax.Array | None = None,
+            **options: Any) -> jax.Array:
+        def local(query: jax.Array, pool: jax.Array, batch: PagedBatch, *sink: jax.Array) -> jax.Array:
+            return kernel(query, pool, batch, **options, **({"sinks": sink[0]} if sink else {}))
+
+        sink = () if sinks is None else (sinks,)
+        heads = P(None, axis)
+        split = jax.shard_map(local, mesh=mesh, in_specs=(heads, P(None, None, axis), P(), *(P(axis) for _ in sink)),
+                              out_specs=heads, check_vma=False)
+        return split(query, pool, batch, *sink)
+
+    return run

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax.sharding import Mesh
 from transformers import AttentionInterface
 
 from ttpu.backends.jax.environment import to_traced
@@ -32,7 +33,7 @@ from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import KEYS, VALUES, CacheLayout
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import InvalidArgumentError
-from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, write_kv
+from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
 from ttpu.serving.scheduler import SchedulerOutput
 
 PAGED_ATTENTION = "ttpu_paged"
@@ -60,7 +61,8 @@ class _Step:
 
     pools: list[jax.Array] | None
     batch: PagedBatch | None
-    sharded: bool = False  # pools split over devices (the Pallas kernel would need a shard_map)
+    mesh: Mesh | None = None
+    heads_axes: tuple[str | None, ...] = ()  # per layer: the mesh axis its pool's heads are split over
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
 
 
@@ -96,7 +98,9 @@ def paged_attention_forward(
                "softcap": softcap}
     if s_aux is not None:
         options["sinks"] = view(s_aux)
-    kernel = paged_attention_kernel(sinks=s_aux is not None, sharded=step.sharded)
+    kernel = paged_attention_kernel(sinks=s_aux is not None)
+    if step.heads_axes[module.layer_idx] is not None:
+        kernel = split_over_heads(kernel, step.mesh, step.heads_axes[module.layer_idx])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
     return to_traced(out[None]), None
 
@@ -169,7 +173,7 @@ class ModelRunner:
         calls = self._attention_calls(len(layout.layers))
         self._new_pools = lambda: tuple(self._pool(calls[index], num_blocks) for index in range(len(layout.layers)))
         self.pools: Pools = self._new_pools()
-        self.sharded = any(pool.sharding.spec for pool in self.pools)  # split over KV heads
+        self._heads_axes = tuple(pool.sharding.spec[2] if pool.sharding.spec else None for pool in self.pools)
         self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
 
     @property
@@ -286,7 +290,7 @@ class ModelRunner:
         return logits
 
     def _step_program(self, params: Any, pools: Pools, ids: jax.Array, batch: PagedBatch, sampling_rows: jax.Array):
-        step = _Step(list(pools), batch, self.sharded)
+        step = _Step(list(pools), batch, self._forward.placement.mesh, self._heads_axes)
         inputs = {"input_ids": to_traced(ids[None]), "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None])}
         if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
             inputs["logits_to_keep"] = to_traced(sampling_rows)
