@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32, help="tokens to decode for the speed figure")
     args = parser.parse_args()
 
-    loaded = {"float32": None, "int8": "int8", "gguf": "gguf", "int4 g128": QuantizationConfig("int4", 128)}
+    loaded = {"float32": None, "int8": "int8", "gguf": "gguf", "int4": "int4"}
     rounded = {"int8 RTN": QuantizationConfig("int8"), "int8 g32 RTN": QuantizationConfig("int8", 32),
                "int4 g128 RTN": QuantizationConfig("int4", 128), "int4 g32 RTN": QuantizationConfig("int4", 32)}
     models = {name: AutoModelForTPU.from_pretrained(MODEL, quantization=q) for name, q in loaded.items()}

@@ -93,7 +93,7 @@ MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after c
         ([0, 0, 0], [7, 13, 1], {}),  # prefill only
         (*MIXED, {}),
         (*MIXED, {"sliding_window": 5}),
-        ([20, 14], [1, 2], {"sliding_window": 5}),  # every window starts past the first chunk: skipped
+        ([20, 14], [1, 2], {"sliding_window": 5}),  # every window starts past the first chunk: the loop does too
         (*MIXED, {"softcap": 2.0}),
         (*MIXED, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}),
     ],
@@ -114,6 +114,7 @@ def test_each_device_attends_over_its_own_heads(options) -> None:
     pool and sinks split over 2 devices (GQA: each holds one key head and its 2 query heads)."""
     from jax.sharding import Mesh
 
+    assert len(jax.devices()) >= KV_HEADS, "needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest)"
     mesh = Mesh(np.array(jax.devices()[:KV_HEADS]), ("tensor",))
     run_step(*MIXED, seed=5, kernel=split_over_heads(SMALL_CHUNKS, mesh, "tensor"), **options)
 

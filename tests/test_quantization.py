@@ -4,6 +4,7 @@ generate, sharding and the serving engine on a quantized model."""
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -286,14 +287,20 @@ def test_gguf_blocks_are_kept_as_stored_and_the_rest_quantized_or_left_float(tmp
 def test_gguf_blocks_that_cannot_be_kept_are_refused_or_requantized(tmp_path):
     module = gemma_for_k_quants()
     path = tmp_path / "k5.gguf"
-    write_gguf(path, module, {"model.layers.0.self_attn.q_proj.weight": "Q5_K",
-                              "model.layers.0.self_attn.k_proj.weight": "Q8_0"})
+    write_gguf(path, module, {"model.layers.0.self_attn.q_proj.weight": "Q8_0",
+                              "model.layers.0.mlp.down_proj.weight": "Q5_K"})
+    loaded = copy.deepcopy(module.state_dict())
     with pytest.raises(InvalidArgumentError, match="GGUF Q5_K blocks have no exact form in ttpu .*Q8_0"):
         quantize_module(module, QuantizationConfig("gguf"), gguf=path)
-    assert type(module.model.layers[0].self_attn.k_proj) is torch.nn.Linear  # refused before any change
+    assert type(module.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # planned first, refused before any change
+    grouped = gemma_for_k_quants()
+    grouped.load_state_dict(loaded)
+    report = quantize_module(grouped, QuantizationConfig("int8", group_size=32), gguf=path)
+    assert report.quantized["model.layers.0.self_attn.q_proj"] == "int8 g32"  # a group size asked for: re-quantized
     with torch.no_grad():
-        module.model.layers[0].self_attn.k_proj.weight.mul_(1.5)  # no longer what the file holds
+        module.model.layers[0].self_attn.q_proj.weight.mul_(1.5)  # no longer what the file holds
     with pytest.raises(InvalidArgumentError, match="does not dequantize to the weight transformers loaded"):
-        quantize_module(module, QuantizationConfig("gguf", exclude=["q_proj"]), gguf=path)
+        quantize_module(module, QuantizationConfig("gguf", exclude=["down_proj"]), gguf=path)
     report = quantize_module(module, QuantizationConfig("int8"), gguf=path)
-    assert report.quantized["model.layers.0.self_attn.k_proj"] == "int8 per channel"
+    assert report.quantized["model.layers.0.self_attn.q_proj"] == "int8 per channel"
+    assert report.quantized["model.layers.0.mlp.down_proj"] == "int8 per channel"

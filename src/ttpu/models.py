@@ -199,7 +199,8 @@ def gguf_checkpoint(name: str | Path) -> Path | None:
     model = OFFLINE_MODELS.get(alias)
     if model is None or model.gguf_file is None or Path(str(name)).exists():
         return None
-    return offline_model_dir(alias) / model.gguf_file
+    path = offline_model_dir(alias) / model.gguf_file
+    return path if path.exists() else None  # e.g. a build by an older ttpu sharing the cache
 
 
 def not_found_message(name: str, cause: BaseException) -> str:

@@ -17,9 +17,9 @@ class QuantizationConfig:
     """``weights``: "int8" (symmetric) or "int4" (asymmetric: a scale and a minimum per
     group), rounded to nearest; "gguf" keeps a GGUF checkpoint's blocks as they are
     (each format as the int8 or int4 form that holds it exactly; float tensors stay
-    float). Loading from a GGUF, "int8" and "int4" also keep the blocks whose format
-    maps exactly onto them (Q8_0 as int8 in groups of 32, Q4_K as int4 in groups of 32,
-    ...) and quantize the rest. ``group_size``: one scale per that many input values
+    float). Loading from a GGUF, "int8" and "int4" without a ``group_size`` also keep
+    the blocks whose format maps exactly onto them (Q8_0 as int8 in groups of 32, Q4_K
+    as int4 in groups of 32, ...) and quantize the rest. ``group_size``: one scale per that many input values
     (default: int8 one scale per output channel, int4 groups of 128); int4 packs two
     values per byte. ``exclude``: module names (or name suffixes, e.g. "lm_head") left in
     floating point. ``embeddings``: also quantize the token embedding (and with it a tied

@@ -169,6 +169,9 @@ class GgufCheckpoint:
 
     def matches(self, weight_name: str, weight: torch.Tensor) -> bool:
         """Whether the stored blocks dequantize to exactly ``weight`` (in its dtype)."""
+        tensor = self._tensors[weight_name]
+        if tuple(int(n) for n in reversed(tensor.shape)) != tuple(weight.shape):
+            return False  # the loader reshaped or transposed it
         values, scale, minimum = self.decode(weight_name, tuple(weight.shape))
         for start in range(0, weight.shape[0], CHECK_ROWS):
             rows = slice(start, start + CHECK_ROWS)

@@ -94,7 +94,8 @@ def quantize_module(
     and a tied LM head by quantized ones. Every layer is checked before any is replaced;
     then they are replaced one at a time, each float weight released with its layer.
 
-    ``gguf``: the GGUF file the weights were loaded from. Weights whose block format maps
+    ``gguf``: the GGUF file the weights were loaded from. Unless ``config.group_size`` is
+    given (then every layer is quantized at that size), weights whose block format maps
     exactly onto the scheme are kept as stored instead of re-quantized (Q8_0 as int8 in
     groups of 32, ...: :mod:`ttpu.quantization.gguf`); the scheme "gguf" keeps every
     block format as the representation that holds it exactly and leaves float tensors
@@ -138,6 +139,11 @@ def quantize_module(
         del linear, tensors
         _replace(module, name, quantized)
         report.quantized[name] = plans[name].representation
+    if not report.quantized and checkpoint is not None and config.weights == "gguf":
+        raise InvalidArgumentError(
+            f"{checkpoint.path.name} holds none of {type(module).__name__}'s layers in a block format ttpu keeps "
+            f"({', '.join(DECODERS['gguf'])}); choose int8 or int4 to quantize the loaded weights."
+        )
     if not report.quantized:
         raise InvalidArgumentError(
             f"{type(module).__name__} has no linear layers (torch.nn.Linear) or embedding to quantize"
@@ -170,7 +176,7 @@ def _plan(weight: torch.Tensor, config: QuantizationConfig, name: str, checkpoin
     "gguf" scheme, for a tensor the file holds in float). Raises for a weight that
     cannot be quantized as configured."""
     weight_name = f"{name}.weight"
-    if checkpoint is not None and checkpoint.keeps(weight_name):
+    if checkpoint is not None and config.group_size is None and checkpoint.keeps(weight_name):
         if checkpoint.matches(weight_name, weight):
             return _Plan(checkpoint.representation(weight_name), from_gguf=True)
         if config.weights == "gguf":

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from ttpu.errors import InvalidArgumentError
+
 
 
 class PagedBatch(NamedTuple):
@@ -195,6 +197,10 @@ def split_over_heads(kernel: Callable[..., jax.Array], mesh: Mesh, axis: str) ->
         def local(query: jax.Array, pool: jax.Array, batch: PagedBatch, *sink: jax.Array) -> jax.Array:
             return kernel(query, pool, batch, **options, **({"sinks": sink[0]} if sink else {}))
 
+        if (pool.shape[2] // 2) % mesh.shape[axis]:
+            raise InvalidArgumentError(
+                f"{pool.shape[2] // 2} key heads do not split over the {mesh.shape[axis]} devices of mesh axis {axis!r}"
+            )
         sink = () if sinks is None else (sinks,)
         heads = P(None, axis)
         split = jax.shard_map(local, mesh=mesh, in_specs=(heads, P(None, None, axis), P(), *(P(axis) for _ in sink)),

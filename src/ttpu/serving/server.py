@@ -202,8 +202,8 @@ class AsyncEngine:
                     unfinished.discard(update.index)
                 yield update
         finally:
-            if unfinished:  # the client left (synchronous: this may run as the task is cancelled)
-                self.release(submission)
+            if unfinished:  # the client left: released off the event loop (a step may hold the lock)
+                asyncio.get_running_loop().run_in_executor(None, self.release, submission)
 
     def release(self, submission: _Submission) -> None:
         """Abort ``submission``'s unfinished requests (their client is gone), counted as
@@ -247,16 +247,20 @@ class AsyncEngine:
                     if request.error is None:
                         self.llm._check_stop_strings(request)
                 self._observe(changed)
-            for request in changed:
-                stream = self._streams.get(request.id)
-                if stream is None:
-                    continue
-                submission, index = stream
-                update = _Update(index, list(request.output_token_ids), list(request.output_logprobs),
-                                 request.finish_reason, request.error)
-                if update.final:
-                    self._streams.pop(request.id, None)
-                submission.loop.call_soon_threadsafe(submission.queue.put_nowait, update)
+                self._deliver(changed)  # under the lock: a release meanwhile sees finished requests gone
+
+    def _deliver(self, changed: list[Request]) -> None:
+        """Queue each changed request's update to its submission; a final one leaves ``_streams``."""
+        for request in changed:
+            stream = self._streams.get(request.id)
+            if stream is None:
+                continue
+            submission, index = stream
+            update = _Update(index, list(request.output_token_ids), list(request.output_logprobs),
+                             request.finish_reason, request.error)
+            if update.final:
+                self._streams.pop(request.id, None)
+            submission.loop.call_soon_threadsafe(submission.queue.put_nowait, update)
 
     def _fail_running(self, error: str) -> list[Request]:
         failed = list(self.engine.scheduler.running)
