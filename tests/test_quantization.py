@@ -180,7 +180,8 @@ def test_gguf_block_formats_decode_exactly_into_ttpu_tensors(scheme, kind):
     blocks = random_blocks(kind, 6, 512, np.random.default_rng(0))
     reader = GgufCheckpoint.__new__(GgufCheckpoint)  # decode without a file: one tensor, by hand
     reader.scheme, reader._tensors = scheme, {"w": _StoredTensor(kind, blocks, (512, 6))}
-    values, scale, minimum = reader.decode("w", (6, 512))
+    assert reader.shape("w") == (6, 512)
+    values, scale, minimum = reader.decode("w")
     assert values.dtype == (torch.int8 if scheme == "int8" else torch.uint8)
     assert values.shape == (6, 512 if scheme == "int8" else 256)
     expected = gguf_dequantize(blocks, GGMLQuantizationType[kind]).reshape(6, 512)

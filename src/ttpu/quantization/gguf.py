@@ -26,7 +26,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ttpu.errors import InvalidArgumentError
 from ttpu.quantization.tensors import dequantize, pack_int4
 
 Decoded = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # values, scales, minimums: per block
@@ -144,7 +143,11 @@ class GgufCheckpoint:
         kept = DECODERS[self.scheme][kind]
         return f"{kept.bits} g{kept.group} (GGUF {kind})"
 
-    def decode(self, weight_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    def shape(self, weight_name: str) -> tuple[int, ...]:
+        """The stored tensor's shape in torch's order (GGUF lists dimensions fastest first)."""
+        return tuple(int(n) for n in reversed(self._tensors[weight_name].shape))
+
+    def decode(self, weight_name: str) -> tuple[torch.Tensor, ...]:
         """``weight_name`` as ttpu's tensors: int8 ``[out, in]`` values (or int4 packed
         into uint8 ``[out, in / 2]``), float32 scales ``[out, in / group]`` and, for
         int4, the minimums."""
@@ -153,12 +156,7 @@ class GgufCheckpoint:
         tensor = self._tensors[weight_name]
         decoder, group, _ = DECODERS[self.scheme][tensor.tensor_type.name]
         _, bytes_per_block = GGML_QUANT_SIZES[tensor.tensor_type]
-        out, inputs = shape
-        stored = tuple(int(n) for n in reversed(tensor.shape))
-        if stored != (out, inputs):
-            raise InvalidArgumentError(
-                f"{weight_name}: the GGUF tensor {tensor.name} has shape {stored}, the model's weight {shape}."
-            )
+        out, inputs = self.shape(weight_name)
         values, scale, minimum = decoder(np.asarray(tensor.data).reshape(-1, bytes_per_block))
         values = torch.from_numpy(values.reshape(out, inputs).copy())
         if values.dtype == torch.uint8:  # int4: two per byte
@@ -169,10 +167,9 @@ class GgufCheckpoint:
 
     def matches(self, weight_name: str, weight: torch.Tensor) -> bool:
         """Whether the stored blocks dequantize to exactly ``weight`` (in its dtype)."""
-        tensor = self._tensors[weight_name]
-        if tuple(int(n) for n in reversed(tensor.shape)) != tuple(weight.shape):
+        if self.shape(weight_name) != tuple(weight.shape):
             return False  # the loader reshaped or transposed it
-        values, scale, minimum = self.decode(weight_name, tuple(weight.shape))
+        values, scale, minimum = self.decode(weight_name)
         for start in range(0, weight.shape[0], CHECK_ROWS):
             rows = slice(start, start + CHECK_ROWS)
             restored = dequantize(values[rows], scale[rows], torch.float32, None if minimum is None else minimum[rows])

@@ -235,7 +235,7 @@ def _quantize(
     weight: torch.Tensor, config: QuantizationConfig, name: str, plan: _Plan, checkpoint: GgufCheckpoint | None
 ) -> QuantizedTensors:
     if plan.from_gguf:
-        tensors = checkpoint.decode(f"{name}.weight", tuple(weight.shape))
+        tensors = checkpoint.decode(f"{name}.weight")  # planned: its shape is the weight's
     elif config.weights == "int8":
         tensors = quantize_int8(weight, config.group_size)
     else:
