@@ -55,7 +55,7 @@ def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
         {"model_type": "differs", "eager": True, "matches": True,
          "generate": {"eager": True, "matches": False, "stage": "compare"},
          "serve": {"eager": True, "matches": False, "stage": "ttpu", "error": {
-             "type": "InvalidArgumentError", "message": "the serving engine runs models whose every layer caches ..."}}},
+             "type": "InvalidArgumentError", "message": "the serving engine runs models whose layers cache attention keys and values, recurrent states, both or nothing; X has 2 full attention + indexer layers: ..."}}},
         {"model_type": "broken", "eager": True, "matches": True,
          "generate": {"eager": False, "matches": False, "stage": "eager"}},
         {"model_type": "encoder", "eager": True, "matches": True},
@@ -72,7 +72,7 @@ def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
     assert "| nocache | " in text and "no (forward returns no Cache)" in text
     assert "| encoder |" in text and "| - |" in text
     assert (summary["serve_eager"], summary["serve_matches"], summary["serve_of_generating"]) == (2, 1, 1)
-    assert summary["serve_causes"] == {"engine: not only attention KV layers": 1}
+    assert summary["serve_causes"] == {"engine: indexer layers": 1}
     assert "serve: 1 / 2 = 50.0%" in text and "1 of the 1 whose static `generate` matches" in text
 
 

@@ -64,6 +64,48 @@ def test_requests_batched_continuously_give_transformers_greedy_tokens(name: str
     assert engine.runner.compile_count <= 2  # one program per (token, request) bucket pair used
 
 
+def tiny_causal_lm(model_type: str):
+    """transformers' model of ``model_type`` from the coverage sweep's tiny config, random weights."""
+    from ttpu.coverage.configs import tiny_config
+    from ttpu.coverage.run import _build, _causal_lm_class, config_for_class
+
+    cls = _causal_lm_class(model_type)
+    module = _build(cls, config_for_class(cls, tiny_config(model_type, True)))
+    return copy.deepcopy(module), AutoModelForTPU.from_model(module)
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "mamba2", "qwen3_next", "falcon_h1", "nemotron_h"])
+def test_recurrent_and_hybrid_models_give_transformers_greedy_tokens(model_type: str) -> None:
+    """SSM (Mamba, Mamba-2), gated delta net beside attention layers (Qwen3-Next), attention
+    and SSM in one layer (Falcon-H1), SSM, attention and MLP-only layers (Nemotron-H): each
+    request keeps a state slot; a 48-token budget splits the new prompts over several steps
+    (the 40-token one alone), between steps of decodes."""
+    eager, model = tiny_causal_lm(model_type)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
+    assert engine.runner.has_states and engine.scheduler.whole_prefills and not engine.kv.prefix_caching
+    batch = prompts()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    assert engine.kv.used_state_slots == 0  # every slot free after the drain
+
+
+def test_a_tensor_parallel_hybrid_engine_gives_transformers_greedy_tokens() -> None:
+    """On 8 virtual devices: the attention pools split over heads, the state slots whole."""
+    eager, _ = tiny_causal_lm("qwen3_next")
+    model = AutoModelForTPU.from_model(copy.deepcopy(eager), parallelism="tp")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
+    batch = prompts()[:4]
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+
+
+def test_a_preempted_hybrid_request_recomputes_its_state() -> None:
+    eager, model = tiny_causal_lm("qwen3_next")
+    config = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64, block_size=4, num_blocks=20)
+    engine = LLMEngine(model, config)
+    batch = prompts()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    assert engine.scheduler.preemptions > 0 and engine.kv.used_state_slots == 0
+
+
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
 def test_preemption_by_recompute_keeps_the_tokens(prefix_caching: bool) -> None:
     eager, model = build("gemma3_text")
@@ -169,12 +211,14 @@ def test_llm_takes_text_token_ids_and_per_prompt_params_and_cuts_stop_strings() 
     assert llm.engine.kv.used_blocks == 0
 
 
-def test_after_the_warm_up_no_mix_of_requests_compiles() -> None:
+@pytest.mark.parametrize("model_type", ["llama", "mamba2"])
+def test_after_the_warm_up_no_mix_of_requests_compiles(model_type: str) -> None:
     """Every (token, request) bucket pair and every sampler mode compile up front; then
-    200 requests of random lengths and settings, arriving over time, compile nothing."""
+    200 requests of random lengths and settings, arriving over time, compile nothing
+    (Mamba-2's steps run as rows: new prompts or decodes)."""
     import random
 
-    _, model = build("llama")
+    _, model = build(model_type) if model_type == "llama" else tiny_causal_lm(model_type)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_model_len=64, max_num_batched_tokens=32, block_size=4))
     assert engine.warm_up(progress=False) > 0
     compiled = engine.compile_count
@@ -193,7 +237,7 @@ def test_after_the_warm_up_no_mix_of_requests_compiles() -> None:
             engine.step()
     while engine.has_unfinished_requests:
         engine.step()
-    assert engine.compile_count == compiled and engine.kv.used_blocks == 0
+    assert engine.compile_count == compiled and engine.kv.used_blocks == 0 == engine.kv.used_state_slots
 
 
 def test_repetition_penalty_and_logprobs_match_transformers() -> None:
@@ -263,7 +307,7 @@ def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(parallelism: str) 
     model = AutoModelForTPU.from_model(module, parallelism=parallelism)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))
     tensor = model.compiled_forward.placement.mesh.shape["tensor"]
-    pool = engine.runner.pools[0]  # [blocks, block_size, 2 * kv_heads, dim]
+    pool = engine.runner.cache.pools[0]  # [blocks, block_size, 2 * kv_heads, dim]
     assert tensor > 1 and pool.sharding.shard_shape(pool.shape)[2] == pool.shape[2] // tensor
     batch = prompts()[:4]
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
@@ -278,10 +322,10 @@ def test_a_request_that_raises_in_its_step_fails_alone(monkeypatch) -> None:
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
     prepare = engine.runner.prepare
 
-    def failing(out, block_ids):
+    def failing(out, block_ids, state_slots):
         if any(chunk.request.id == "bad" and chunk.request.output_token_ids for chunk in out.chunks):
             raise RuntimeError("boom")  # its second step
-        return prepare(out, block_ids)
+        return prepare(out, block_ids, state_slots)
 
     monkeypatch.setattr(engine.runner, "prepare", failing)
     batch = prompts()[:3]
@@ -305,7 +349,8 @@ def test_a_request_that_raises_in_its_step_fails_alone(monkeypatch) -> None:
         ("gpt_neo", "layer 0 never calls transformers' attention function"),
         ("llama4_text", "layer 0 is 'chunked_attention' attention, whose window reaches attention only through a mask"),
         ("falcon", "FalconForCausalLM does not run with the serving engine's paged attention \\(CompilationError"),
-        ("mamba", "MambaForCausalLM has 2 linear-attention/SSM layers"),
+        ("gemma3n_text", "layer 3 calls attention but caches no keys"),  # it reads layer 1's keys
+        ("axk2", "AXK2ForCausalLM has 2 full attention \\+ indexer layers"),
     ],
 )
 def test_models_whose_attention_the_engine_would_get_wrong_are_refused(model_type: str, message: str) -> None:
@@ -329,10 +374,10 @@ def test_a_failed_step_leaves_no_unwritten_prefix_behind(monkeypatch) -> None:
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
     prepare = engine.runner.prepare
 
-    def failing(out, block_ids):
+    def failing(out, block_ids, state_slots):
         if any(chunk.request.id == "bad" for chunk in out.chunks):
             raise RuntimeError("boom")
-        return prepare(out, block_ids)
+        return prepare(out, block_ids, state_slots)
 
     monkeypatch.setattr(engine.runner, "prepare", failing)
     shared = list(range(40, 52))  # 3 full blocks
@@ -355,7 +400,7 @@ def test_a_step_that_loses_the_donated_pools_fails_the_running_requests_and_the_
     def losing(inputs):
         calls.append(1)
         if len(calls) == 2:  # the second step dies on the device after donating the pools
-            for pool in engine.runner.pools:
+            for pool in engine.runner.cache.pools:
                 pool.delete()
             raise RuntimeError("device lost")
         return run(inputs)

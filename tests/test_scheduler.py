@@ -183,3 +183,54 @@ def test_bad_sampling_params_name_the_field(field: str, value: object, message: 
 def test_an_empty_prompt_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="the prompt is empty"):
         request("a", [])
+
+
+def whole_prefills_scheduler(budget: int, num_blocks: int = 80, max_num_seqs: int = 4, max_model_len: int = 44) -> Scheduler:
+    """As the engine builds it for a model with recurrent layers: a state slot per seat, no prefix caching."""
+    kv = KVBlockManager(num_blocks, BLOCK, prefix_caching=False, state_slots=max_num_seqs)
+    return Scheduler(kv, max_num_seqs, budget, max_model_len, whole_prefills=True)
+
+
+def test_with_whole_prefills_a_step_is_new_prompts_or_decodes() -> None:
+    s = whole_prefills_scheduler(budget=16)
+    s.add(request("a", [5] * 3, max_tokens=4))
+    s.add(request("b", [6] * 5, max_tokens=4))
+    s.add(request("long", [7] * 20, max_tokens=4))
+    # Two rows of 5 fit 16; a third row padded to 20 would not. The 20-token prompt goes alone, unchunked.
+    assert step(s)[0] == [("a", 0, 3), ("b", 0, 5)]
+    assert step(s)[0] == [("long", 0, 20)]
+    assert step(s)[0] == [("a", 3, 1), ("b", 5, 1), ("long", 20, 1)]
+    s.add(request("c", [8] * 2))
+    assert step(s)[0] == [("c", 0, 2)]  # a new prompt goes before the decodes, in a step of its own
+    assert sorted(s.kv.state_slot(r.id) for r in s.running) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_traffic_with_whole_prefills_keeps_one_state_slot_per_running_request(seed: int) -> None:
+    rng = random.Random(seed)
+    s = whole_prefills_scheduler(budget=rng.choice([8, 16, 32]), num_blocks=14)
+    requests = []
+    for step_index in range(400):
+        if rng.random() < 0.3 and len(requests) < 40:
+            r = request(f"r{step_index}", [rng.randrange(3, 50) for _ in range(rng.randrange(1, 20))],
+                        max_tokens=rng.randrange(1, 12))
+            s.add(r)
+            requests.append(r)
+        if s.running and rng.random() < 0.05:
+            s.abort(rng.choice(s.running).id)
+        out = s.schedule()
+        new = [c for c in out.chunks if c.start == 0]
+        assert not new or len(new) == len(out.chunks)  # never new prompts beside decodes
+        assert all(c.count == c.request.num_tokens for c in new)  # whole, never chunked
+        assert len(new) <= 1 or len(new) * max(c.count for c in new) <= s.max_num_batched_tokens
+        assert all(c.count == 1 for c in out.chunks if c.start > 0)
+        slots = [s.kv.state_slot(r.id) for r in s.running]
+        assert len(set(slots)) == len(slots) and set(slots) <= {1, 2, 3, 4}
+        s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
+        if not s.has_work and len(requests) >= 40:
+            break
+    while s.has_work:
+        out = s.schedule()
+        s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
+    assert all(r.status.finished for r in requests)
+    assert s.kv.used_blocks == 0 and s.kv.used_state_slots == 0

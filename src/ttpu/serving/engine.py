@@ -58,11 +58,16 @@ class LLMEngine:
         blocks_per_request = -(-max_model_len // block_size)
         num_blocks = config.num_blocks or max_num_seqs * blocks_per_request + 1
         self.max_model_len = max_model_len
-        self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len)
         self.runner = ModelRunner(
             model, model.decoder().layout, num_blocks, block_size, max_model_len, max_num_batched_tokens, max_num_seqs
         )
+        states = self.runner.has_states
+        if states and config.enable_prefix_caching:
+            logger.info("prefix caching is off for %s: its recurrent states are kept per request, not per block",
+                        type(model.torch_module).__name__)
+        self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and not states,
+                                 state_slots=max_num_seqs if states else 0)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len, whole_prefills=states)
         eos = model.torch_module.generation_config.eos_token_id
         self.vocab_size = model.torch_module.get_input_embeddings().num_embeddings
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
@@ -148,7 +153,7 @@ class LLMEngine:
             return self._run(out)
         except Exception as error:  # noqa: BLE001  one request's failure must not end the others
             message = f"{type(error).__name__}: {error}"
-            if self.runner.pools_lost():  # failed on the device after the pools were donated
+            if self.runner.cache_lost():  # failed on the device after the cache was donated
                 logger.exception("a step failed on the device; the KV cache is rebuilt")
                 return self._lose_kv_cache(message)
             if len(out.chunks) == 1:
@@ -171,7 +176,7 @@ class LLMEngine:
     def _lose_kv_cache(self, error: str) -> list[Request]:
         """Fail every running request (their keys and values went with the pools), and
         start again from empty pools and no cached prefixes."""
-        self.runner.reset_pools()
+        self.runner.reset_cache()
         self.kv.pool.forget_prefixes()
         failed = list(self.scheduler.running)
         for request in failed:
@@ -179,7 +184,9 @@ class LLMEngine:
         return failed
 
     def _run(self, out: SchedulerOutput) -> list[Request]:
-        inputs = self.runner.prepare(out, {c.request.id: self.kv.block_ids(c.request.id) for c in out.chunks})
+        ids = [chunk.request.id for chunk in out.chunks]
+        slots = {i: self.kv.state_slot(i) for i in ids} if self.runner.has_states else None
+        inputs = self.runner.prepare(out, {i: self.kv.block_ids(i) for i in ids}, slots)
         logits = self.runner.run(inputs)
         self.scheduled_tokens += out.num_tokens
         self.padded_tokens += len(inputs.ids)

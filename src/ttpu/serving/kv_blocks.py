@@ -138,9 +138,13 @@ class PrefixStats:
 
 class KVBlockManager:
     """Each request's block table over a :class:`BlockPool`: prefix lookups, allocation
-    as a request's computed tokens grow, registration of its full blocks, and release."""
+    as a request's computed tokens grow, registration of its full blocks, and release.
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+    With ``state_slots`` (models with recurrent layers, as vLLM's hybrid cache manager),
+    each request also holds one slot, 1 to ``state_slots``, of the fixed-size recurrent
+    state pools from its first allocation until it is freed (slot 0 is padding's)."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, state_slots: int = 0) -> None:
         if block_size < 1:
             raise InvalidArgumentError(f"block_size must be >= 1 (got {block_size})")
         self.pool = BlockPool(num_blocks)
@@ -149,6 +153,13 @@ class KVBlockManager:
         self.stats = PrefixStats()
         self._tables: dict[str, list[Block]] = {}
         self._hashes: dict[str, list[bytes]] = {}
+        self.state_slots = state_slots
+        self._free_slots = list(range(state_slots, 0, -1))  # popped from the end: lowest first
+        self._slots: dict[str, int] = {}
+
+    def state_slot(self, request_id: str) -> int:
+        """The recurrent-state slot ``request_id`` holds."""
+        return self._slots[request_id]
 
     def block_ids(self, request_id: str) -> list[int]:
         return [block.id for block in self._tables.get(request_id, [])]
@@ -178,10 +189,13 @@ class KVBlockManager:
         table = self._tables.setdefault(request_id, [])
         wanted = -(-(computed + new) // self.block_size) - len(table) - len(prefix)
         reusable = sum(1 for block in prefix if block.ref_count == 0)  # shared from the free queue
-        if max(wanted, 0) > self.pool.num_free - reusable:
+        needs_slot = self.state_slots > 0 and request_id not in self._slots
+        if max(wanted, 0) > self.pool.num_free - reusable or (needs_slot and not self._free_slots):
             if not table:
                 del self._tables[request_id]
             return None
+        if needs_slot:
+            self._slots[request_id] = self._free_slots.pop()
         self.pool.share(prefix)
         added = [*prefix, *self.pool.take_free(max(wanted, 0))]
         table.extend(added)
@@ -194,6 +208,8 @@ class KVBlockManager:
         prefixes: their keys and values may never have been written."""
         table = self._tables.pop(request_id, [])
         self._hashes.pop(request_id, None)
+        if request_id in self._slots:
+            self._free_slots.append(self._slots.pop(request_id))
         if not written:
             for block in table:
                 if block.ref_count == 1:
@@ -203,6 +219,10 @@ class KVBlockManager:
     @property
     def used_blocks(self) -> int:
         return self.pool.capacity - self.pool.num_free
+
+    @property
+    def used_state_slots(self) -> int:
+        return len(self._slots)
 
     def _register_full_blocks(self, request_id: str, tokens: Sequence[int], filled: int) -> None:
         if not self.prefix_caching:

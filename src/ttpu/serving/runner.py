@@ -9,6 +9,15 @@ writes its new keys and values into its pool by slot and attends through the blo
 tables (:mod:`ttpu.serving.paged_attention`). The pools are donated to each step.
 Steps are padded to buckets of tokens and of requests (powers of two), so a running
 engine compiles one program per bucket pair.
+
+Models with recurrent layers (SSM, linear attention, short convolutions; hybrids of them
+and attention) keep, per running request, one fixed-size state slot per such layer
+(vLLM's hybrid cache). A recurrent layer mixes the tokens of its rows in order, so their
+steps run the tokens as rows, one request per row, ``[requests, length]``: a step of new
+prompts (each left-padded, from an empty state: padding then leaves the state exact) or a
+step of decodes (``length`` 1). The model sees transformers' own linear-attention cache
+layers over the rows' states, gathered from their slots and written back after the step;
+attention layers still go through the paged pools.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -28,9 +37,12 @@ import torch
 from jax.sharding import Mesh
 from transformers import AttentionInterface
 
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ttpu.backends.base import CachedStepInputs
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
-from ttpu.backends.jax.kv_cache import KEYS, VALUES, CacheLayout
+from ttpu.backends.jax.kv_cache import CONV, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
@@ -40,7 +52,15 @@ PAGED_ATTENTION = "ttpu_paged"
 MIN_TOKEN_BUCKET, MIN_REQUEST_BUCKET = 16, 8
 
 torchax = import_torchax()
-Pools = tuple[jax.Array, ...]  # per layer: [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout)
+
+
+class CacheArrays(NamedTuple):
+    """What each step reads and writes (donated to it): per layer, its paged KV pool
+    [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout; None without
+    attention) and its recurrent states by name [state slots + 1, ...] (empty without)."""
+
+    pools: tuple[jax.Array | None, ...]
+    states: tuple[dict[str, jax.Array], ...]
 
 
 class AttentionCall(NamedTuple):
@@ -59,10 +79,11 @@ class _Step:
     """What the attention layers of the step being traced read and write; a probe
     (``pools`` None) records each layer's calls instead."""
 
-    pools: list[jax.Array] | None
+    pools: list[jax.Array | None] | None
     batch: PagedBatch | None
     mesh: Mesh | None = None
     heads_axes: tuple[str | None, ...] = ()  # per layer: the mesh axis its pool's heads are split over
+    grid: RowGrid | None = None  # rows of tokens (models with recurrent state): where each token sits
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
 
 
@@ -82,14 +103,15 @@ def paged_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function over the step's paged pools; ``query``, ``key``,
-    ``value`` are [1, heads, tokens, dim]."""
+    ``value`` are [rows, heads, length, dim]: one row of the step's tokens, or (with a
+    grid) one row per request."""
     step = _current_step.get()
-    view = torchax.interop.jax_view
-    q, k, v = (jnp.swapaxes(view(x)[0], 0, 1) for x in (query, key, value))  # [tokens, heads, dim]
+    rows, length = query.shape[0], query.shape[2]
+    q, k, v = (_tokens(x, step.grid) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
     if step.pools is None:
         call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window)
         step.calls.setdefault(module.layer_idx, []).append(call)
-        return to_traced(jnp.zeros((1, q.shape[0], q.shape[1], v.shape[2]), q.dtype)), None
+        return to_traced(jnp.zeros((rows, length, q.shape[1], v.shape[2]), q.dtype)), None
     pool = step.pools[module.layer_idx]
     padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
     pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
@@ -102,7 +124,15 @@ def paged_attention_forward(
     if step.heads_axes[module.layer_idx] is not None:
         kernel = split_over_heads(kernel, step.mesh, step.heads_axes[module.layer_idx])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
-    return to_traced(out[None]), None
+    if step.grid is not None:
+        out = out[step.grid.tokens_of_cells]
+    return to_traced(out.reshape(rows, length, *out.shape[1:])), None
+
+
+def _tokens(x: torch.Tensor, grid: RowGrid | None) -> jax.Array:
+    """[rows, heads, length, dim] as the step's tokens [tokens, heads, dim], in its batch's order."""
+    tokens = jnp.swapaxes(torchax.interop.jax_view(x), 1, 2).reshape(-1, x.shape[1], x.shape[3])
+    return tokens if grid is None else tokens[grid.cells]
 
 
 def _pad_last(x: jax.Array, size: int) -> jax.Array:
@@ -134,62 +164,91 @@ def bucket(count: int, smallest: int, largest: int) -> int:
     return min(size, max(largest, count))
 
 
+class RowGrid(NamedTuple):
+    """A step's tokens as rows, one request per row, left-padded (models with recurrent
+    state); the step's :class:`PagedBatch` keeps the flat order the attention kernels
+    take (each request's tokens together, padding last)."""
+
+    cells: jax.Array  # [tokens] the grid cell (row * length + column) of each token of the batch
+    tokens_of_cells: jax.Array  # [tokens] the batch's token at each grid cell (the inverse)
+    state_slots: jax.Array  # [rows] each row's recurrent-state slot (0, padding's, for padding rows)
+
+
 @dataclass(frozen=True)
 class StepInputs:
     """One step's padded host arrays; ``sampling_rows[i]`` is the token whose logits
-    pick request ``sampling_ids[i]``'s next token."""
+    pick request ``sampling_ids[i]``'s next token (with a ``grid``, row ``i``'s last)."""
 
     ids: np.ndarray
     positions: np.ndarray
     batch: PagedBatch
     sampling_rows: np.ndarray
     sampling_ids: list[str]
+    grid: RowGrid | None = None
 
 
 class ModelRunner:
-    """The paged KV pools of one model and its compiled step."""
+    """The paged KV pools (and recurrent state slots) of one model and its compiled step."""
 
     def __init__(self, model: Any, layout: CacheLayout, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int) -> None:
-        if layout.recompute or any(set(layer.names) != {KEYS, VALUES} for layer in layout.layers):
+        name = type(model.torch_module).__name__
+        if layout.recompute or not all(_served(layer) for layer in layout.layers):
             raise InvalidArgumentError(
-                f"the serving engine runs models whose every layer caches attention keys and values; "
-                f"{type(model.torch_module).__name__} has {layout.describe()}: use model.generate() for it"
+                f"the serving engine runs models whose layers cache attention keys and values, recurrent states, "
+                f"both or nothing; {name} has {layout.describe()}: use model.generate() for it"
             )
         self._model = model
+        self._layout = layout
         self._forward = model.compiled_forward
+        self._step_inputs = CachedStepInputs(model.torch_module)
+        attention = [KEYS in layer.names for layer in layout.layers]
+        self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
         parameters = inspect.signature(model.torch_module.forward).parameters
-        if "position_ids" not in parameters:
+        if any(attention) and "position_ids" not in parameters:
             raise InvalidArgumentError(
                 f"the serving engine runs many requests in one row of tokens, each numbered by position_ids; "
-                f"{type(model.torch_module).__name__}.forward takes none (it numbers positions itself): "
-                "use model.generate() for it"
+                f"{name}.forward takes none (it numbers positions itself): use model.generate() for it"
             )
         self._keeps_logits = "logits_to_keep" in parameters
         self.block_size = block_size
         self.blocks_per_request = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        calls = self._attention_calls(len(layout.layers))
-        self._new_pools = lambda: tuple(self._pool(calls[index], num_blocks) for index in range(len(layout.layers)))
-        self.pools: Pools = self._new_pools()
-        self._heads_axes = tuple(pool.sharding.spec[2] if pool.sharding.spec else None for pool in self.pools)
+        calls = self._attention_calls(attention)
+        place = self._forward.placement
+
+        def empty() -> CacheArrays:
+            pools = tuple(self._pool(calls[i], num_blocks) if i in calls else None for i in range(len(attention)))
+            states = tuple(
+                {n: jnp.zeros((max_num_seqs + 1, *a.shape), a.dtype, device=place.replicated)
+                 for n, a in layer.arrays if n.startswith((CONV, RECURRENT))}
+                for layer in layout.layers
+            )
+            return CacheArrays(pools, states)
+
+        self._empty = empty
+        self.cache = empty()
+        self._heads_axes = tuple(
+            pool.sharding.spec[2] if pool is not None and pool.sharding.spec else None for pool in self.cache.pools
+        )
         self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
 
     @property
     def compile_count(self) -> int:
         return len(self._step)
 
-    def pools_lost(self) -> bool:
-        """Whether a failed step took the (donated) pools with it."""
-        return any(pool.is_deleted() for pool in self.pools)
+    def cache_lost(self) -> bool:
+        """Whether a failed step took the (donated) cache arrays with it."""
+        return any(array.is_deleted() for array in jax.tree.leaves(self.cache))
 
-    def reset_pools(self) -> None:
-        """Empty pools in place of lost ones."""
-        self.pools = self._new_pools()
+    def reset_cache(self) -> None:
+        """Empty cache arrays in place of lost ones."""
+        self.cache = self._empty()
 
-    def _attention_calls(self, layers: int) -> dict[int, AttentionCall]:
-        """Each layer's attention call, from a trace of one step with a probe in place of
+    def _attention_calls(self, attention: list[bool]) -> dict[int, AttentionCall]:
+        """Each attention layer's call, from a trace of one step with a probe in place of
         the paged attention; refuses the models whose attention the engine would get
         wrong (not through the interface, several calls per layer, a window kept only in
         a mask)."""
@@ -198,7 +257,10 @@ class ModelRunner:
         step = _Step(None, None)
 
         def probe(params: Any, ids: jax.Array) -> jax.Array:
-            return self._logits_traced(step, params, {"input_ids": to_traced(ids), "position_ids": to_traced(ids * 0)})
+            inputs = {"input_ids": to_traced(ids), "use_cache": False}
+            if any(attention):
+                inputs["position_ids"] = to_traced(ids * 0)
+            return self._logits_traced(step, params, inputs)
 
         try:
             jax.eval_shape(probe, self._forward.params, jax.ShapeDtypeStruct((1, MIN_TOKEN_BUCKET), jnp.int32))
@@ -209,13 +271,15 @@ class ModelRunner:
                 "calling transformers' AttentionInterface: use model.generate() for it"
             ) from None  # the message carries the model's error; its trace is not the caller's concern
         problems = [f"layer {i} calls attention {len(c)} times" for i, c in sorted(step.calls.items()) if len(c) > 1]
-        problems += [f"layer {i} never calls transformers' attention function" for i in range(layers) if i not in step.calls]
+        problems += [f"layer {i} never calls transformers' attention function"
+                     for i, cached in enumerate(attention) if cached and i not in step.calls]
+        problems += [f"layer {i} calls attention but caches no keys" for i in step.calls if not attention[i]]
         config = module.config.get_text_config(decoder=True)
         kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None) or []
         problems += [
             f"layer {i} is {kind!r} attention, whose window reaches attention only through a mask"
             for i, kind in enumerate(kinds)
-            if kind not in ("full_attention", "global", "attention") and i in step.calls
+            if kind not in ("full_attention", "global", "attention", "hybrid") and i in step.calls
             and step.calls[i][0].sliding_window is None
         ]
         if problems:
@@ -239,29 +303,65 @@ class ModelRunner:
         return jnp.zeros(shape, call.dtype, device=place.sharding(spec))
 
     def buckets(self) -> list[tuple[int, int]]:
-        """Every (token, request) bucket pair a step can be padded to: ``r`` requests
-        scheduled means at least ``r`` tokens, so a pair needs ``tokens >`` half of ``requests``."""
-        tokens = _powers(MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
-        requests = _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)
-        return [(t, r) for t in tokens for r in requests if t >= bucket(r // 2 + 1, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)]
+        """Every (token, request) bucket pair a step can be padded to. In one row: ``r``
+        requests scheduled means at least ``r`` tokens, so a pair needs ``tokens >`` half
+        of ``requests``. In rows: decodes (one token per row), and new prompts padded to
+        a length whose rows the scheduler fits in the token budget."""
+        if not self.has_states:
+            tokens = _powers(MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+            requests = _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)
+            least = functools.partial(bucket, smallest=MIN_TOKEN_BUCKET, largest=self.max_num_batched_tokens)
+            return [(t, r) for t in tokens for r in requests if t >= least(r // 2 + 1)]
+        pairs = [(rows, rows) for rows in _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)]
+        for length in _powers(MIN_TOKEN_BUCKET, self.max_model_len):
+            shortest = length // 2 + 1 if length > MIN_TOKEN_BUCKET else 1  # the longest prompt padded to it
+            most = min(self.max_num_seqs, max(1, self.max_num_batched_tokens // shortest))
+            pairs += [(rows * length, rows) for rows in _powers(1, most)]
+        return pairs
 
     def empty_step(self, tokens: int, requests: int) -> StepInputs:
-        """A step of padding only (it writes the null block), to compile a bucket pair."""
+        """A step of padding only (it writes the null block and state slot), to compile a bucket pair."""
         positions = np.full(tokens, -1, np.int32)
         zeros = np.zeros(tokens, np.int32)
         tables = np.zeros((requests, self.blocks_per_request), np.int32)
-        return StepInputs(zeros, positions, PagedBatch(positions, zeros, zeros, tables), np.zeros(requests, np.int32), [])
+        batch = PagedBatch(positions, zeros, zeros, tables)
+        grid = None
+        if self.has_states:
+            cells = np.arange(tokens, dtype=np.int32)
+            grid = RowGrid(cells, cells, np.zeros(requests, np.int32))
+        return StepInputs(zeros, positions, batch, np.zeros(requests, np.int32), [], grid)
 
-    def prepare(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepInputs:
-        """The scheduled chunks as padded arrays (tokens and requests rounded up to buckets)."""
-        tokens = out.num_tokens
-        token_bucket = bucket(tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
-        request_bucket = bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs)
-        ids = np.zeros(token_bucket, np.int32)
-        positions = np.full(token_bucket, -1, np.int32)
-        slots = np.zeros(token_bucket, np.int32)  # padding writes into the null block
-        rows = np.zeros(token_bucket, np.int32)
-        tables = np.zeros((request_bucket, self.blocks_per_request), np.int32)
+    def prepare(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]],
+                state_slots: Mapping[str, int] | None = None) -> StepInputs:
+        """The scheduled chunks as padded arrays (tokens and requests rounded up to
+        buckets); for a model with recurrent state, also as rows over the requests'
+        ``state_slots``."""
+        if not self.has_states:
+            tokens = bucket(out.num_tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+            return self._flat(out, block_ids, tokens, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs))
+        decodes = all(chunk.start > 0 for chunk in out.chunks)  # else whole new prompts (the scheduler's whole_prefills)
+        length = 1 if decodes else bucket(max(c.count for c in out.chunks), MIN_TOKEN_BUCKET, self.max_model_len)
+        rows = bucket(len(out.chunks), MIN_REQUEST_BUCKET if decodes else 1, self.max_num_seqs)
+        inputs = self._flat(out, block_ids, rows * length, rows)
+        cells, at = np.zeros(rows * length, np.int32), 0
+        for row, chunk in enumerate(out.chunks):  # each row's tokens at its end: left padding
+            cells[at : at + chunk.count] = row * length + length - chunk.count + np.arange(chunk.count)
+            at += chunk.count
+        free = np.ones(rows * length, bool)
+        free[cells[:at]] = False
+        cells[at:] = np.flatnonzero(free)  # the padding tokens fill the other cells
+        slots = np.zeros(rows, np.int32)
+        slots[: len(out.chunks)] = [state_slots[chunk.request.id] for chunk in out.chunks]
+        grid = RowGrid(cells, np.argsort(cells).astype(np.int32), slots)
+        return StepInputs(inputs.ids, inputs.positions, inputs.batch, inputs.sampling_rows, inputs.sampling_ids, grid)
+
+    def _flat(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]], tokens: int, requests: int) -> StepInputs:
+        """The scheduled chunks one after another in ``tokens`` slots (padding last), with ``requests`` rows of block tables."""
+        ids = np.zeros(tokens, np.int32)
+        positions = np.full(tokens, -1, np.int32)
+        slots = np.zeros(tokens, np.int32)  # padding writes into the null block
+        rows = np.zeros(tokens, np.int32)
+        tables = np.zeros((requests, self.blocks_per_request), np.int32)
         sampling_rows, sampling_ids, at = [], [], 0
         for row, chunk in enumerate(out.chunks):
             request = chunk.request
@@ -276,36 +376,112 @@ class ModelRunner:
             if chunk.samples:
                 sampling_rows.append(at - 1)
                 sampling_ids.append(request.id)
-        sampling = np.zeros(request_bucket, np.int32)
+        sampling = np.zeros(requests, np.int32)
         sampling[: len(sampling_rows)] = sampling_rows
         return StepInputs(ids, positions, PagedBatch(positions, slots, rows, tables), sampling, sampling_ids)
 
     def run(self, inputs: StepInputs) -> jax.Array:
         """The step on the device: the logits [request bucket, vocab] of the sampling tokens."""
         place = self._forward.placement
-        batch = PagedBatch(*(place.put(a, ()) for a in inputs.batch))
-        self.pools, logits = self._step(
-            self._forward.params, self.pools, place.put(inputs.ids, ()), batch, place.put(inputs.sampling_rows, ())
+        put = functools.partial(place.put, spec=())
+        grid = None if inputs.grid is None else RowGrid(*map(put, inputs.grid))
+        self.cache, logits = self._step(
+            self._forward.params, self.cache, put(inputs.ids), PagedBatch(*map(put, inputs.batch)),
+            put(inputs.sampling_rows), grid,
         )
         return logits
 
-    def _step_program(self, params: Any, pools: Pools, ids: jax.Array, batch: PagedBatch, sampling_rows: jax.Array):
-        step = _Step(list(pools), batch, self._forward.placement.mesh, self._heads_axes)
-        inputs = {"input_ids": to_traced(ids[None]), "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None])}
+    def _step_program(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
+                      sampling_rows: jax.Array, grid: RowGrid | None):
+        step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid)
+        if grid is not None:
+            logits, states = self._rows_traced(step, params, cache.states, ids)
+            return CacheArrays(tuple(step.pools), states), logits.astype(jnp.float32)
+        inputs = {"input_ids": to_traced(ids[None]), "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None]),
+                  "use_cache": False}
         if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
             inputs["logits_to_keep"] = to_traced(sampling_rows)
         logits = self._logits_traced(step, params, inputs)[0]
-        return tuple(step.pools), (logits if self._keeps_logits else logits[sampling_rows]).astype(jnp.float32)
+        logits = logits if self._keeps_logits else logits[sampling_rows]
+        return CacheArrays(tuple(step.pools), cache.states), logits.astype(jnp.float32)
+
+    def _rows_traced(self, step: _Step, params: Any, states: tuple[dict[str, jax.Array], ...], ids: jax.Array):
+        """The logits [rows, vocab] of each row's last token, and the state slots after
+        the rows ran: new prompts start from empty states, decodes from their slots'."""
+        grid = step.grid
+        rows = grid.state_slots.shape[0]
+        length = ids.shape[0] // rows
+
+        def as_rows(tokens: jax.Array) -> jax.Array:
+            return tokens[grid.tokens_of_cells].reshape(rows, length)
+
+        positions = as_rows(step.batch.positions)
+        empty = length > 1  # prompts are scheduled whole (decodes are one token)
+        before = tuple(
+            {n: jnp.zeros((rows, *a.shape[1:]), a.dtype) if empty else a[grid.state_slots] for n, a in layer.items()}
+            for layer in states
+        )
+        cache = _rows_cache(before, self._layout, empty)
+        mask = (positions >= 0).astype(jnp.int32)  # recurrent layers zero the padding's inputs
+        inputs = self._step_inputs(to_traced(as_rows(ids)), to_traced(mask), cache, to_traced(jnp.maximum(positions, 0)))
+        logits = self._logits_traced(step, params, inputs)[:, -1]
+        after = [layer.linear_arrays() if isinstance(layer, TracedLinearLayer) else {} for layer in cache.layers]
+        states = tuple(
+            {n: a.at[grid.state_slots].set(after[i][n].jax()) for n, a in layer.items()} for i, layer in enumerate(states)
+        )
+        return logits, states
 
     def _logits_traced(self, step: _Step, params: Any, inputs: dict[str, Any]) -> jax.Array:
-        """The model's logits on ``inputs`` (no cache) inside a trace, its attention
-        layers reading and writing ``step``."""
+        """The model's logits on ``inputs`` inside a trace, its attention layers reading
+        and writing ``step``."""
         token = _current_step.set(step)
         try:
             with _paged_attention_named(self._model.torch_module):
-                return self._forward.call_traced(params, {**inputs, "use_cache": False}).logits.jax()
+                return self._forward.call_traced(params, inputs).logits.jax()
         finally:
             _current_step.reset(token)
+
+
+def _served(layer: LayerLayout) -> bool:
+    """Whether the engine keeps ``layer``'s cache: attention keys and values, recurrent
+    states, both, or nothing (a layer without attention or state, or one a text-only
+    forward never writes, as cross-attention)."""
+    kept = {n for n in layer.names if n.startswith((CONV, RECURRENT))} | {UNWRITTEN}
+    return layer.names - kept in ({KEYS, VALUES}, frozenset())
+
+
+class _PagedLayer(DynamicLayer):
+    """An attention layer's cache in a step over rows: its keys and values go to the
+    paged pool (the attention function writes them), so it hands them straight back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return key_states, value_states
+
+
+class _PagedHybridLayer(TracedLinearLayer, _PagedLayer):
+    """A layer with recurrent states and attention (paged)."""
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], layout: LayerLayout, empty: bool) -> None:
+        _PagedLayer.__init__(self)
+        TracedLinearLayer.__init__(self, arrays, layout, empty)
+
+
+def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, empty: bool) -> Cache:
+    """transformers' cache over the rows' recurrent ``states`` (traced), attention layers paged."""
+    layers: list[Any] = []
+    for arrays, layer in zip(states, layout.layers):
+        traced = {name: to_traced(a) for name, a in arrays.items()}
+        if not traced:
+            layers.append(_PagedLayer())
+        elif KEYS in layer.names:
+            layers.append(_PagedHybridLayer(traced, layer, empty))
+        else:
+            layers.append(TracedLinearLayer(traced, layer, empty))
+    return Cache(layers=layers)
 
 
 def _powers(smallest: int, largest: int) -> list[int]:

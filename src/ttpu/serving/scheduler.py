@@ -7,6 +7,11 @@ cannot hold a running request's next tokens, the most recently arrived running r
 is preempted (its blocks freed; it starts over later, recomputing its tokens), until the
 request fits or is itself the one preempted. Waiting requests are admitted, oldest first,
 only in steps that preempted nothing, while the budget, ``max_num_seqs`` and the pool allow.
+
+Models with recurrent layers (SSM, linear attention) keep one state per request that only
+a whole prompt, computed from an empty state, leaves exact under padding. For them
+(``whole_prefills``) prompts are not chunked and a step is either new prompts or decodes:
+waiting requests are admitted whole when they can be, else the running ones decode.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ class SchedulerOutput:
 class Scheduler:
     """The waiting queue, the running requests and their KV blocks."""
 
-    def __init__(self, kv: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> None:
+    def __init__(self, kv: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 whole_prefills: bool = False) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InvalidArgumentError("max_num_seqs and max_num_batched_tokens must be at least 1")
         if kv.pool.capacity * kv.block_size < max_model_len:
@@ -59,6 +65,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.whole_prefills = whole_prefills
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -93,7 +100,18 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        if self.whole_prefills:  # a step of new prompts if any is admitted, else one of decodes
+            self._admit(out, self.max_num_batched_tokens)
+            if not out.chunks:
+                self._schedule_running(out, self.max_num_batched_tokens)
+            return out
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """The running requests' next tokens, preempting when the pool runs out; returns the budget left."""
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -109,11 +127,26 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(request, request.computed, count))
             budget -= count
             index += 1
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        return budget
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        """Waiting requests, oldest first, while the budget, the seats and the pool allow.
+        With ``whole_prefills`` each takes its whole prompt, and the step's rows padded to
+        the longest must fit the budget (one prompt always does)."""
+        longest = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             prefix = self.kv.computed_prefix(request.tokens)
             computed = len(prefix) * self.kv.block_size
-            count = min(request.num_tokens - computed, budget)
+            if self.whole_prefills:
+                count = request.num_tokens - computed
+                longest = max(longest, count)
+                if out.chunks and (len(out.chunks) + 1) * longest > budget:
+                    break
+            elif budget > 0:
+                count = min(request.num_tokens - computed, budget)
+            else:
+                break
             if self.kv.allocate(request.id, request.tokens, computed, count, prefix=prefix) is None:
                 break
             self.waiting.popleft()
@@ -121,7 +154,6 @@ class Scheduler:
             self.running.append(request)
             out.chunks.append(ScheduledChunk(request, computed, count))
             budget -= count
-        return out
 
     def update(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
         """Advance the scheduled requests by their chunks, append each sampled token
