@@ -72,6 +72,8 @@ def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNK
         mask = np.arange(total)[None, :] <= query_positions
         if window:
             mask &= np.arange(total)[None, :] > query_positions - window
+        if options.get("attention_chunk"):
+            mask &= np.arange(total)[None, :] // options["attention_chunk"] == query_positions // options["attention_chunk"]
         out = dot_product_attention(
             jnp.asarray(queries[row].transpose(1, 0, 2)[None]), jnp.asarray(full_keys[row].transpose(1, 0, 2)[None]),
             jnp.asarray(full_values[row].transpose(1, 0, 2)[None]), jnp.asarray(mask[None, None]), scale=DIM**-0.5,
@@ -96,8 +98,11 @@ MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after c
         ([20, 14], [1, 2], {"sliding_window": 5}),  # every window starts past the first chunk: the loop does too
         (*MIXED, {"softcap": 2.0}),
         (*MIXED, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}),
+        (*MIXED, {"attention_chunk": 4}),  # Llama 4's chunked attention
+        ([20, 14], [1, 2], {"attention_chunk": 8}),  # every chunk starts past the first context chunk
     ],
-    ids=["decode", "prefill", "mixed", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks"],
+    ids=["decode", "prefill", "mixed", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
+         "far-chunked"],
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
     run_step(contexts, news, seed=len(contexts), **options)

@@ -56,11 +56,13 @@ def xla_paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: jax.Array | None = None,
+    attention_chunk: int | None = None,
     context_chunk: int = CONTEXT_CHUNK,
 ) -> jax.Array:
     """Each token's attention [tokens, q_heads, dim] over its request's cached positions
-    ``<=`` its own (and ``> position - sliding_window``). The pool already holds this
-    step's keys and values (:func:`write_kv`).
+    ``<=`` its own (and ``> position - sliding_window``; with ``attention_chunk``, Llama
+    4's chunked attention, only those in its own chunk of that many positions). The pool
+    already holds this step's keys and values (:func:`write_kv`).
 
     Two parts joined by an online softmax, so a step costs what its contexts hold, not
     ``max_model_len``, and no context length is a compiled shape:
@@ -83,8 +85,14 @@ def xla_paged_attention(
         scores = jnp.einsum(f"thgd,{shape}->thgn", q, keys, preferred_element_type=jnp.float32) * scale
         return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
 
+    earliest = jnp.zeros_like(positions)  # the first position each token may attend to
+    if sliding_window is not None:
+        earliest = jnp.maximum(earliest, positions - sliding_window + 1)
+    if attention_chunk is not None:
+        earliest = jnp.maximum(earliest, positions // attention_chunk * attention_chunk)
+
     def in_window(context: jax.Array) -> jax.Array:  # context [tokens or 1, n] -> [tokens, n]
-        return context > positions[:, None] - sliding_window if sliding_window is not None else True
+        return context >= earliest[:, None]
 
     # The step's own keys: token s is visible to token t of the same request at or after it.
     own = flat[batch.slots]  # [tokens, 2 * kv_heads, dim]
@@ -110,9 +118,7 @@ def xla_paged_attention(
         allowed = (context < cached[:, None]) & in_window(context)
         return _online_softmax(carry, scores_of(gathered[:, :, 0::2]), allowed, gathered[:, :, 1::2])
 
-    start = 0
-    if sliding_window is not None:  # the earliest position any token's window reaches
-        start = jnp.maximum(jnp.min(jnp.where(real, positions - sliding_window + 1, jnp.max(cached))), 0) // span
+    start = jnp.min(jnp.where(real, earliest, jnp.max(cached))) // span  # the earliest position any token reaches
     high, total, acc = jax.lax.fori_loop(start, (jnp.max(cached) - 1) // span + 1, chunk, carry)
     if sinks is not None:  # each head's sink logit joins the softmax's denominator only
         sink = sinks.astype(jnp.float32).reshape(high.shape[1:])
@@ -180,10 +186,10 @@ def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
-def paged_attention_kernel(sinks: bool = False) -> Callable[..., jax.Array]:
+def paged_attention_kernel(sinks: bool = False, chunked: bool = False) -> Callable[..., jax.Array]:
     """The kernel for this platform (both take the same arguments): Pallas on TPU, unless
-    the layer has attention ``sinks``, which it does not take; XLA elsewhere."""
-    return pallas_paged_attention if _on_tpu() and not sinks else xla_paged_attention
+    the layer has attention ``sinks`` or is ``chunked``, which it does not take; XLA elsewhere."""
+    return pallas_paged_attention if _on_tpu() and not (sinks or chunked) else xla_paged_attention
 
 
 def split_over_heads(kernel: Callable[..., jax.Array], mesh: Mesh, axis: str) -> Callable[..., jax.Array]:

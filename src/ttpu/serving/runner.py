@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from jax.sharding import Mesh
 from transformers import AttentionInterface
-
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ttpu.backends.base import CachedStepInputs
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
-from ttpu.backends.jax.kv_cache import CONV, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer
+from ttpu.backends.jax.kv_cache import (
+    CONV, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer,
+)
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
@@ -65,13 +66,15 @@ class CacheArrays(NamedTuple):
 
 class AttentionCall(NamedTuple):
     """What one attention call of a layer receives: key heads, key and value widths,
-    dtype and sliding window (recorded by a probe trace, to size the pools)."""
+    dtype, sliding window and attention chunk (recorded by a probe trace, to size the
+    pools)."""
 
     kv_heads: int
     key_dim: int
     value_dim: int
     dtype: str
     sliding_window: int | None
+    attention_chunk: int | None
 
 
 @dataclass
@@ -108,8 +111,9 @@ def paged_attention_forward(
     step = _current_step.get()
     rows, length = query.shape[0], query.shape[2]
     q, k, v = (_tokens(x, step.grid) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
+    chunk = _attention_chunk(module)
     if step.pools is None:
-        call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window)
+        call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk)
         step.calls.setdefault(module.layer_idx, []).append(call)
         return to_traced(jnp.zeros((rows, length, q.shape[1], v.shape[2]), q.dtype)), None
     pool = step.pools[module.layer_idx]
@@ -119,14 +123,27 @@ def paged_attention_forward(
     options = {"scale": scaling if scaling is not None else q.shape[-1] ** -0.5, "sliding_window": sliding_window,
                "softcap": softcap}
     if s_aux is not None:
-        options["sinks"] = view(s_aux)
-    kernel = paged_attention_kernel(sinks=s_aux is not None)
+        options["sinks"] = torchax.interop.jax_view(s_aux)
+    if chunk is not None:
+        options["attention_chunk"] = chunk
+    kernel = paged_attention_kernel(sinks=s_aux is not None, chunked=chunk is not None)
     if step.heads_axes[module.layer_idx] is not None:
         kernel = split_over_heads(kernel, step.mesh, step.heads_axes[module.layer_idx])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
     if step.grid is not None:
         out = out[step.grid.tokens_of_cells]
     return to_traced(out.reshape(rows, length, *out.shape[1:])), None
+
+
+def _attention_chunk(module: torch.nn.Module) -> int | None:
+    """The chunk size of a chunked-attention layer (Llama 4: ``layer_types`` names it,
+    ``attention_chunk_size`` sizes it), else None."""
+    config = getattr(module, "config", None)
+    kinds = getattr(config, "layer_types", None) or []
+    index = getattr(module, "layer_idx", None)
+    if index is not None and index < len(kinds) and kinds[index] == "chunked_attention":
+        return getattr(config, "attention_chunk_size", None)
+    return None
 
 
 def _tokens(x: torch.Tensor, grid: RowGrid | None) -> jax.Array:
@@ -280,7 +297,7 @@ class ModelRunner:
             f"layer {i} is {kind!r} attention, whose window reaches attention only through a mask"
             for i, kind in enumerate(kinds)
             if kind not in ("full_attention", "global", "attention", "hybrid") and i in step.calls
-            and step.calls[i][0].sliding_window is None
+            and step.calls[i][0].sliding_window is None and step.calls[i][0].attention_chunk is None
         ]
         if problems:
             raise InvalidArgumentError(
