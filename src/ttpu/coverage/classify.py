@@ -72,6 +72,7 @@ _GENERATE_CAUSES: list[tuple[str, re.Pattern]] = [
     ("engine: indexer layers", re.compile(r"serving engine runs models whose layers cache")),
     ("engine: attention outside AttentionInterface",
      re.compile(r"does not run with the serving engine's paged attention|never calls transformers' attention")),
+    ("engine: the model reads its cache's length", re.compile(r"reads its cache's length")),
     ("engine: a layer attending over another's keys", re.compile(r"calls attention but caches no keys")),
     ("engine: several attention calls per layer", re.compile(r"calls attention \d+ times")),
     ("engine: a window only in the mask", re.compile(r"whose window reaches attention only through a mask")),

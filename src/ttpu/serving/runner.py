@@ -251,6 +251,24 @@ class ModelRunner:
             pool.sharding.spec[2] if pool is not None and pool.sharding.spec else None for pool in self.cache.pools
         )
         self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
+        if self.has_states:
+            self._trace_rows_step()
+
+    def _trace_rows_step(self) -> None:
+        """Trace (not compile) a step of new prompts and one of decodes, so that a model
+        whose recurrent or attention layers the rows cannot carry is refused now, not in
+        its first step."""
+        for tokens, requests in ((MIN_TOKEN_BUCKET, 1), (MIN_REQUEST_BUCKET, MIN_REQUEST_BUCKET)):
+            inputs = self.empty_step(tokens, requests)
+            try:
+                jax.eval_shape(self._step_program, self._forward.params, self.cache, inputs.ids, inputs.batch,
+                               inputs.sampling_rows, inputs.grid)
+            except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
+                cause = error.__cause__ if isinstance(error.__cause__, InvalidArgumentError) else error
+                raise InvalidArgumentError(
+                    f"the serving engine cannot run {type(self._model.torch_module).__name__} one request per row "
+                    f"({type(cause).__name__}: {str(cause).splitlines()[0][:300]})"
+                ) from None
 
     @property
     def compile_count(self) -> int:
@@ -477,6 +495,12 @@ class _PagedLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        raise InvalidArgumentError(
+            "the model reads its cache's length (for positions or masks); the serving engine's requests each have "
+            "their own, so it cannot run this model: use model.generate() for it"
+        )
 
 
 class _PagedHybridLayer(TracedLinearLayer, _PagedLayer):
