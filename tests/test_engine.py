@@ -96,6 +96,10 @@ def test_chunked_attention_layers_give_transformers_greedy_tokens() -> None:
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    # Its NoPE layers' temperature tuning counts positions from a cache's length: exact only below floor_scale.
+    model.torch_module.config.floor_scale = 64
+    with pytest.raises(InvalidArgumentError, match="temperature tuning counts positions from the cache, exact only below floor_scale=64"):
+        LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
 
 
 def test_a_tensor_parallel_hybrid_engine_gives_transformers_greedy_tokens() -> None:
@@ -105,6 +109,10 @@ def test_a_tensor_parallel_hybrid_engine_gives_transformers_greedy_tokens() -> N
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
     batch = prompts()[:4]
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    compiled = engine.runner.compile_count
+    engine._requests.clear()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    assert engine.runner.compile_count == compiled  # the state slots come back from a step as they went in
 
 
 def test_a_preempted_hybrid_request_recomputes_its_state() -> None:
@@ -229,7 +237,8 @@ def test_after_the_warm_up_no_mix_of_requests_compiles(model_type: str) -> None:
     import random
 
     _, model = build(model_type) if model_type == "llama" else tiny_causal_lm(model_type)
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_model_len=64, max_num_batched_tokens=32, block_size=4))
+    budget = 32 if model_type == "llama" else 64  # new prompts: 4 rows of 16, 2 of 32, 1 of 64
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_model_len=64, max_num_batched_tokens=budget, block_size=4))
     assert engine.warm_up(progress=False) > 0
     compiled = engine.compile_count
     pairs = engine.runner.buckets()
@@ -327,28 +336,33 @@ def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(parallelism: str) 
     assert engine.runner.compile_count == compiled  # the pools come back from a step as they went in
 
 
-def test_a_request_that_raises_in_its_step_fails_alone(monkeypatch) -> None:
-    eager, model = build("llama")
+@pytest.mark.parametrize("model_type", ["llama", "mamba2"])
+def test_a_request_that_raises_in_its_step_fails_alone(model_type: str, monkeypatch) -> None:
+    """The step fails after it ran (the cache moved on). Mamba-2's other decodes are not
+    replayed on states it moved: they recompute from scratch, with the same tokens."""
+    eager, model = build(model_type) if model_type == "llama" else tiny_causal_lm(model_type)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
-    prepare = engine.runner.prepare
-
-    def failing(out, block_ids, state_slots):
-        if any(chunk.request.id == "bad" and chunk.request.output_token_ids for chunk in out.chunks):
-            raise RuntimeError("boom")  # its second step
-        return prepare(out, block_ids, state_slots)
-
-    monkeypatch.setattr(engine.runner, "prepare", failing)
+    run = engine.runner.run
     batch = prompts()[:3]
     requests = [engine.add_request(name, p, GREEDY) for name, p in zip(["a", "bad", "c"], batch)]
+
+    def failing(inputs):
+        logits = run(inputs)
+        if "bad" in inputs.sampling_ids and requests[1].output_token_ids:
+            raise RuntimeError("boom")  # from its second step on
+        return logits
+
+    monkeypatch.setattr(engine.runner, "run", failing)
     while engine.has_unfinished_requests:
         engine.step()
     assert requests[1].finish_reason == "error" and requests[1].error == "RuntimeError: boom"
     assert [requests[0].output_token_ids, requests[2].output_token_ids] == [
         expected_tokens(eager, batch[0]), expected_tokens(eager, batch[2])
     ]
-    assert engine.kv.used_blocks == 0
-    with pytest.raises(InvalidArgumentError, match=r"token ids \[256\] are outside the model's vocabulary \(0 to 255\)"):
-        engine.add_request("outside", [5, 256], GREEDY)
+    assert engine.kv.used_blocks == 0 == engine.kv.used_state_slots
+    vocab = engine.vocab_size
+    with pytest.raises(InvalidArgumentError, match=rf"token ids \[{vocab}\] are outside the model's vocabulary \(0 to {vocab - 1}\)"):
+        engine.add_request("outside", [5, vocab], GREEDY)
 
 
 @pytest.mark.parametrize(

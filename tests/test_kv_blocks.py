@@ -77,6 +77,22 @@ def test_allocation_that_does_not_fit_changes_nothing() -> None:
     assert [block.ref_count for block in hit] == [0, 0] and manager.pool.num_free == 3
 
 
+def test_each_request_holds_one_state_slot_until_freed() -> None:
+    manager = KVBlockManager(num_blocks=20, block_size=BLOCK, prefix_caching=False, state_slots=2)
+    assert manager.allocate("a", [5] * 3, computed=0, new=3) is not None
+    assert manager.allocate("a", [5] * 6, computed=3, new=3) is not None  # a later allocation keeps its slot
+    assert manager.allocate("b", [6] * 3, computed=0, new=3) is not None
+    assert (manager.state_slot("a"), manager.state_slot("b")) == (1, 2)
+    # Blocks are free, but no slot is: nothing changes.
+    assert manager.allocate("c", [7] * 3, computed=0, new=3) is None
+    assert manager.block_ids("c") == [] and manager.used_state_slots == 2 and manager.used_blocks == 3
+    manager.free("a")
+    assert manager.allocate("c", [7] * 3, computed=0, new=3) is not None and manager.state_slot("c") == 1
+    manager.free("b")
+    manager.free("c")
+    assert manager.used_state_slots == 0 and manager.used_blocks == 0
+
+
 def test_prefix_caching_off_shares_nothing() -> None:
     manager = KVBlockManager(num_blocks=8, block_size=BLOCK, prefix_caching=False)
     manager.allocate("a", list(range(12)), computed=0, new=12)

@@ -99,7 +99,7 @@ MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after c
         (*MIXED, {"softcap": 2.0}),
         (*MIXED, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}),
         (*MIXED, {"attention_chunk": 4}),  # Llama 4's chunked attention
-        ([20, 14], [1, 2], {"attention_chunk": 8}),  # every chunk starts past the first context chunk
+        ([20, 14], [1, 2], {"attention_chunk": 8}),  # every chunk starts past the first context chunk: the loop may too
     ],
     ids=["decode", "prefill", "mixed", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
          "far-chunked"],

@@ -188,7 +188,7 @@ def test_an_empty_prompt_is_refused() -> None:
 def whole_prefills_scheduler(budget: int, num_blocks: int = 80, max_num_seqs: int = 4, max_model_len: int = 44) -> Scheduler:
     """As the engine builds it for a model with recurrent layers: a state slot per seat, no prefix caching."""
     kv = KVBlockManager(num_blocks, BLOCK, prefix_caching=False, state_slots=max_num_seqs)
-    return Scheduler(kv, max_num_seqs, budget, max_model_len, whole_prefills=True)
+    return Scheduler(kv, max_num_seqs, budget, max_model_len, whole_prefills=lambda rows, longest: rows * longest)
 
 
 def test_with_whole_prefills_a_step_is_new_prompts_or_decodes() -> None:
@@ -203,6 +203,12 @@ def test_with_whole_prefills_a_step_is_new_prompts_or_decodes() -> None:
     s.add(request("c", [8] * 2))
     assert step(s)[0] == [("c", 0, 2)]  # a new prompt goes before the decodes, in a step of its own
     assert sorted(s.kv.state_slot(r.id) for r in s.running) == [1, 2, 3, 4]
+
+
+def test_whole_prefills_need_a_kv_manager_without_prefix_caching() -> None:
+    with pytest.raises(InvalidArgumentError, match="without prefix caching"):
+        Scheduler(KVBlockManager(20, BLOCK, prefix_caching=True, state_slots=4), 4, 16, 44,
+                  whole_prefills=lambda rows, longest: rows * longest)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -225,7 +231,7 @@ def test_random_traffic_with_whole_prefills_keeps_one_state_slot_per_running_req
         assert len(new) <= 1 or len(new) * max(c.count for c in new) <= s.max_num_batched_tokens
         assert all(c.count == 1 for c in out.chunks if c.start > 0)
         slots = [s.kv.state_slot(r.id) for r in s.running]
-        assert len(set(slots)) == len(slots) and set(slots) <= {1, 2, 3, 4}
+        assert len(set(slots)) == len(slots) and set(slots) <= {1, 2, 3, 4} and s.kv.used_state_slots == len(slots)
         s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
         if not s.has_work and len(requests) >= 40:
             break

@@ -66,8 +66,9 @@ class LLMEngine:
             logger.info("prefix caching is off for %s: its recurrent states are kept per request, not per block",
                         type(model.torch_module).__name__)
         self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and not states,
-                                 state_slots=max_num_seqs if states else 0)
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len, whole_prefills=states)
+                                 state_slots=self.runner.state_slots)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,
+                                   whole_prefills=self.runner.prefill_tokens if states else None)
         eos = model.torch_module.generation_config.eos_token_id
         self.vocab_size = model.torch_module.get_input_embeddings().num_embeddings
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
@@ -148,7 +149,9 @@ class LLMEngine:
 
     def _compute(self, out: SchedulerOutput) -> list[Request]:
         """Run ``out``; if it raises, run its chunks one by one, so that only the request
-        that raises fails (with its error) and the others get their tokens."""
+        that raises fails (with its error) and the others get their tokens. A recurrent
+        model's decodes are not run again but recomputed from scratch later: the failed
+        step may already have moved their states on."""
         try:
             return self._run(out)
         except Exception as error:  # noqa: BLE001  one request's failure must not end the others
@@ -168,6 +171,9 @@ class LLMEngine:
             if blocks & failed_blocks:  # its prefix hit blocks that a failed chunk was to write in this step
                 self.scheduler.requeue(request)  # it recomputes them later
                 continue
+            if self.runner.has_states and chunk.start > 0:  # a decode: the step may have moved its state already
+                self.scheduler.requeue(request)  # it recomputes its state from its whole sequence later
+                continue
             changed += self._compute(SchedulerOutput([chunk]))
             if request.status is RequestStatus.FINISHED_ERROR:
                 failed_blocks |= blocks
@@ -185,7 +191,7 @@ class LLMEngine:
 
     def _run(self, out: SchedulerOutput) -> list[Request]:
         ids = [chunk.request.id for chunk in out.chunks]
-        slots = {i: self.kv.state_slot(i) for i in ids} if self.runner.has_states else None
+        slots = {i: self.kv.state_slot(i) for i in ids} if self.runner.has_states else {}
         inputs = self.runner.prepare(out, {i: self.kv.block_ids(i) for i in ids}, slots)
         logits = self.runner.run(inputs)
         self.scheduled_tokens += out.num_tokens

@@ -184,8 +184,9 @@ class KVBlockManager:
     ) -> list[int] | None:
         """Blocks for ``request_id`` to hold positions up to ``computed + new`` (of its
         ``tokens``: prompt and generated so far), taking the ``prefix`` blocks of a lookup
-        first (a request's first allocation); None, changing nothing, when the pool has too
-        few free blocks. Returns the ids of the blocks it newly holds."""
+        first (a request's first allocation), and a state slot if it holds none; None,
+        changing nothing, when the pool has too few free blocks or no slot is free.
+        Returns the ids of the blocks it newly holds."""
         table = self._tables.setdefault(request_id, [])
         wanted = -(-(computed + new) // self.block_size) - len(table) - len(prefix)
         reusable = sum(1 for block in prefix if block.ref_count == 0)  # shared from the free queue
@@ -203,7 +204,7 @@ class KVBlockManager:
         return [block.id for block in added]
 
     def free(self, request_id: str, written: bool = True) -> None:
-        """Release every block of ``request_id`` (finished, aborted or preempted). When
+        """Release every block (and the state slot) of ``request_id`` (finished, aborted or preempted). When
         its step failed (``written`` False), the blocks it alone holds stop being cached
         prefixes: their keys and values may never have been written."""
         table = self._tables.pop(request_id, [])

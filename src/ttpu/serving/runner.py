@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
 from collections.abc import Iterator, Mapping
@@ -45,6 +46,7 @@ from ttpu.backends.jax.kv_cache import (
     CONV, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer,
 )
 from ttpu.backends.jax.torchax_compat import import_torchax
+from ttpu.compat import DummyLayer
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
 from ttpu.serving.scheduler import SchedulerOutput
@@ -194,7 +196,8 @@ class RowGrid(NamedTuple):
 @dataclass(frozen=True)
 class StepInputs:
     """One step's padded host arrays; ``sampling_rows[i]`` is the token whose logits
-    pick request ``sampling_ids[i]``'s next token (with a ``grid``, row ``i``'s last)."""
+    pick request ``sampling_ids[i]``'s next token (with a ``grid`` it goes unused: row
+    ``i``'s last token picks it)."""
 
     ids: np.ndarray
     positions: np.ndarray
@@ -224,7 +227,7 @@ class ModelRunner:
         parameters = inspect.signature(model.torch_module.forward).parameters
         if any(attention) and "position_ids" not in parameters:
             raise InvalidArgumentError(
-                f"the serving engine runs many requests in one row of tokens, each numbered by position_ids; "
+                f"the serving engine numbers each request's tokens by position_ids; "
                 f"{name}.forward takes none (it numbers positions itself): use model.generate() for it"
             )
         self._keeps_logits = "logits_to_keep" in parameters
@@ -233,13 +236,14 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.state_slots = max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
         calls = self._attention_calls(attention)
         place = self._forward.placement
 
         def empty() -> CacheArrays:
             pools = tuple(self._pool(calls[i], num_blocks) if i in calls else None for i in range(len(attention)))
             states = tuple(
-                {n: jnp.zeros((max_num_seqs + 1, *a.shape), a.dtype, device=place.replicated)
+                {n: jnp.zeros((self.state_slots + 1, *a.shape), a.dtype, device=place.replicated)
                  for n, a in layer.arrays if n.startswith((CONV, RECURRENT))}
                 for layer in layout.layers
             )
@@ -317,6 +321,12 @@ class ModelRunner:
             if kind not in ("full_attention", "global", "attention", "hybrid") and i in step.calls
             and step.calls[i][0].sliding_window is None and step.calls[i][0].attention_chunk is None
         ]
+        floor = getattr(config, "floor_scale", None)
+        if getattr(config, "attn_temperature_tuning", False) and floor and max(self.max_model_len, self.max_num_batched_tokens) >= floor:
+            problems.append(  # Llama 4's NoPE layers scale queries by positions counted from the cache's length
+                f"its attention temperature tuning counts positions from the cache, exact only below floor_scale={floor} "
+                f"(lower max_model_len and max_num_batched_tokens below it)"
+            )
         if problems:
             raise InvalidArgumentError(
                 f"the serving engine cannot run {name}: {'; '.join(problems[:3])}. It runs models whose every layer "
@@ -349,10 +359,15 @@ class ModelRunner:
             return [(t, r) for t in tokens for r in requests if t >= least(r // 2 + 1)]
         pairs = [(rows, rows) for rows in _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)]
         for length in _powers(MIN_TOKEN_BUCKET, self.max_model_len):
-            shortest = length // 2 + 1 if length > MIN_TOKEN_BUCKET else 1  # the longest prompt padded to it
-            most = min(self.max_num_seqs, max(1, self.max_num_batched_tokens // shortest))
-            pairs += [(rows * length, rows) for rows in _powers(1, most)]
+            pairs += [(rows * length, rows) for rows in _powers(1, self.max_num_seqs)
+                      if rows == 1 or rows * length <= self.max_num_batched_tokens]
         return pairs
+
+    def prefill_tokens(self, prompts: int, longest: int) -> int:
+        """The tokens of a step of ``prompts`` whole new prompts, the longest ``longest``
+        tokens, padded to its rows (models with recurrent state: the scheduler keeps them
+        within the budget)."""
+        return bucket(prompts, 1, self.max_num_seqs) * bucket(longest, MIN_TOKEN_BUCKET, self.max_model_len)
 
     def empty_step(self, tokens: int, requests: int) -> StepInputs:
         """A step of padding only (it writes the null block and state slot), to compile a bucket pair."""
@@ -367,16 +382,21 @@ class ModelRunner:
         return StepInputs(zeros, positions, batch, np.zeros(requests, np.int32), [], grid)
 
     def prepare(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]],
-                state_slots: Mapping[str, int] | None = None) -> StepInputs:
+                state_slots: Mapping[str, int]) -> StepInputs:
         """The scheduled chunks as padded arrays (tokens and requests rounded up to
         buckets); for a model with recurrent state, also as rows over the requests'
-        ``state_slots``."""
+        ``state_slots`` (request id -> slot; unread otherwise)."""
         if not self.has_states:
             tokens = bucket(out.num_tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             return self._flat(out, block_ids, tokens, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs))
         decodes = all(chunk.start > 0 for chunk in out.chunks)  # else whole new prompts (the scheduler's whole_prefills)
-        length = 1 if decodes else bucket(max(c.count for c in out.chunks), MIN_TOKEN_BUCKET, self.max_model_len)
-        rows = bucket(len(out.chunks), MIN_REQUEST_BUCKET if decodes else 1, self.max_num_seqs)
+        if decodes != all(chunk.count == 1 for chunk in out.chunks):
+            raise InvalidArgumentError("a step over rows is either whole new prompts or one decode token per request")
+        if decodes:
+            length, rows = 1, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs)
+        else:
+            length = bucket(max(c.count for c in out.chunks), MIN_TOKEN_BUCKET, self.max_model_len)
+            rows = bucket(len(out.chunks), 1, self.max_num_seqs)
         inputs = self._flat(out, block_ids, rows * length, rows)
         cells, at = np.zeros(rows * length, np.int32), 0
         for row, chunk in enumerate(out.chunks):  # each row's tokens at its end: left padding
@@ -387,8 +407,7 @@ class ModelRunner:
         cells[at:] = np.flatnonzero(free)  # the padding tokens fill the other cells
         slots = np.zeros(rows, np.int32)
         slots[: len(out.chunks)] = [state_slots[chunk.request.id] for chunk in out.chunks]
-        grid = RowGrid(cells, np.argsort(cells).astype(np.int32), slots)
-        return StepInputs(inputs.ids, inputs.positions, inputs.batch, inputs.sampling_rows, inputs.sampling_ids, grid)
+        return dataclasses.replace(inputs, grid=RowGrid(cells, np.argsort(cells).astype(np.int32), slots))
 
     def _flat(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]], tokens: int, requests: int) -> StepInputs:
         """The scheduled chunks one after another in ``tokens`` slots (padding last), with ``requests`` rows of block tables."""
@@ -457,12 +476,16 @@ class ModelRunner:
             for layer in states
         )
         cache = _rows_cache(before, self._layout, empty)
-        mask = (positions >= 0).astype(jnp.int32)  # recurrent layers zero the padding's inputs
+        mask = (positions >= 0).astype(jnp.int32)  # recurrent layers zero a prompt's padding (a decode has none)
         inputs = self._step_inputs(to_traced(as_rows(ids)), to_traced(mask), cache, to_traced(jnp.maximum(positions, 0)))
         logits = self._logits_traced(step, params, inputs)[:, -1]
         after = [layer.linear_arrays() if isinstance(layer, TracedLinearLayer) else {} for layer in cache.layers]
+        slots = jnp.where(grid.state_slots > 0, grid.state_slots, self.state_slots + 1)  # padding rows' go nowhere
+        replicated = self._forward.placement.replicated  # as the slots were made: one program per bucket
         states = tuple(
-            {n: a.at[grid.state_slots].set(after[i][n].jax()) for n, a in layer.items()} for i, layer in enumerate(states)
+            {n: jax.lax.with_sharding_constraint(a.at[slots].set(after[i][n].jax(), mode="drop"), replicated)
+             for n, a in layer.items()}
+            for i, layer in enumerate(states)
         )
         return logits, states
 
@@ -512,16 +535,16 @@ class _PagedHybridLayer(TracedLinearLayer, _PagedLayer):
 
 
 def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, empty: bool) -> Cache:
-    """transformers' cache over the rows' recurrent ``states`` (traced), attention layers paged."""
+    """transformers' cache over the rows' recurrent ``states`` (traced), attention layers
+    paged, layers with neither transformers' dummy layer."""
     layers: list[Any] = []
     for arrays, layer in zip(states, layout.layers):
         traced = {name: to_traced(a) for name, a in arrays.items()}
-        if not traced:
-            layers.append(_PagedLayer())
-        elif KEYS in layer.names:
-            layers.append(_PagedHybridLayer(traced, layer, empty))
+        attention = KEYS in layer.names
+        if traced:
+            layers.append(_PagedHybridLayer(traced, layer, empty) if attention else TracedLinearLayer(traced, layer, empty))
         else:
-            layers.append(TracedLinearLayer(traced, layer, empty))
+            layers.append(_PagedLayer() if attention else DummyLayer())
     return Cache(layers=layers)
 
 

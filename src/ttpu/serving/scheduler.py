@@ -17,7 +17,7 @@ waiting requests are admitted whole when they can be, else the running ones deco
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ttpu.errors import InvalidArgumentError
@@ -53,7 +53,10 @@ class Scheduler:
     """The waiting queue, the running requests and their KV blocks."""
 
     def __init__(self, kv: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 whole_prefills: bool = False) -> None:
+                 whole_prefills: Callable[[int, int], int] | None = None) -> None:
+        """``whole_prefills`` (models with recurrent layers): the tokens a step of ``n``
+        whole prompts, the longest ``longest`` tokens, takes once padded; such steps are
+        kept within the budget (one prompt always fits)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InvalidArgumentError("max_num_seqs and max_num_batched_tokens must be at least 1")
         if kv.pool.capacity * kv.block_size < max_model_len:
@@ -61,6 +64,8 @@ class Scheduler:
                 f"a KV pool of {kv.pool.capacity} blocks of {kv.block_size} tokens cannot hold one request of "
                 f"max_model_len={max_model_len}: give it more blocks (memory) or lower max_model_len"
             )
+        if whole_prefills is not None and kv.prefix_caching:
+            raise InvalidArgumentError("whole prefills start from an empty state: they take a KV manager without prefix caching")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -100,7 +105,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        if self.whole_prefills:  # a step of new prompts if any is admitted, else one of decodes
+        if self.whole_prefills is not None:  # a step of new prompts if any is admitted, else one of decodes
             self._admit(out, self.max_num_batched_tokens)
             if not out.chunks:
                 self._schedule_running(out, self.max_num_batched_tokens)
@@ -131,17 +136,17 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Waiting requests, oldest first, while the budget, the seats and the pool allow.
-        With ``whole_prefills`` each takes its whole prompt, and the step's rows padded to
-        the longest must fit the budget (one prompt always does)."""
+        With ``whole_prefills`` each takes its whole prompt, and the step's padded size
+        must fit the budget (one prompt always does)."""
         longest = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             prefix = self.kv.computed_prefix(request.tokens)
             computed = len(prefix) * self.kv.block_size
-            if self.whole_prefills:
+            if self.whole_prefills is not None:
                 count = request.num_tokens - computed
                 longest = max(longest, count)
-                if out.chunks and (len(out.chunks) + 1) * longest > budget:
+                if out.chunks and self.whole_prefills(len(out.chunks) + 1, longest) > budget:
                     break
             elif budget > 0:
                 count = min(request.num_tokens - computed, budget)
