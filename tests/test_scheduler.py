@@ -5,13 +5,14 @@ prefix hits, stop conditions, and random traffic that always drains to an empty 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.kv_blocks import KVBlockManager
 from ttpu.serving.request import Request, RequestStatus, SamplingParams
-from ttpu.serving.scheduler import Scheduler
+from ttpu.serving.scheduler import Scheduler, SchedulerOutput
 
 BLOCK = 4
 EOS = 2
@@ -134,10 +135,9 @@ def test_the_model_length_ends_a_request_and_longer_prompts_are_refused() -> Non
     assert r.finish_reason == "length" and r.num_tokens == 8
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_random_traffic_respects_every_limit_and_drains(seed: int) -> None:
-    rng = random.Random(seed)
-    s = scheduler(num_blocks=12, max_num_seqs=4, budget=rng.choice([4, 8, 16]), max_model_len=44)
+def random_traffic(s: Scheduler, rng: random.Random, check: Callable[[SchedulerOutput], None]) -> list[Request]:
+    """Up to 40 requests of random lengths arriving over time, some aborted, each step's
+    schedule passed to ``check``, then a drain; returns the requests, all finished."""
     requests = []
     for step_index in range(400):
         if rng.random() < 0.3 and len(requests) < 40:
@@ -148,8 +148,7 @@ def test_random_traffic_respects_every_limit_and_drains(seed: int) -> None:
         if s.running and rng.random() < 0.05:
             s.abort(rng.choice(s.running).id)
         out = s.schedule()
-        assert out.num_tokens <= s.max_num_batched_tokens and len(s.running) <= s.max_num_seqs
-        assert len({c.request.id for c in out.chunks}) == len(out.chunks)
+        check(out)
         s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
         if not s.has_work and len(requests) >= 40:
             break
@@ -157,6 +156,19 @@ def test_random_traffic_respects_every_limit_and_drains(seed: int) -> None:
         out = s.schedule()
         s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
     assert all(r.status.finished for r in requests)
+    return requests
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_traffic_respects_every_limit_and_drains(seed: int) -> None:
+    rng = random.Random(seed)
+    s = scheduler(num_blocks=12, max_num_seqs=4, budget=rng.choice([4, 8, 16]), max_model_len=44)
+
+    def check(out: SchedulerOutput) -> None:
+        assert out.num_tokens <= s.max_num_batched_tokens and len(s.running) <= s.max_num_seqs
+        assert len({c.request.id for c in out.chunks}) == len(out.chunks)
+
+    requests = random_traffic(s, rng, check)
     assert s.kv.used_blocks == 0
     for r in requests:
         if r.status is RequestStatus.FINISHED_LENGTH:
@@ -215,16 +227,8 @@ def test_whole_prefills_need_a_kv_manager_without_prefix_caching() -> None:
 def test_random_traffic_with_whole_prefills_keeps_one_state_slot_per_running_request(seed: int) -> None:
     rng = random.Random(seed)
     s = whole_prefills_scheduler(budget=rng.choice([8, 16, 32]), num_blocks=14)
-    requests = []
-    for step_index in range(400):
-        if rng.random() < 0.3 and len(requests) < 40:
-            r = request(f"r{step_index}", [rng.randrange(3, 50) for _ in range(rng.randrange(1, 20))],
-                        max_tokens=rng.randrange(1, 12))
-            s.add(r)
-            requests.append(r)
-        if s.running and rng.random() < 0.05:
-            s.abort(rng.choice(s.running).id)
-        out = s.schedule()
+
+    def check(out: SchedulerOutput) -> None:
         new = [c for c in out.chunks if c.start == 0]
         assert not new or len(new) == len(out.chunks)  # never new prompts beside decodes
         assert all(c.count == c.request.num_tokens for c in new)  # whole, never chunked
@@ -232,11 +236,6 @@ def test_random_traffic_with_whole_prefills_keeps_one_state_slot_per_running_req
         assert all(c.count == 1 for c in out.chunks if c.start > 0)
         slots = [s.kv.state_slot(r.id) for r in s.running]
         assert len(set(slots)) == len(slots) and set(slots) <= {1, 2, 3, 4} and s.kv.used_state_slots == len(slots)
-        s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
-        if not s.has_work and len(requests) >= 40:
-            break
-    while s.has_work:
-        out = s.schedule()
-        s.update(out, {c.request.id: rng.randrange(1, 50) for c in out.chunks if c.samples})
-    assert all(r.status.finished for r in requests)
+
+    random_traffic(s, rng, check)
     assert s.kv.used_blocks == 0 and s.kv.used_state_slots == 0
