@@ -86,6 +86,8 @@ def test_recurrent_and_hybrid_models_give_transformers_greedy_tokens(model_type:
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     assert engine.kv.used_state_slots == 0  # every slot free after the drain
+    engine._requests.clear()
+    assert serve(engine, [[5], [7]]) == [expected_tokens(eager, [5]), expected_tokens(eager, [7])]  # a step of 1-token prompts
 
 
 def test_chunked_attention_layers_give_transformers_greedy_tokens() -> None:

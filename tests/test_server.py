@@ -1,11 +1,12 @@
 """``ttpu serve`` started on 127.0.0.1 by the test (a tiny random Llama saved with a small
 BPE tokenizer trained on local text), talked to with the official ``openai`` client:
-completions and chat, streaming and not, sync and async, usage, errors, metrics, and a
-client that hangs up mid-stream."""
+completions and chat, streaming and not, sync and async, usage, errors, metrics, a
+client that hangs up mid-stream; and a tiny hybrid model (Qwen3-Next) served the same way."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,9 +74,10 @@ def saved_model(tmp_path_factory) -> tuple[Path, LlamaForCausalLM, PreTrainedTok
     return directory, module, tokenizer
 
 
-@pytest.fixture(scope="module")
-def server(saved_model):
-    directory, _, _ = saved_model
+@contextlib.contextmanager
+def serving(directory: Path) -> Iterator[Server]:
+    """``ttpu serve`` on the model saved in ``directory``, started on a free local port,
+    until the block ends."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -102,6 +105,12 @@ def server(saved_model):
     process.terminate()
     process.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(saved_model):
+    with serving(saved_model[0]) as running:
+        yield running
 
 
 def expected_text(saved_model, prompt_ids: list[int], new_tokens: int) -> str:
@@ -333,3 +342,38 @@ def test_a_stream_abandoned_before_its_response_starts_is_aborted(saved_model) -
         assert engine.metrics.finished.labels("abort")._value.get() == 1
     finally:
         engine.shutdown()
+
+
+def test_a_hybrid_model_serves_concurrent_and_streamed_requests(tmp_path) -> None:
+    """Qwen3-Next (gated delta net layers beside attention layers): each request's state
+    slot through the real server, concurrent requests and a stream giving transformers'
+    greedy text."""
+    from transformers import AutoModelForCausalLM
+
+    from ttpu.coverage.configs import tiny_config
+
+    config = tiny_config("qwen3_next", True)
+    config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = 512, 1, 2, 0
+    config.max_position_embeddings = 1024  # the server's max_model_len
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(config).eval()
+    tokenizer = _tokenizer()
+    module.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    saved = (tmp_path, module, tokenizer)
+    prompts = ["Hugging Face", "transformers models", "A", "state-of-the-art machine learning for"]
+
+    async def run(url: str) -> list[str]:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none")
+        answers = await asyncio.gather(*(
+            client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0) for p in prompts
+        ))
+        return [a.choices[0].text for a in answers]
+
+    with serving(tmp_path) as running:
+        texts = asyncio.run(run(running.url))
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none")
+        stream = client.completions.create(model=MODEL, prompt=prompts[3], max_tokens=8, temperature=0, stream=True)
+        streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert texts == [expected_text(saved, tokenizer(p)["input_ids"], 8) for p in prompts]
+    assert streamed == texts[3]

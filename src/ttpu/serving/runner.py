@@ -389,8 +389,8 @@ class ModelRunner:
         if not self.has_states:
             tokens = bucket(out.num_tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             return self._flat(out, block_ids, tokens, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs))
-        decodes = all(chunk.start > 0 for chunk in out.chunks)  # else whole new prompts (the scheduler's whole_prefills)
-        if decodes != all(chunk.count == 1 for chunk in out.chunks):
+        decodes = all(chunk.start > 0 and chunk.count == 1 for chunk in out.chunks)
+        if not decodes and not all(c.start == 0 and c.count == c.request.num_tokens for c in out.chunks):
             raise InvalidArgumentError("a step over rows is either whole new prompts or one decode token per request")
         if decodes:
             length, rows = 1, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs)
