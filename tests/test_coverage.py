@@ -55,25 +55,30 @@ def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
         {"model_type": "differs", "eager": True, "matches": True,
          "generate": {"eager": True, "matches": False, "stage": "compare"},
          "serve": {"eager": True, "matches": False, "stage": "ttpu", "error": {
-             "type": "InvalidArgumentError", "message": "the serving engine runs models whose layers cache attention keys and values, recurrent states, both or nothing; X has 2 full attention + indexer layers: ..."}}},
+             "type": "RuntimeError", "message": "aten::foo has no lowering"}}},
+        {"model_type": "indexer", "eager": True, "matches": True, "generate": ok, "serve": {
+            **ok, "recomputes": "the paged cache holds attention keys and values, recurrent states, both or nothing; "
+                                "X has 2 full attention + indexer layers"}},
         {"model_type": "broken", "eager": True, "matches": True,
          "generate": {"eager": False, "matches": False, "stage": "eager"}},
         {"model_type": "encoder", "eager": True, "matches": True},
     ]
     summary = coverage.summarize(results)
-    assert (summary["generate_eager"], summary["generate_matches"]) == (3, 1)
+    assert (summary["generate_eager"], summary["generate_matches"]) == (4, 2)
     assert summary["generate_causes"] == {
         "forward returns no Cache": 1, "different tokens": 1, "eager generate failed": 1,
     }
     path = tmp_path / "COVERAGE.md"
     coverage.write_markdown(results, path, command="ttpu coverage")
     text = path.read_text()
-    assert "generate: 1 / 3 = 33.3%" in text
+    assert "generate: 2 / 4 = 50.0%" in text
     assert "| nocache | " in text and "no (forward returns no Cache)" in text
     assert "| encoder |" in text and "| - |" in text
-    assert (summary["serve_eager"], summary["serve_matches"], summary["serve_of_generating"]) == (2, 1, 1)
-    assert summary["serve_causes"] == {"engine: indexer layers": 1}
-    assert "serve: 1 / 2 = 50.0%" in text and "1 of the 1 whose static `generate` matches" in text
+    assert (summary["serve_eager"], summary["serve_matches"], summary["serve_of_generating"]) == (3, 2, 2)
+    assert summary["serve_causes"] == {"op without lowering: aten::foo": 1}
+    assert summary["serve_recomputed"] == 1 and summary["serve_recomputed_causes"] == {"indexer layers": 1}
+    assert "serve: 2 / 3 = 66.7%" in text and "2 of the 2 whose static `generate` matches; 1 of the served" in text
+    assert "| indexer layers | 1 | indexer |" in text and "yes (recomputes)" in text
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ enough to preempt, with prefix caching on and off), give transformers' greedy to
 from __future__ import annotations
 
 import copy
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -98,10 +99,12 @@ def test_chunked_attention_layers_give_transformers_greedy_tokens() -> None:
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
-    # Its NoPE layers' temperature tuning counts positions from a cache's length: exact only below floor_scale.
-    model.torch_module.config.floor_scale = 64
-    with pytest.raises(InvalidArgumentError, match="temperature tuning counts positions from the cache, exact only below floor_scale=64"):
-        LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
+    # Its NoPE layers' temperature tuning counts positions from a cache's length: paged, exact only below
+    # floor_scale; at or above it the engine recomputes the sequences.
+    model.torch_module.config.floor_scale = eager.config.floor_scale = 64
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
+    assert "temperature tuning counts positions from the cache, exact only below floor_scale=64" in engine.runner.recompute_reason
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
 
 
 def test_a_tensor_parallel_hybrid_engine_gives_transformers_greedy_tokens() -> None:
@@ -231,11 +234,11 @@ def test_llm_takes_text_token_ids_and_per_prompt_params_and_cuts_stop_strings() 
     assert llm.engine.kv.used_blocks == 0
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mamba2"])
+@pytest.mark.parametrize("model_type", ["llama", "mamba2", "bert"])
 def test_after_the_warm_up_no_mix_of_requests_compiles(model_type: str) -> None:
     """Every (token, request) bucket pair and every sampler mode compile up front; then
     200 requests of random lengths and settings, arriving over time, compile nothing
-    (Mamba-2's steps run as rows: new prompts or decodes)."""
+    (Mamba-2's steps run as rows: new prompts or decodes; BERT's recompute whole sequences)."""
     import random
 
     _, model = build(model_type) if model_type == "llama" else tiny_causal_lm(model_type)
@@ -368,28 +371,31 @@ def test_a_request_that_raises_in_its_step_fails_alone(model_type: str, monkeypa
 
 
 @pytest.mark.parametrize(
-    "model_type, message",
+    "model_type, reason",
     [
-        ("bart", "takes none \\(it numbers positions itself\\)"),
+        ("bart", "takes no position_ids \\(it numbers positions itself"),
+        ("bert", "BertLMHeadModel has none: the forward returns no cache"),
+        ("trocr", "TrOCRForCausalLM has none: its cached step reads a traced value"),  # no logits_to_keep
         ("diffllama", "layer 0 calls attention 2 times"),
-        ("gpt_neo", "layer 0 never calls transformers' attention function"),
-        ("falcon", "FalconForCausalLM does not run with the serving engine's paged attention \\(CompilationError"),
+        ("falcon", "FalconForCausalLM does not run with the paged attention \\(CompilationError"),
         ("gemma3n_text", "layer 3 calls attention but caches no keys"),  # it reads layer 1's keys
         ("axk2", "AXK2ForCausalLM has 2 full attention \\+ indexer layers"),
-        ("inkling_text", "InklingForCausalLM one request per row .*reads its cache's length"),  # relative positions
+        ("inkling_text", "InklingForCausalLM fails one request per row .*reads its cache's length"),  # relative positions
     ],
 )
-def test_models_whose_attention_the_engine_would_get_wrong_are_refused(model_type: str, message: str) -> None:
-    import transformers
-
-    from ttpu.coverage.configs import tiny_config
-    from ttpu.coverage.run import _build, _causal_lm_class, config_for_class
-
-    cls = _causal_lm_class(model_type)
-    module = _build(cls, config_for_class(cls, tiny_config(model_type, True)))
-    assert isinstance(module, transformers.PreTrainedModel)
-    with pytest.raises(InvalidArgumentError, match=message):
-        LLMEngine(AutoModelForTPU.from_model(module), EngineConfig(max_num_seqs=4, max_model_len=32, block_size=4))
+def test_models_the_paged_cache_cannot_hold_are_served_by_recomputing(model_type: str, reason: str) -> None:
+    """A model whose cache or attention the paged pool cannot hold is served without a
+    cache, each step recomputing its requests' whole sequences (as ``generate`` runs a
+    model that keeps none): transformers' greedy tokens, the new prompts under a 48-token
+    budget in steps of their own, prefix caching off."""
+    eager, model = tiny_causal_lm(model_type)
+    eager.generation_config.forced_eos_token_id = None  # BART's: a generation-config processor vLLM does not apply
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
+    assert re.search(reason, engine.runner.recompute_reason)
+    assert engine.scheduler.whole_prefills and not engine.kv.prefix_caching
+    assert all(pool is None for pool in engine.runner.cache.pools)
+    batch = prompts()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
 
 
 def test_a_failed_step_leaves_no_unwritten_prefix_behind(monkeypatch) -> None:

@@ -68,17 +68,29 @@ _GENERATE_CAUSES: list[tuple[str, re.Pattern]] = [
     ("cache layer of its own: {0}", re.compile(r"does not know cache layer \d+'s kind \((\w+)\)")),
     ("model's own cache class", re.compile(r"uses cache of its own")),
     ("forward does not compile", re.compile(r"forward does not compile under ttpu")),
-    ("engine: no cache to page (generate recomputes)", re.compile(r"serving engine runs models whose layers cache.* has none:")),
-    ("engine: indexer layers", re.compile(r"serving engine runs models whose layers cache.* indexer")),
-    ("engine: layer kinds it does not keep", re.compile(r"serving engine runs models whose layers cache")),
-    ("engine: attention outside AttentionInterface",
-     re.compile(r"does not run with the serving engine's paged attention|never calls transformers' attention")),
-    ("engine: the model reads its cache's length", re.compile(r"reads its cache's length")),
-    ("engine: a layer attending over another's keys", re.compile(r"calls attention but caches no keys")),
-    ("engine: several attention calls per layer", re.compile(r"calls attention \d+ times")),
-    ("engine: a window only in the mask", re.compile(r"whose window reaches attention only through a mask")),
-    ("engine: the model numbers positions itself", re.compile(r"takes none \(it numbers positions itself\)")),
 ]
+
+
+# why the serving engine recomputes a model's sequences instead of paging its cache
+_RECOMPUTE_CAUSES: list[tuple[str, re.Pattern]] = [
+    ("no cache to page (generate recomputes too)", re.compile(r"paged cache holds .* has none:")),
+    ("indexer layers", re.compile(r"paged cache holds .* indexer")),
+    ("layer kinds it does not keep", re.compile(r"paged cache holds")),
+    ("attention outside AttentionInterface",
+     re.compile(r"does not run with the paged attention|never calls transformers' attention")),
+    ("the model reads its cache's length", re.compile(r"reads its cache's length")),
+    ("a layer attending over another's keys", re.compile(r"calls attention but caches no keys")),
+    ("several attention calls per layer", re.compile(r"calls attention \d+ times")),
+    ("a window only in the mask", re.compile(r"whose window reaches attention only through a mask")),
+    ("the model numbers positions itself", re.compile(r"takes no position_ids")),
+    ("attention temperature from the cache's length", re.compile(r"temperature tuning counts positions")),
+    ("fails one request per row", re.compile(r"fails one request per row")),
+]
+
+
+def classify_recompute(reason: str) -> str:
+    """A short cause of the serving engine's recomputing a model (its ``recompute_reason``)."""
+    return next((label for label, pattern in _RECOMPUTE_CAUSES if pattern.search(reason)), reason[:80])
 
 
 def classify_generate(check: dict[str, Any] | None) -> str:

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ttpu.coverage.classify import classify, classify_generate
+from ttpu.coverage.classify import classify, classify_generate, classify_recompute
 from ttpu.coverage.run import GENERATE_TOKENS, RTOL
 
 
@@ -85,6 +85,10 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             f"{column}_causes": dict(Counter(classify_generate(c) for c in checked if classify_generate(c)).most_common()),
         })
     generating = [r for r in results if (r.get("generate") or {}).get("matches")]
+    recomputed = [r["serve"]["recomputes"] for r in results if (r.get("serve") or {}).get("matches")
+                  and r["serve"].get("recomputes")]
+    summary["serve_recomputed"] = len(recomputed)
+    summary["serve_recomputed_causes"] = dict(Counter(map(classify_recompute, recomputed)).most_common())
     summary["serve_of_generating"] = sum(bool((r.get("serve") or {}).get("matches")) for r in generating)
     summary["generating"] = len(generating)
     return summary
@@ -110,9 +114,13 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
         f"give the same greedy tokens under ttpu ({GENERATE_TOKENS} new tokens, the same left-padded batch).",
         "",
         f"**serve: {summary['serve_matches']} / {summary['serve_eager']} = {summary['serve_headline']:.1f}%** "
-        "of the same causal LMs give those tokens through the serving engine (each row's prompt unpadded, "
-        f"submitted together, up to transformers' first EOS); {summary['serve_of_generating']} of the "
-        f"{summary['generating']} whose static `generate` matches.",
+        "of the same causal LMs give transformers' greedy tokens through the serving engine (each row's "
+        "prompt unpadded, submitted together, against transformers' `generate` on that prompt alone, up to "
+        f"its first EOS); {summary['serve_of_generating']} of the "
+        f"{summary['generating']} whose static `generate` matches; {summary['serve_recomputed']} of the "
+        "served recompute each sequence at every step, their cache or attention beyond the paged KV pool "
+        "(see below). The reference is transformers' `generate` without the generation config's "
+        "forced, suppressed or banned tokens, which the engine, as vLLM, does not apply.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
@@ -149,6 +157,15 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
         lines += ["", f"## {column} failure causes", "", "| cause | count | model types |", "|---|---:|---|"]
         for cause, count in summary[f"{column}_causes"].items():
             lines.append(f"| {_cell(cause)} | {count} | {_cell(', '.join(column_by_cause[cause]))} |")
+    recompute_by_cause: dict[str, list[str]] = {}
+    for r in results:
+        serve = r.get("serve") or {}
+        if serve.get("matches") and serve.get("recomputes"):
+            recompute_by_cause.setdefault(classify_recompute(serve["recomputes"]), []).append(r["model_type"])
+    lines += ["", "## served by recomputing: why the paged cache cannot hold them", "",
+              "| cause | count | model types |", "|---|---:|---|"]
+    for cause, count in summary["serve_recomputed_causes"].items():
+        lines.append(f"| {_cell(cause)} | {count} | {_cell(', '.join(recompute_by_cause[cause]))} |")
     lines += [
         "",
         "## Results",
@@ -179,7 +196,7 @@ def _decoding_cell(check: dict[str, Any] | None) -> str:
     if not check:
         return "-"
     if check.get("matches"):
-        return "yes"
+        return "yes (recomputes)" if check.get("recomputes") else "yes"
     return _cell(f"no ({classify_generate(check)})")
 
 

@@ -16,6 +16,10 @@ from ttpu.coverage.inputs import input_candidates
 RTOL = 1e-5
 MAX_PARAMS = 60_000_000  # tiny configs larger than this are not attempted
 GENERATE_TOKENS = 8  # greedy new tokens of the generate check
+# Logits processors a model's generation config can turn on, which the serving engine (as
+# vLLM) does not apply: its reference tokens are transformers' without them.
+SERVER_UNAPPLIED_PROCESSORS = ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
+                               "bad_words_ids", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size")
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
@@ -334,8 +338,9 @@ def _check_decoding_of_class(cls: type, config: Any) -> dict[str, dict[str, Any]
 def check_decoding(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Greedy decoding of the (left-padded) batch, transformers' ``generate`` on the eager
     module against ttpu's, token for token: ``generate`` (ttpu's static generate on the
-    same batch) and ``serve`` (each row's prompt through the serving engine, its tokens
-    up to transformers' first EOS). In each, ``eager`` says whether transformers' own
+    same batch) and ``serve`` (each row's prompt, unpadded, through the serving engine,
+    against transformers' ``generate`` on that prompt alone without the processors in
+    :data:`SERVER_UNAPPLIED_PROCESSORS`, up to its first EOS). In each, ``eager`` says whether transformers' own
     runs (only then is ttpu's compared), ``matches`` whether the tokens are equal."""
     import numpy as np
     import torch
@@ -357,11 +362,17 @@ def check_decoding(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, d
             expected = module.generate(
                 torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings
             ).numpy()
+            # The engine serves each prompt unpadded: its reference is transformers' generate
+            # on each prompt alone (left padding shifts positions in models that count them
+            # from 0), without the processors the engine, as vLLM, does not apply.
+            prompts = [row[np.asarray(m).astype(bool)].tolist() for row, m in zip(ids, mask)]
+            unserved = {k: None for k in SERVER_UNAPPLIED_PROCESSORS if getattr(config, k, None) is not None}
+            served = [module.generate(torch.tensor([p]), **settings, **unserved)[0, len(p) :].tolist() for p in prompts]
     except Exception as exc:  # noqa: BLE001
         check["error"] = error_info(exc)
         return {"generate": check, "serve": dict(check)}
     return {"generate": _check_generate(tpu, ids, mask, settings, expected),
-            "serve": _check_serve(tpu, ids, mask, expected, eos)}
+            "serve": _check_serve(tpu, prompts, served, eos)}
 
 
 def _check_generate(tpu: Any, ids: Any, mask: Any, settings: dict[str, Any], expected: Any) -> dict[str, Any]:
@@ -381,20 +392,17 @@ def _check_generate(tpu: Any, ids: Any, mask: Any, settings: dict[str, Any], exp
     return check
 
 
-def _check_serve(tpu: Any, ids: Any, mask: Any, expected: Any, eos: Any) -> dict[str, Any]:
-    """Each row's unpadded prompt through the serving engine (submitted together, a
-    budget of 16 tokens per step so longer prompts prefill in chunks) against the row
-    of transformers' left-padded ``generate``, up to its first EOS."""
-    import numpy as np
-
+def _check_serve(tpu: Any, prompts: list[list[int]], references: list[list[int]], eos: Any) -> dict[str, Any]:
+    """The ``prompts`` through the serving engine (submitted together, a budget of 16
+    tokens per step so longer prompts prefill in chunks) against transformers' tokens for
+    each (``references``), up to its first EOS."""
     from ttpu.serving.engine import EngineConfig, LLMEngine
     from ttpu.serving.request import SamplingParams
 
     check: dict[str, Any] = {"eager": True, "matches": False, "stage": "ttpu", "error": None}
     eos_ids = set([eos] if isinstance(eos, int) else eos or [])
-    prompts = [row[np.asarray(m).astype(bool)].tolist() for row, m in zip(ids, mask)]
     wanted = []
-    for row in expected[:, ids.shape[1] :].tolist():
+    for row in references:
         end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
         wanted.append(row[:end])
     try:
@@ -415,6 +423,8 @@ def _check_serve(tpu: Any, ids: Any, mask: Any, expected: Any, eos: Any) -> dict
         check["error"] = error_info(RuntimeError(failed))
         return check
     actual = [r.output_token_ids for r in requests]
+    if engine.runner.recompute_reason:
+        check["recomputes"] = engine.runner.recompute_reason
     check.update(stage="compare", matches=actual == wanted)
     if check["matches"]:
         check["stage"] = ""

@@ -51,6 +51,7 @@ class LLMEngine:
         if model.backend != "jax":
             raise InvalidArgumentError("the serving engine runs on the JAX backend so far: load with backend='jax'")
         context = getattr(model.torch_module.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        context = context if isinstance(context, int) and context > 0 else None  # XLNet: -1, unbounded
         max_model_len = config.max_model_len or min(context or 2048, 2048)
         if context and max_model_len > context:
             raise InvalidArgumentError(f"max_model_len={max_model_len} exceeds the model's {context} positions")
@@ -61,14 +62,15 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, model.decoder().layout, num_blocks, block_size, max_model_len, max_num_batched_tokens, max_num_seqs
         )
-        states = self.runner.has_states
-        if states and config.enable_prefix_caching:
-            logger.info("prefix caching is off for %s: its recurrent states are kept per request, not per block",
-                        type(model.torch_module).__name__)
-        self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and not states,
+        whole = self.runner.whole_prompts
+        if whole and config.enable_prefix_caching:
+            logger.info("prefix caching is off for %s: it caches no keys and values per block (%s)",
+                        type(model.torch_module).__name__,
+                        "recurrent states per request" if self.runner.has_states else "nothing cached")
+        self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and not whole,
                                  state_slots=self.runner.state_slots)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,
-                                   whole_prefills=self.runner.prefill_tokens if states else None)
+                                   whole_prefills=self.runner.prefill_tokens if whole else None)
         eos = model.torch_module.generation_config.eos_token_id
         self.vocab_size = model.torch_module.get_input_embeddings().num_embeddings
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])

@@ -18,6 +18,11 @@ prompts (each left-padded, from an empty state: padding then leaves the state ex
 step of decodes (``length`` 1). The model sees transformers' own linear-attention cache
 layers over the rows' states, gathered from their slots and written back after the step;
 attention layers still go through the paged pools.
+
+Models whose cache or attention the paged pools cannot hold (no cache, a cache class of
+their own, indexer keys, positions counted from the cache's length, attention outside the
+interface) are found at construction and recomputed instead: each step runs its requests'
+whole sequences, one per row, through the model's uncached forward.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -50,6 +56,8 @@ from ttpu.compat import DummyLayer
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
 from ttpu.serving.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 PAGED_ATTENTION = "ttpu_paged"
 MIN_TOKEN_BUCKET, MIN_REQUEST_BUCKET = 16, 8
@@ -212,31 +220,46 @@ class ModelRunner:
 
     def __init__(self, model: Any, layout: CacheLayout, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int) -> None:
-        name = type(model.torch_module).__name__
-        if layout.recompute or not all(_served(layer) for layer in layout.layers):
-            raise InvalidArgumentError(
-                f"the serving engine runs models whose layers cache attention keys and values, recurrent states, "
-                f"both or nothing; {name} has {layout.describe()}: use model.generate() for it"
-            )
         self._model = model
         self._layout = layout
         self._forward = model.compiled_forward
         self._step_inputs = CachedStepInputs(model.torch_module)
-        attention = [KEYS in layer.names for layer in layout.layers]
-        self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
-        parameters = inspect.signature(model.torch_module.forward).parameters
-        if any(attention) and "position_ids" not in parameters:
-            raise InvalidArgumentError(
-                f"the serving engine numbers each request's tokens by position_ids; "
-                f"{name}.forward takes none (it numbers positions itself): use model.generate() for it"
-            )
-        self._keeps_logits = "logits_to_keep" in parameters
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.torch_module.forward).parameters
         self.block_size = block_size
         self.blocks_per_request = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.state_slots = max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
+        self.has_states = False
+        self.state_slots = 0
+        self.recompute_reason: str | None = None  # why the paged cache cannot hold the model, if it cannot
+        try:
+            self._page(num_blocks)
+        except _NotPageable as reason:
+            self.recompute_reason = str(reason)
+            self._recompute()
+        self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
+
+    @property
+    def whole_prompts(self) -> bool:
+        """Whether steps run one request per row, so prompts are prefilled whole, in steps
+        of their own (recurrent states; recomputed sequences)."""
+        return self.has_states or self.recompute_reason is not None
+
+    def _page(self, num_blocks: int) -> None:
+        """Build the paged pools and state slots; raise :class:`_NotPageable` (with the
+        reason) for a model whose cache or attention they cannot carry."""
+        layout, name = self._layout, type(self._model.torch_module).__name__
+        if layout.recompute or not all(_served(layer) for layer in layout.layers):
+            raise _NotPageable(
+                f"the paged cache holds attention keys and values, recurrent states, both or nothing; "
+                f"{name} has {layout.describe()}"
+            )
+        attention = [KEYS in layer.names for layer in layout.layers]
+        if any(attention) and "position_ids" not in inspect.signature(self._model.torch_module.forward).parameters:
+            raise _NotPageable(f"{name}.forward takes no position_ids (it numbers positions itself, from 0 or its cache's length)")
+        self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
+        self.state_slots = self.max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
         calls = self._attention_calls(attention)
         place = self._forward.placement
 
@@ -254,24 +277,39 @@ class ModelRunner:
         self._heads_axes = tuple(
             pool.sharding.spec[2] if pool is not None and pool.sharding.spec else None for pool in self.cache.pools
         )
-        self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
         if self.has_states:
-            self._trace_rows_step()
+            self._trace_step("one request per row")
 
-    def _trace_rows_step(self) -> None:
+    def _recompute(self) -> None:
+        """No cache at all: every step runs each of its requests' whole sequences (the
+        way ``generate`` runs a model that keeps no cache), so every causal LM is served."""
+        layers = len(self._layout.layers)
+        self.has_states, self.state_slots = False, 0
+        self._empty = lambda: CacheArrays((None,) * layers, ({},) * layers)
+        self.cache = self._empty()
+        self._heads_axes = (None,) * layers
+        logger.warning(
+            "the serving engine recomputes each request's whole sequence at every step for %s (no KV cache, "
+            "O(length) per token): %s", type(self._model.torch_module).__name__, self.recompute_reason,
+        )
+        self._trace_step("recomputing whole sequences")
+
+    def _trace_step(self, how: str) -> None:
         """Trace (not compile) a step of new prompts and one of decodes, so that a model
-        whose recurrent or attention layers the rows cannot carry is refused now, not in
-        its first step."""
+        whose layers this way of stepping cannot carry is refused now, not in its first step."""
         for tokens, requests in ((MIN_TOKEN_BUCKET, 1), (MIN_REQUEST_BUCKET, MIN_REQUEST_BUCKET)):
             inputs = self.empty_step(tokens, requests)
             try:
                 jax.eval_shape(self._step_program, self._forward.params, self.cache, inputs.ids, inputs.batch,
                                inputs.sampling_rows, inputs.grid)
             except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
-                cause = error.__cause__ if isinstance(error.__cause__, InvalidArgumentError) else error
+                cause = error.__cause__ if isinstance(error.__cause__, (InvalidArgumentError, _NotPageable)) else error
+                message = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+                if self.recompute_reason is None:  # paging failed: recompute instead
+                    raise _NotPageable(f"{type(self._model.torch_module).__name__} fails {how} ({message})") from None
                 raise InvalidArgumentError(
-                    f"the serving engine cannot run {type(self._model.torch_module).__name__} one request per row "
-                    f"({type(cause).__name__}: {str(cause).splitlines()[0][:300]})"
+                    f"the serving engine cannot run {type(self._model.torch_module).__name__} {how} ({message}); "
+                    f"it cannot page its cache either ({self.recompute_reason})"
                 ) from None
 
     @property
@@ -304,10 +342,10 @@ class ModelRunner:
         try:
             jax.eval_shape(probe, self._forward.params, jax.ShapeDtypeStruct((1, MIN_TOKEN_BUCKET), jnp.int32))
         except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
-            raise InvalidArgumentError(
-                f"{name} does not run with the serving engine's paged attention ({type(error).__name__}: "
+            raise _NotPageable(
+                f"{name} does not run with the paged attention ({type(error).__name__}: "
                 f"{str(error).splitlines()[0][:300]}); its attention likely computes scores itself instead of "
-                "calling transformers' AttentionInterface: use model.generate() for it"
+                "calling transformers' AttentionInterface"
             ) from None  # the message carries the model's error; its trace is not the caller's concern
         problems = [f"layer {i} calls attention {len(c)} times" for i, c in sorted(step.calls.items()) if len(c) > 1]
         problems += [f"layer {i} never calls transformers' attention function"
@@ -328,9 +366,9 @@ class ModelRunner:
                 f"(lower max_model_len and max_num_batched_tokens below it)"
             )
         if problems:
-            raise InvalidArgumentError(
-                f"the serving engine cannot run {name}: {'; '.join(problems[:3])}. It runs models whose every layer "
-                "attends once through transformers' AttentionInterface: use model.generate() for it"
+            raise _NotPageable(
+                f"the paged attention cannot run {name}: {'; '.join(problems[:3])}. It runs models whose every layer "
+                "attends once through transformers' AttentionInterface"
             )
         return {i: c[0] for i, c in step.calls.items()}
 
@@ -351,7 +389,11 @@ class ModelRunner:
         """Every (token, request) bucket pair a step can be padded to. In one row: ``r``
         requests scheduled means at least ``r`` tokens, so a pair needs ``tokens >`` half
         of ``requests``. In rows: decodes (one token per row), and new prompts padded to
-        a length whose rows the scheduler fits in the token budget."""
+        a length whose rows the scheduler fits in the token budget. Recomputed: rows of
+        every length, since a decode step runs its requests' whole sequences."""
+        if self.recompute_reason is not None:
+            return [(rows * length, rows) for length in _powers(MIN_TOKEN_BUCKET, self.max_model_len)
+                    for rows in _powers(1, self.max_num_seqs)]
         if not self.has_states:
             tokens = _powers(MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             requests = _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)
@@ -379,13 +421,15 @@ class ModelRunner:
         if self.has_states:
             cells = np.arange(tokens, dtype=np.int32)
             grid = RowGrid(cells, cells, np.zeros(requests, np.int32))
-        return StepInputs(zeros, positions, batch, np.zeros(requests, np.int32), [], grid)
+        return StepInputs(np.zeros(tokens, np.int32), positions, batch, np.zeros(requests, np.int32), [], grid)
 
     def prepare(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]],
                 state_slots: Mapping[str, int]) -> StepInputs:
         """The scheduled chunks as padded arrays (tokens and requests rounded up to
         buckets); for a model with recurrent state, also as rows over the requests'
         ``state_slots`` (request id -> slot; unread otherwise)."""
+        if self.recompute_reason is not None:
+            return self._sequences(out)
         if not self.has_states:
             tokens = bucket(out.num_tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             return self._flat(out, block_ids, tokens, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs))
@@ -408,6 +452,23 @@ class ModelRunner:
         slots = np.zeros(rows, np.int32)
         slots[: len(out.chunks)] = [state_slots[chunk.request.id] for chunk in out.chunks]
         return dataclasses.replace(inputs, grid=RowGrid(cells, np.argsort(cells).astype(np.int32), slots))
+
+    def _sequences(self, out: SchedulerOutput) -> StepInputs:
+        """Each scheduled request's whole sequence up to its chunk's end, one per row,
+        right-padded (causal attention never reads padding after a token, and positions
+        count from 0 as the model numbers them itself): ``ids`` row-major [rows * length]."""
+        rows = bucket(len(out.chunks), 1, self.max_num_seqs)
+        length = bucket(max(c.start + c.count for c in out.chunks), MIN_TOKEN_BUCKET, self.max_model_len)
+        inputs = self.empty_step(rows * length, rows)
+        sampling_rows, sampling_ids = inputs.sampling_rows, []
+        for row, chunk in enumerate(out.chunks):
+            end, at = chunk.start + chunk.count, row * length
+            inputs.ids[at : at + end] = chunk.request.tokens[:end]
+            inputs.positions[at : at + end] = np.arange(end)
+            if chunk.samples:
+                sampling_rows[len(sampling_ids)] = at + end - 1
+                sampling_ids.append(chunk.request.id)
+        return dataclasses.replace(inputs, sampling_ids=sampling_ids)
 
     def _flat(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]], tokens: int, requests: int) -> StepInputs:
         """The scheduled chunks one after another in ``tokens`` slots (padding last), with ``requests`` rows of block tables."""
@@ -447,6 +508,8 @@ class ModelRunner:
 
     def _step_program(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
                       sampling_rows: jax.Array, grid: RowGrid | None):
+        if self.recompute_reason is not None:
+            return cache, self._sequences_traced(params, ids, batch.positions, sampling_rows)
         step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid)
         if grid is not None:
             logits, states = self._rows_traced(step, params, cache.states, ids)
@@ -489,6 +552,23 @@ class ModelRunner:
         )
         return logits, states
 
+    def _sequences_traced(self, params: Any, ids: jax.Array, positions: jax.Array, sampling_rows: jax.Array) -> jax.Array:
+        """The logits [rows, vocab] at ``sampling_rows`` of the model's uncached forward
+        over the rows of :meth:`_sequences` (each row's first token is always attended,
+        so a padding row is never wholly masked). Where the forward takes
+        ``logits_to_keep``, the vocabulary projection runs at the sampled columns only
+        ([rows, rows, vocab], not [rows, length, vocab])."""
+        rows = sampling_rows.shape[0]
+        ids, positions = ids.reshape(rows, -1), positions.reshape(rows, -1)
+        row, column = jnp.divmod(sampling_rows, ids.shape[1])
+        mask = (positions >= 0).at[:, 0].set(True).astype(jnp.int32)
+        inputs = self._step_inputs.without_cache(to_traced(ids), to_traced(mask), to_traced(jnp.maximum(positions, 0)))
+        if self._keeps_logits:
+            inputs["logits_to_keep"] = to_traced(column)  # the same columns of every row: row i's is its i-th
+            column = jnp.arange(rows)
+        logits = self._forward.call_traced(params, inputs).logits.jax()
+        return logits[row, column].astype(jnp.float32)
+
     def _logits_traced(self, step: _Step, params: Any, inputs: dict[str, Any]) -> jax.Array:
         """The model's logits on ``inputs`` inside a trace, its attention layers reading
         and writing ``step``."""
@@ -498,6 +578,10 @@ class ModelRunner:
                 return self._forward.call_traced(params, inputs).logits.jax()
         finally:
             _current_step.reset(token)
+
+
+class _NotPageable(Exception):
+    """Why the paged cache cannot carry a model (the engine recomputes it instead)."""
 
 
 def _served(layer: LayerLayout) -> bool:
@@ -520,9 +604,9 @@ class _PagedLayer(DynamicLayer):
         return key_states, value_states
 
     def get_seq_length(self) -> int:
-        raise InvalidArgumentError(
-            "the model reads its cache's length (for positions or masks); the serving engine's requests each have "
-            "their own, so it cannot run this model: use model.generate() for it"
+        raise _NotPageable(
+            "the model reads its cache's length (for positions or masks), and the paged cache's requests each have "
+            "their own"
         )
 
 
