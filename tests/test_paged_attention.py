@@ -13,7 +13,7 @@ import pytest
 
 from ttpu.backends.jax.attention import dot_product_attention
 from ttpu.serving.paged_attention import (
-    PagedBatch, pallas_paged_attention, ragged_arguments, split_over_heads, write_kv, xla_paged_attention,
+    PagedBatch, pallas_paged_attention, query_blocks, ragged_arguments, split_over_heads, write_kv, xla_paged_attention,
 )
 
 BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
@@ -155,3 +155,25 @@ def test_the_pallas_kernel_matches_dense_attention_in_interpret_mode() -> None:
             f"(kv_ref.reshape), which the interpreter does not implement ({type(error).__name__}: "
             f"'ReshapeTransform' object has no attribute 'indices'; jax {jax.__version__})"
         )
+
+
+@pytest.mark.parametrize("width", [1, 4, 16])
+def test_query_blocks_hold_each_token_once_and_one_request_each(width: int) -> None:
+    """Random splits of a step's tokens over its requests (some with none, padding
+    last): each real token sits in exactly one real slot, the one ``slot_of_token``
+    names, of a block of its own request, at most ``width`` to a block."""
+    rng = np.random.default_rng(width)
+    blocks_of = jax.jit(query_blocks, static_argnums=1)  # one shape: 48 tokens, 8 requests
+    requests, tokens = 8, 48
+    for _ in range(20):
+        counts = rng.integers(0, 6, requests) * rng.integers(0, 2, requests)  # some requests have no tokens
+        real_tokens = int(counts.sum())
+        rows = np.concatenate([np.repeat(np.arange(requests), counts), np.zeros(tokens - real_tokens, int)])
+        positions = np.concatenate([np.arange(real_tokens), np.full(tokens - real_tokens, -1)])
+        batch = PagedBatch(*(jnp.asarray(a, jnp.int32) for a in (positions, positions * 0, rows, np.zeros((requests, 1)))))
+        grid = jax.tree.map(np.asarray, blocks_of(batch, width))
+        held = grid.tokens[grid.real]
+        assert sorted(held.tolist()) == list(range(real_tokens))  # every real token once, padding never
+        assert (rows[grid.tokens] == grid.requests[:, None])[grid.real].all()  # a block's tokens are its request's
+        slots = grid.slot_of_token[:real_tokens]
+        assert (grid.tokens.reshape(-1)[slots] == np.arange(real_tokens)).all() and grid.real.reshape(-1)[slots].all()

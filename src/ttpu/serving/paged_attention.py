@@ -43,8 +43,42 @@ def write_kv(pool: jax.Array, keys: jax.Array, values: jax.Array, slots: jax.Arr
     return pool.reshape(blocks * block_size, heads, dim).at[slots].set(rows, mode="drop").reshape(pool.shape)
 
 
-CONTEXT_CHUNK = 128  # cached positions the XLA kernel gathers per token per loop iteration
+CONTEXT_CHUNK = 128  # cached positions the XLA kernel gathers per query block per loop iteration
+MAX_QUERY_BLOCK = 16  # queries of one request that share one gather of its context
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # online softmax: running max, sum of exp, weighted values
+
+
+class QueryBlocks(NamedTuple):
+    """A step's tokens cut into blocks of ``width`` consecutive tokens of one request
+    each (a request's last block padded), so that a block's queries read its request's
+    cached keys with one gather and one matrix product."""
+
+    tokens: jax.Array  # [blocks, width] the token in each query slot (clipped into range)
+    real: jax.Array  # [blocks, width] whether the slot holds a real token of the block's request
+    requests: jax.Array  # [blocks] each block's request
+    slot_of_token: jax.Array  # [tokens] each token's query slot (block * width + offset)
+
+
+def query_blocks(batch: PagedBatch, width: int) -> QueryBlocks:
+    """``batch``'s tokens (each request's contiguous, in request order, padding last) in
+    ``(tokens + requests * (width - 1)) / width`` blocks, enough for any split of the
+    tokens (each request's last block wastes at most ``width - 1`` slots)."""
+    tokens, requests = batch.positions.shape[0], batch.block_tables.shape[0]
+    real = batch.positions >= 0
+    counts = jax.ops.segment_sum(real.astype(jnp.int32), batch.rows, requests)
+    starts = jnp.cumsum(counts) - counts  # each request's first token
+    per_request = -(-counts // width)
+    first_block = jnp.cumsum(per_request) - per_request
+    blocks = -(-(tokens + requests * (width - 1)) // width)
+    block = jnp.arange(blocks)
+    owner = jnp.clip(jnp.searchsorted(first_block + per_request, block, side="right"), 0, requests - 1)
+    offset = (block - first_block[owner]) * width  # the block's first token within its request
+    within = offset[:, None] + jnp.arange(width)[None, :]
+    slot_real = (within < counts[owner][:, None]) & (block < (first_block + per_request)[-1])[:, None]
+    index = jnp.clip(starts[owner][:, None] + within, 0, tokens - 1)
+    rank = jnp.arange(tokens) - starts[batch.rows]  # a token's index within its request
+    slot = (first_block[batch.rows] + rank // width) * width + rank % width
+    return QueryBlocks(index, slot_real, owner, jnp.where(real, slot, 0))
 
 
 def xla_paged_attention(
@@ -69,9 +103,11 @@ def xla_paged_attention(
 
     - the step's own tokens attend to each other densely (``tokens x tokens``): a prompt
       chunk reads its own keys once, not once per token;
-    - the positions cached before each request's first token in the step are gathered
-      by block table in a loop over chunks of ``context_chunk`` positions, which runs
-      only over the chunks some token reaches (bounds computed on the device)."""
+    - the positions cached before each request's first token in the step are read in
+      query blocks (:func:`query_blocks`: a block's queries share one gather of their
+      request's context and one matrix product), in a loop over chunks of
+      ``context_chunk`` positions that runs only over the chunks some token reaches
+      (bounds computed on the device)."""
     blocks, block_size, heads, dim = pool.shape
     kv_heads, tokens, q_heads = heads // 2, query.shape[0], query.shape[1]
     q = query.reshape(tokens, kv_heads, q_heads // kv_heads, dim)
@@ -79,10 +115,10 @@ def xla_paged_attention(
     positions, rows = batch.positions, batch.rows
     real = positions >= 0
 
-    def scores_of(keys: jax.Array) -> jax.Array:
-        """[tokens, kv, g, n] from keys [n, kv, dim] (shared by all tokens) or [tokens, n, kv, dim]."""
-        shape = "nhd" if keys.ndim == 3 else "tnhd"
-        scores = jnp.einsum(f"thgd,{shape}->thgn", q, keys, preferred_element_type=jnp.float32) * scale
+    def scores_of(queries: jax.Array, keys: jax.Array, batched: str = "") -> jax.Array:
+        """[..., q, kv, g, n] from queries [..., q, kv, g, dim] and keys [..., n, kv, dim]."""
+        scores = jnp.einsum(f"{batched}thgd,{batched}nhd->{batched}thgn", queries, keys,
+                            preferred_element_type=jnp.float32) * scale
         return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
 
     earliest = jnp.zeros_like(positions)  # the first position each token may attend to
@@ -91,19 +127,20 @@ def xla_paged_attention(
     if attention_chunk is not None:
         earliest = jnp.maximum(earliest, positions // attention_chunk * attention_chunk)
 
-    def in_window(context: jax.Array) -> jax.Array:  # context [tokens or 1, n] -> [tokens, n]
-        return context >= earliest[:, None]
-
     # The step's own keys: token s is visible to token t of the same request at or after it.
     own = flat[batch.slots]  # [tokens, 2 * kv_heads, dim]
     visible = (rows[:, None] == rows[None, :]) & (positions[None, :] <= positions[:, None]) & real[None, :]
-    visible &= in_window(positions[None, :])
-    carry = _online_softmax(None, scores_of(own[:, 0::2]), visible, own[:, 1::2])
+    visible &= positions[None, :] >= earliest[:, None]
+    carry = _online_softmax(None, scores_of(q, own[:, 0::2]), visible, own[:, 1::2])
 
-    # The cached positions: those before the request's first token in this step.
+    # The cached positions, those before the request's first token in this step, by query block.
     requests = batch.block_tables.shape[0]
+    width = max(1, min(MAX_QUERY_BLOCK, 1 << max(tokens // requests - 1, 0).bit_length()))
+    grid = query_blocks(batch, width)
     first = jax.ops.segment_min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), rows, requests)
-    cached = jnp.where(real, first[rows], 0)  # token t reads cached positions < cached[t]
+    cached = jnp.where(grid.real, jnp.where(real, first[rows], 0)[grid.tokens], 0)  # [blocks, width]: reads positions < it
+    block_earliest = earliest[grid.tokens]
+    block_q = q[grid.tokens]  # [blocks, width, kv, g, dim]
     per_chunk = max(1, min(context_chunk // block_size, batch.block_tables.shape[1]))
     chunks = -(-batch.block_tables.shape[1] // per_chunk)
     tables = jnp.pad(batch.block_tables, ((0, 0), (0, chunks * per_chunk - batch.block_tables.shape[1])))
@@ -113,13 +150,18 @@ def xla_paged_attention(
     def chunk(index: jax.Array, carry: Carry) -> Carry:
         ids = jax.lax.dynamic_slice_in_dim(tables, index * per_chunk, per_chunk, axis=1)
         slots = (ids[:, :, None] * block_size + offsets).reshape(requests, span)
-        gathered = flat[slots[rows]]  # [tokens, span, 2 * kv_heads, dim]
-        context = index * span + jnp.arange(span)[None, :]
-        allowed = (context < cached[:, None]) & in_window(context)
-        return _online_softmax(carry, scores_of(gathered[:, :, 0::2]), allowed, gathered[:, :, 1::2])
+        gathered = flat[slots][grid.requests]  # [blocks, span, 2 * kv_heads, dim]: each request's gathered once
+        context = index * span + jnp.arange(span)
+        allowed = (context < cached[..., None]) & (context >= block_earliest[..., None])  # [blocks, width, span]
+        return _online_softmax(carry, scores_of(block_q, gathered[:, :, 0::2], "b"), allowed,
+                               gathered[:, :, 1::2], "b")
 
     start = jnp.min(jnp.where(real, earliest, jnp.max(cached))) // span  # the earliest position any token reaches
-    high, total, acc = jax.lax.fori_loop(start, (jnp.max(cached) - 1) // span + 1, chunk, carry)
+    empty = (jnp.full(block_q.shape[:-1], jnp.finfo(jnp.float32).min), jnp.zeros(block_q.shape[:-1]),
+             jnp.zeros(block_q.shape, jnp.float32))
+    context_carry = jax.lax.fori_loop(start, (jnp.max(cached) - 1) // span + 1, chunk, empty)
+    high, total, acc = _merge(carry, tuple(  # back to the tokens' order
+        part.reshape(-1, *part.shape[2:])[grid.slot_of_token] for part in context_carry))
     if sinks is not None:  # each head's sink logit joins the softmax's denominator only
         sink = sinks.astype(jnp.float32).reshape(high.shape[1:])
         peak = jnp.maximum(high, sink)
@@ -128,22 +170,26 @@ def xla_paged_attention(
     return out.reshape(tokens, q_heads, dim).astype(query.dtype)
 
 
-def _online_softmax(carry: Carry | None, scores: jax.Array, allowed: jax.Array, values: jax.Array) -> Carry:
-    """The softmax state after ``scores`` [tokens, kv, g, n] (where ``allowed`` [tokens,
-    n]) over ``values`` [n, kv, dim] (shared by all tokens) or [tokens, n, kv, dim] joins
-    ``carry`` (None: the first part)."""
+def _online_softmax(carry: Carry | None, scores: jax.Array, allowed: jax.Array, values: jax.Array,
+                    batched: str = "") -> Carry:
+    """The softmax state after ``scores`` [..., q, kv, g, n] (where ``allowed`` [..., q, n])
+    over ``values`` [..., n, kv, dim] joins ``carry`` (None: the first part)."""
     lowest = jnp.finfo(jnp.float32).min
-    allowed = allowed[:, None, None, :]
+    allowed = allowed[..., None, None, :]
     scores = jnp.where(allowed, scores, lowest)
-    high = scores.max(axis=-1) if carry is None else jnp.maximum(carry[0], scores.max(axis=-1))
-    weights = jnp.where(allowed, jnp.exp(scores - high[..., None]), 0.0)
-    shape = "nhd" if values.ndim == 3 else "tnhd"
-    weighted = jnp.einsum(f"thgn,{shape}->thgd", weights.astype(values.dtype), values,
+    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights = jnp.where(allowed, weights, 0.0)
+    weighted = jnp.einsum(f"{batched}thgn,{batched}nhd->{batched}thgd", weights.astype(values.dtype), values,
                           preferred_element_type=jnp.float32)
-    if carry is None:
-        return high, weights.sum(axis=-1), weighted
-    decay = jnp.exp(carry[0] - high)
-    return high, carry[1] * decay + weights.sum(axis=-1), carry[2] * decay[..., None] + weighted
+    part = (scores.max(axis=-1), weights.sum(axis=-1), weighted)
+    return part if carry is None else _merge(carry, part)
+
+
+def _merge(a: Carry, b: Carry) -> Carry:
+    """One softmax state from two over disjoint positions."""
+    high = jnp.maximum(a[0], b[0])
+    decay_a, decay_b = jnp.exp(a[0] - high), jnp.exp(b[0] - high)
+    return high, a[1] * decay_a + b[1] * decay_b, a[2] * decay_a[..., None] + b[2] * decay_b[..., None]
 
 
 def pallas_paged_attention(
