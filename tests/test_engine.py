@@ -60,6 +60,7 @@ def test_requests_batched_continuously_give_transformers_greedy_tokens(name: str
     40-token prompt in chunks beside the others' decodes."""
     eager, model = build(name)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))
+    assert engine.runner.recompute_reason is None  # the paged cache holds it
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     assert engine.runner.compile_count <= 2  # one program per (token, request) bucket pair used
@@ -244,6 +245,7 @@ def test_after_the_warm_up_no_mix_of_requests_compiles(model_type: str) -> None:
     _, model = build(model_type) if model_type == "llama" else tiny_causal_lm(model_type)
     budget = 32 if model_type == "llama" else 64  # new prompts: 4 rows of 16, 2 of 32, 1 of 64
     engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_model_len=64, max_num_batched_tokens=budget, block_size=4))
+    assert (engine.runner.recompute_reason is None) == (model_type != "bert")
     assert engine.warm_up(progress=False) > 0
     compiled = engine.compile_count
     pairs = engine.runner.buckets()

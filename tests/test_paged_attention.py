@@ -94,6 +94,7 @@ MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after c
         ([5, 17, 0, 9], [1, 1, 1, 1], {}),  # decode only
         ([0, 0, 0], [7, 13, 1], {}),  # prefill only
         (*MIXED, {}),
+        ([3, 9, 5], [20, 1, 13], {}),  # a request whose new tokens after cached ones fill two query blocks
         (*MIXED, {"sliding_window": 5}),
         ([20, 14], [1, 2], {"sliding_window": 5}),  # every window starts past the first chunk: the loop does too
         (*MIXED, {"softcap": 2.0}),
@@ -101,7 +102,7 @@ MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after c
         (*MIXED, {"attention_chunk": 4}),  # Llama 4's chunked attention
         ([20, 14], [1, 2], {"attention_chunk": 8}),  # every chunk starts past the first context chunk: the loop may too
     ],
-    ids=["decode", "prefill", "mixed", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
+    ids=["decode", "prefill", "mixed", "blocks-after-context", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
          "far-chunked"],
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
@@ -165,8 +166,9 @@ def test_query_blocks_hold_each_token_once_and_one_request_each(width: int) -> N
     rng = np.random.default_rng(width)
     blocks_of = jax.jit(query_blocks, static_argnums=1)  # one shape: 48 tokens, 8 requests
     requests, tokens = 8, 48
-    for _ in range(20):
-        counts = rng.integers(0, 6, requests) * rng.integers(0, 2, requests)  # some requests have no tokens
+    draws = [np.full(requests, tokens // requests)]  # every token slot real: the most blocks
+    draws += [rng.integers(0, 6, requests) * rng.integers(0, 2, requests) for _ in range(20)]  # some requests have none
+    for counts in draws:
         real_tokens = int(counts.sum())
         rows = np.concatenate([np.repeat(np.arange(requests), counts), np.zeros(tokens - real_tokens, int)])
         positions = np.concatenate([np.arange(real_tokens), np.full(tokens - real_tokens, -1)])

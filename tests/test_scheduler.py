@@ -239,3 +239,22 @@ def test_random_traffic_with_whole_prefills_keeps_one_state_slot_per_running_req
 
     random_traffic(s, rng, check)
     assert s.kv.used_blocks == 0 and s.kv.used_state_slots == 0
+
+
+def test_recomputed_decodes_keep_their_whole_sequences_within_the_budget_and_take_turns() -> None:
+    """A decode of a recomputed model runs its request's whole sequence: a step of them
+    fits the budget (one always runs), and those left out go first in the next step."""
+    kv = KVBlockManager(80, BLOCK, prefix_caching=False)
+    s = Scheduler(kv, 4, 24, 44, whole_prefills=lambda rows, longest: rows * longest, decodes_recompute=True)
+    for i in range(4):
+        s.add(request(f"r{i}", [5] * 6, max_tokens=6, ignore_eos=True))
+    assert len(step(s)[0]) == 4  # new prompts: 4 rows of 6 tokens fit 24
+    decoded: dict[str, int] = {f"r{i}": 0 for i in range(4)}
+    while s.has_work:
+        chunks, _ = step(s)
+        assert all(count == 1 for _, _, count in chunks)
+        # each chunk's sequence is its start + 1 tokens; the step's rows x longest within the budget
+        assert len(chunks) == 1 or len(chunks) * max(start + 1 for _, start, _ in chunks) <= 24
+        for name, _, _ in chunks:
+            decoded[name] += 1
+    assert decoded == {f"r{i}": 5 for i in range(4)}  # every request got all its decodes (the first token came with its prompt)

@@ -394,8 +394,8 @@ def _check_generate(tpu: Any, ids: Any, mask: Any, settings: dict[str, Any], exp
 
 def _check_serve(tpu: Any, prompts: list[list[int]], references: list[list[int]], eos: Any) -> dict[str, Any]:
     """The ``prompts`` through the serving engine (submitted together, a budget of 16
-    tokens per step so longer prompts prefill in chunks) against transformers' tokens for
-    each (``references``), up to its first EOS."""
+    tokens per step: longer prompts prefill in chunks where the engine chunks them)
+    against transformers' tokens for each (``references``), up to its first EOS."""
     from ttpu.serving.engine import EngineConfig, LLMEngine
     from ttpu.serving.request import SamplingParams
 

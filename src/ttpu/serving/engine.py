@@ -70,7 +70,8 @@ class LLMEngine:
         self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and not whole,
                                  state_slots=self.runner.state_slots)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,
-                                   whole_prefills=self.runner.prefill_tokens if whole else None)
+                                   whole_prefills=self.runner.prefill_tokens if whole else None,
+                                   decodes_recompute=self.runner.recompute_reason is not None)
         eos = model.torch_module.generation_config.eos_token_id
         self.vocab_size = model.torch_module.get_input_embeddings().num_embeddings
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])

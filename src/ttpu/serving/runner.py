@@ -288,11 +288,11 @@ class ModelRunner:
         self._empty = lambda: CacheArrays((None,) * layers, ({},) * layers)
         self.cache = self._empty()
         self._heads_axes = (None,) * layers
+        self._trace_step("recomputing whole sequences")
         logger.warning(
             "the serving engine recomputes each request's whole sequence at every step for %s (no KV cache, "
             "O(length) per token): %s", type(self._model.torch_module).__name__, self.recompute_reason,
         )
-        self._trace_step("recomputing whole sequences")
 
     def _trace_step(self, how: str) -> None:
         """Trace (not compile) a step of new prompts and one of decodes, so that a model
@@ -304,7 +304,9 @@ class ModelRunner:
                                inputs.sampling_rows, inputs.grid)
             except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
                 cause = error.__cause__ if isinstance(error.__cause__, (InvalidArgumentError, _NotPageable)) else error
-                message = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+                message = str(cause).splitlines()[0][:300]
+                if not isinstance(cause, _NotPageable):
+                    message = f"{type(cause).__name__}: {message}"
                 if self.recompute_reason is None:  # paging failed: recompute instead
                     raise _NotPageable(f"{type(self._model.torch_module).__name__} fails {how} ({message})") from None
                 raise InvalidArgumentError(
@@ -389,11 +391,12 @@ class ModelRunner:
         """Every (token, request) bucket pair a step can be padded to. In one row: ``r``
         requests scheduled means at least ``r`` tokens, so a pair needs ``tokens >`` half
         of ``requests``. In rows: decodes (one token per row), and new prompts padded to
-        a length whose rows the scheduler fits in the token budget. Recomputed: rows of
-        every length, since a decode step runs its requests' whole sequences."""
+        a length whose rows the scheduler fits in the token budget. Recomputed: the same
+        rows of whole sequences, for new prompts and decodes alike."""
         if self.recompute_reason is not None:
             return [(rows * length, rows) for length in _powers(MIN_TOKEN_BUCKET, self.max_model_len)
-                    for rows in _powers(1, self.max_num_seqs)]
+                    for rows in _powers(1, self.max_num_seqs)
+                    if rows == 1 or rows * length <= self.max_num_batched_tokens]
         if not self.has_states:
             tokens = _powers(MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             requests = _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)

@@ -12,6 +12,9 @@ Models with recurrent layers (SSM, linear attention) keep one state per request 
 a whole prompt, computed from an empty state, leaves exact under padding. For them
 (``whole_prefills``) prompts are not chunked and a step is either new prompts or decodes:
 waiting requests are admitted whole when they can be, else the running ones decode.
+Models the engine recomputes (``decodes_recompute``) run the same way, and a decode
+step, which runs each request's whole sequence, is also kept within the budget; the
+running requests left out of one go first in the next.
 """
 
 from __future__ import annotations
@@ -53,10 +56,13 @@ class Scheduler:
     """The waiting queue, the running requests and their KV blocks."""
 
     def __init__(self, kv: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 whole_prefills: Callable[[int, int], int] | None = None) -> None:
-        """``whole_prefills`` (models with recurrent layers): the tokens a step of ``n``
-        whole prompts, the longest ``longest`` tokens, takes once padded; such steps are
-        kept within the budget (one prompt always fits)."""
+                 whole_prefills: Callable[[int, int], int] | None = None, decodes_recompute: bool = False) -> None:
+        """``whole_prefills`` (models with recurrent layers, or recomputed): the tokens a
+        step of ``n`` whole prompts, the longest ``longest`` tokens, takes once padded;
+        such steps are kept within the budget (one prompt always fits).
+        ``decodes_recompute`` (with ``whole_prefills``): a decode runs its request's whole
+        sequence, so a step of decodes is kept within the budget the same way (one
+        request always fits; those left out go first in the next step)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InvalidArgumentError("max_num_seqs and max_num_batched_tokens must be at least 1")
         if kv.pool.capacity * kv.block_size < max_model_len:
@@ -71,6 +77,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.whole_prefills = whole_prefills
+        self.decodes_recompute = decodes_recompute
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -117,9 +124,14 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """The running requests' next tokens, preempting when the pool runs out; returns the budget left."""
-        index = 0
+        index, longest = 0, 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if self.decodes_recompute:
+                longest = max(longest, request.num_tokens)
+                if out.chunks and self.whole_prefills(len(out.chunks) + 1, longest) > self.max_num_batched_tokens:
+                    self.running = self.running[index:] + self.running[:index]  # the rest go first next step
+                    break
             count = min(request.num_tokens - request.computed, budget)
             while self.kv.allocate(request.id, request.tokens, request.computed, count) is None:
                 victim = self.running.pop()
@@ -146,7 +158,7 @@ class Scheduler:
             if self.whole_prefills is not None:
                 count = request.num_tokens - computed
                 longest = max(longest, count)
-                if out.chunks and self.whole_prefills(len(out.chunks) + 1, longest) > budget:
+                if out.chunks and self.whole_prefills(len(out.chunks) + 1, longest) > self.max_num_batched_tokens:
                     break
             elif budget > 0:
                 count = min(request.num_tokens - computed, budget)
