@@ -177,11 +177,11 @@ def _online_softmax(carry: Carry | None, scores: jax.Array, allowed: jax.Array, 
     lowest = jnp.finfo(jnp.float32).min
     allowed = allowed[..., None, None, :]
     scores = jnp.where(allowed, scores, lowest)
-    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights = jnp.where(allowed, weights, 0.0)
+    high = scores.max(axis=-1)
+    weights = jnp.where(allowed, jnp.exp(scores - high[..., None]), 0.0)
     weighted = jnp.einsum(f"{batched}thgn,{batched}nhd->{batched}thgd", weights.astype(values.dtype), values,
                           preferred_element_type=jnp.float32)
-    part = (scores.max(axis=-1), weights.sum(axis=-1), weighted)
+    part = (high, weights.sum(axis=-1), weighted)
     return part if carry is None else _merge(carry, part)
 
 
