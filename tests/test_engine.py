@@ -17,7 +17,7 @@ from ttpu import AutoModelForTPU
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.engine import EngineConfig, LLMEngine
 from ttpu.serving.request import SamplingParams
-from ttpu.serving.sampler import SamplerMode
+from ttpu.backends.jax.sampling import SamplerMode
 
 NEW_TOKENS = 10
 PROMPT_LENGTHS = (1, 5, 17, 40, 9, 3)
@@ -174,6 +174,24 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it() -> N
     assert alone != greedy  # it did sample
 
 
+def test_generate_draws_as_the_engine_does_with_the_same_seeds() -> None:
+    """One sampler: ``generate(seed=s)``'s row ``i`` (left-padded beside the others) draws
+    the tokens an engine request with seed ``s + i`` and the same settings draws."""
+    _, model = build("llama")
+    batch = prompts()[:3]
+    width = max(map(len, batch))
+    ids = np.array([[0] * (width - len(p)) + p for p in batch])
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    settings = dict(temperature=0.8, top_k=20, top_p=0.9)
+    generated = model.generate(ids, attention_mask=mask, do_sample=True, seed=3, max_new_tokens=NEW_TOKENS,
+                               min_new_tokens=NEW_TOKENS, pad_token_id=0, **settings)[:, width:]
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
+    served = [serve(engine, [p], SamplingParams(seed=3 + i, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, **settings))[0]
+              for i, p in enumerate(batch)]
+    assert generated.tolist() == served
+    assert served != serve(engine, batch, GREEDY)  # it did sample
+
+
 def test_an_aborted_request_frees_its_blocks_and_the_others_go_on() -> None:
     eager, model = build("llama")
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64, block_size=4))
@@ -293,9 +311,26 @@ def test_repetition_penalty_and_logprobs_match_transformers() -> None:
             np.testing.assert_allclose([v for _, v in logprobs.top], top.values.numpy(), atol=1e-4)
 
 
+def test_the_generation_configs_processors_apply_as_in_transformers_generate() -> None:
+    """Forced BOS (after the 1-token prompt) and EOS (last) tokens, suppressed tokens (always
+    and first), bad words and repeated 2-grams from the model's generation config: the
+    engine's greedy tokens are transformers' generate's, which applies them too."""
+    eager, model = build("llama")
+    processors = dict(forced_bos_token_id=11, forced_eos_token_id=7, suppress_tokens=[5, 9], begin_suppress_tokens=[3],
+                      bad_words_ids=[[42], [17, 23]], no_repeat_ngram_size=2)
+    for module in (eager, model.torch_module):
+        module.generation_config.update(**processors)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=32, block_size=4))
+    batch = prompts()
+    served = serve(engine, batch)
+    assert served == [expected_tokens(eager, p) for p in batch]
+    assert served[0][0] == 11 and all(tokens[-1] == 7 for tokens in served)
+
+
 def test_presence_and_frequency_penalties_count_only_output_tokens() -> None:
     from ttpu.serving.request import Request
-    from ttpu.serving.sampler import row_sampling, sample
+    from ttpu.backends.jax import sampling
+    from ttpu.serving.sampler import row_sampling
 
     vocab = 8
     logits = np.linspace(-1.0, 2.0, vocab, dtype=np.float32)[None].repeat(2, 0)
@@ -310,12 +345,10 @@ def test_presence_and_frequency_penalties_count_only_output_tokens() -> None:
         expected[token] = expected[token] / 2 if expected[token] > 0 else expected[token] * 2
     for token, count in {7: 1, 2: 2, 0: 1}.items():  # frequency per output occurrence, presence once
         expected[token] -= 0.25 * count + 0.5
-    from ttpu.serving import sampler
-
-    got = np.asarray(sampler._penalized(jnp.asarray(logits), rows))
+    got = np.asarray(sampling._penalized(jnp.asarray(logits), rows))
     np.testing.assert_allclose(got[0], expected, rtol=1e-6)
     np.testing.assert_allclose(got[1], logits[1])  # no penalties on the plain row
-    assert np.asarray(sample(jnp.asarray(logits), rows, mode).tokens).tolist() == [int(np.argmax(expected)), vocab - 1]
+    assert np.asarray(sampling.sample(jnp.asarray(logits), rows, mode).tokens).tolist() == [int(np.argmax(expected)), vocab - 1]
 
 
 @pytest.mark.parametrize("parallelism", ["tp", "2d"])
@@ -391,7 +424,6 @@ def test_models_the_paged_cache_cannot_hold_are_served_by_recomputing(model_type
     model that keeps none): transformers' greedy tokens, the new prompts under a 48-token
     budget in steps of their own, prefix caching off."""
     eager, model = tiny_causal_lm(model_type)
-    eager.generation_config.forced_eos_token_id = None  # BART's: a generation-config processor vLLM does not apply
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
     assert re.search(reason, engine.runner.recompute_reason)
     assert engine.scheduler.whole_prefills and not engine.kv.prefix_caching

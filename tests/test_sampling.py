@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,10 +15,24 @@ from transformers.generation.logits_process import (
 )
 
 from ttpu.generation.config import GenerationSettings
-from ttpu.backends.jax.sampling import filter_logits, next_tokens, split_settings
+from ttpu.backends.jax.sampling import draw_logits, generation_sampling, sample
 
 VOCAB = 16
 DRAWS = 20000
+
+
+def choose(
+    logits: np.ndarray, settings: GenerationSettings, seen: np.ndarray | None = None, generated: int = 0
+) -> np.ndarray:
+    """The sampler's tokens for ``logits`` [rows, vocab] under ``settings``, after the
+    tokens ``seen`` [rows, n] (-1: padding) with ``generated`` of them new."""
+    mode, rows, processors = generation_sampling(settings, len(logits), VOCAB, seed=0)
+    seen = np.zeros((len(logits), 0), np.int32) if seen is None else seen
+    rows = rows._replace(
+        steps=jnp.full(len(logits), generated, jnp.int32), history=jnp.asarray(np.where(seen < 0, VOCAB, seen)),
+        prompt_lens=jnp.full(len(logits), seen.shape[1] - generated, jnp.int32),
+    )
+    return np.asarray(sample(jnp.asarray(logits), rows, mode, processors).tokens)
 
 
 def logits_rows(rows: int = 3) -> np.ndarray:
@@ -52,9 +65,9 @@ FILTERS = {
 @pytest.mark.parametrize("options", FILTERS.values(), ids=FILTERS.keys())
 def test_filters_keep_the_same_tokens_as_transformers(options) -> None:
     settings = GenerationSettings(max_new_tokens=1, do_sample=True, **options)
-    mode, values = split_settings(settings, VOCAB)
     logits = logits_rows()
-    ours = np.asarray(filter_logits(logits, mode, values))
+    mode, rows, _ = generation_sampling(settings, len(logits), VOCAB, seed=0)
+    ours = np.asarray(draw_logits(jnp.asarray(logits), rows, mode))
     theirs = transformers_filter(logits, settings)
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
     kept = np.isfinite(theirs)
@@ -64,12 +77,8 @@ def test_filters_keep_the_same_tokens_as_transformers(options) -> None:
 @pytest.mark.parametrize("options", [dict(top_k=3), dict(top_p=0.6)], ids=["top_k", "top_p"])
 def test_draws_stay_in_the_allowed_set_with_the_right_frequencies(options) -> None:
     settings = GenerationSettings(max_new_tokens=1, do_sample=True, **options)
-    mode, values = split_settings(settings, VOCAB)
     logits = np.repeat(logits_rows(1), DRAWS, axis=0)
-    no_history = np.zeros((DRAWS, 1), np.int32)
-    draws = np.asarray(
-        next_tokens(logits, jax.random.key(0), no_history, no_history, 0, mode, values)
-    )
+    draws = choose(logits, settings)  # row i draws with seed i
     allowed = transformers_filter(logits[:1], settings)[0]
     assert np.isfinite(allowed[draws]).all(), "a draw fell outside the allowed set"
     expected = np.exp(allowed - allowed[np.isfinite(allowed)].max())
@@ -81,13 +90,11 @@ def test_draws_stay_in_the_allowed_set_with_the_right_frequencies(options) -> No
 
 def test_repetition_penalty_matches_transformers() -> None:
     settings = GenerationSettings(max_new_tokens=1, repetition_penalty=1.3)
-    mode, values = split_settings(settings, VOCAB)
     logits = logits_rows(2)
-    seen = np.array([[1, 5, 5, 9], [2, 3, 0, 0]])
-    seen_mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])  # row 1's zeros are padding
-    ours = np.asarray(next_tokens(logits, jax.random.key(0), seen, seen_mask, 0, mode, values))
+    seen = np.array([[1, 5, 5, 9], [-1, -1, 2, 3]])  # row 1 is left-padded
+    ours = choose(logits, settings, seen)
     processor = RepetitionPenaltyLogitsProcessor(1.3)
-    for row, real in enumerate(seen_mask.astype(bool)):
+    for row, real in enumerate(seen >= 0):
         history = torch.from_numpy(seen[row][real][None])
         penalized = processor(history, torch.from_numpy(logits[row : row + 1])).numpy()
         assert ours[row] == penalized.argmax()
@@ -95,11 +102,9 @@ def test_repetition_penalty_matches_transformers() -> None:
 
 def test_min_new_tokens_holds_back_eos() -> None:
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=2, eos_token_ids=(3, 7))
-    mode, values = split_settings(settings, VOCAB)
     logits = np.zeros((1, VOCAB), np.float32)
     logits[0, 7], logits[0, 3], logits[0, 11] = 9.0, 8.0, 1.0
-    none = np.zeros((1, 1), np.int32)
-    pick = lambda generated: int(next_tokens(logits, jax.random.key(0), none, none, generated, mode, values)[0])
+    pick = lambda generated: int(choose(logits, settings, np.full((1, generated + 1), 4), generated)[0])
     assert pick(0) == 11 and pick(1) == 11 and pick(2) == 7
 
 

@@ -119,8 +119,8 @@ def write_markdown(results: list[dict[str, Any]], path: str | Path, command: str
         f"its first EOS); {summary['serve_of_generating']} of the "
         f"{summary['generating']} whose static `generate` matches; {summary['serve_recomputed']} of the "
         "served recompute each sequence at every step, their cache or attention beyond the paged KV pool "
-        "(see below). The reference is transformers' `generate` without the generation config's "
-        "forced, suppressed or banned tokens, which the engine, as vLLM, does not apply.",
+        "(see below). The engine applies the generation config's forced, suppressed and banned tokens, "
+        "as transformers' `generate` does.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),

@@ -16,10 +16,6 @@ from ttpu.coverage.inputs import input_candidates
 RTOL = 1e-5
 MAX_PARAMS = 60_000_000  # tiny configs larger than this are not attempted
 GENERATE_TOKENS = 8  # greedy new tokens of the generate check
-# Logits processors a model's generation config can turn on, which the serving engine (as
-# vLLM) does not apply: its reference tokens are transformers' without them.
-SERVER_UNAPPLIED_PROCESSORS = ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
-                               "bad_words_ids", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size")
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
@@ -339,9 +335,9 @@ def check_decoding(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, d
     """Greedy decoding of the (left-padded) batch, transformers' ``generate`` on the eager
     module against ttpu's, token for token: ``generate`` (ttpu's static generate on the
     same batch) and ``serve`` (each row's prompt, unpadded, through the serving engine,
-    against transformers' ``generate`` on that prompt alone without the processors in
-    :data:`SERVER_UNAPPLIED_PROCESSORS`, up to its first EOS). In each, ``eager`` says whether transformers' own
-    runs (only then is ttpu's compared), ``matches`` whether the tokens are equal."""
+    against transformers' ``generate`` on that prompt alone, up to its first EOS). In
+    each, ``eager`` says whether transformers' own runs (only then is ttpu's compared),
+    ``matches`` whether the tokens are equal."""
     import numpy as np
     import torch
 
@@ -364,10 +360,9 @@ def check_decoding(module: Any, tpu: Any, inputs: dict[str, Any]) -> dict[str, d
             ).numpy()
             # The engine serves each prompt unpadded: its reference is transformers' generate
             # on each prompt alone (left padding shifts positions in models that count them
-            # from 0), without the processors the engine, as vLLM, does not apply.
+            # from 0).
             prompts = [row[np.asarray(m).astype(bool)].tolist() for row, m in zip(ids, mask)]
-            unserved = {k: None for k in SERVER_UNAPPLIED_PROCESSORS if getattr(config, k, None) is not None}
-            served = [module.generate(torch.tensor([p]), **settings, **unserved)[0, len(p) :].tolist() for p in prompts]
+            served = [module.generate(torch.tensor([p]), **settings)[0, len(p) :].tolist() for p in prompts]
     except Exception as exc:  # noqa: BLE001
         check["error"] = error_info(exc)
         return {"generate": check, "serve": dict(check)}

@@ -123,6 +123,16 @@ def resolve_settings(
         num_return_sequences=int(value("num_return_sequences")),
         seed=seed,
         prompt_length=int(prompt_length),
+        **processor_settings(config),
+    )
+    validate(settings)
+    return settings
+
+
+def processor_settings(config: GenerationConfig) -> dict[str, Any]:
+    """The :class:`GenerationSettings` fields of the logits processors a generation config
+    turns on (forced, suppressed and bad tokens, repeated n-grams)."""
+    return dict(
         forced_bos_token_id=None if config.forced_bos_token_id is None else int(config.forced_bos_token_id),
         forced_eos_token_ids=_token_list(config.forced_eos_token_id),
         suppress_tokens=_token_list(config.suppress_tokens),
@@ -130,10 +140,8 @@ def resolve_settings(
         bad_words_ids=tuple(tuple(int(t) for t in words) for words in config.bad_words_ids or ()),
         no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
         # transformers' encoder_no_repeat_ngram_size: a decoder-only model's "encoder input" is its prompt.
-        prompt_no_repeat_ngram_size=int(config.encoder_no_repeat_ngram_size or 0),
+        prompt_no_repeat_ngram_size=int(getattr(config, "encoder_no_repeat_ngram_size", 0) or 0),
     )
-    validate(settings)
-    return settings
 
 
 def validate(settings: GenerationSettings) -> None:

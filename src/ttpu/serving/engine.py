@@ -18,11 +18,13 @@ import jax
 from tqdm.auto import tqdm
 
 from ttpu.backends.jax.executables import Executables
+from ttpu.backends.jax.sampling import MAX_LOGPROBS, SampledTokens, SamplerMode, sample, split_processors
 from ttpu.errors import InvalidArgumentError
+from ttpu.generation.config import GenerationSettings, processor_settings
 from ttpu.serving.kv_blocks import KVBlockManager
 from ttpu.serving.request import Request, RequestStatus, SamplingParams, TokenLogprobs
 from ttpu.serving.runner import ModelRunner
-from ttpu.serving.sampler import MAX_LOGPROBS, SampledTokens, SamplerMode, row_sampling, sample
+from ttpu.serving.sampler import row_sampling
 from ttpu.serving.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -72,9 +74,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,
                                    whole_prefills=self.runner.prefill_tokens if whole else None,
                                    decodes_recompute=self.runner.recompute_reason is not None)
-        eos = model.torch_module.generation_config.eos_token_id
+        generation_config = model.torch_module.generation_config
+        eos = generation_config.eos_token_id
         self.vocab_size = model.torch_module.get_input_embeddings().num_embeddings
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+        # As transformers' generate, every request gets the processors the model's generation config turns on.
+        self.processors, self._processor_values = split_processors(
+            GenerationSettings(max_new_tokens=1, **processor_settings(generation_config))
+        )
         self._sample = Executables(sample, static_argnums=(2,), name="serving_sampler", store=None)
         self._requests: dict[str, Request] = {}
         self.scheduled_tokens = 0  # tokens computed by steps so far ...
@@ -96,9 +103,9 @@ class LLMEngine:
             if requests in sampled:
                 continue
             sampled.add(requests)
-            for mode in SamplerMode.every():
-                rows, _ = row_sampling([], requests, logits.shape[1], self.max_model_len, mode)
-                self._sample(logits, rows, mode)
+            for mode in SamplerMode.every(self.processors):
+                rows, _ = row_sampling([], requests, logits.shape[1], self.max_model_len, mode=mode)
+                self._sample(logits, rows, mode, self._processor_values)
         return time.perf_counter() - start
 
     @property
@@ -200,8 +207,8 @@ class LLMEngine:
         self.scheduled_tokens += out.num_tokens
         self.padded_tokens += len(inputs.ids)
         requests = [self._requests[i] for i in inputs.sampling_ids]
-        rows, mode = row_sampling(requests, logits.shape[0], logits.shape[1], self.max_model_len)
-        sampled = jax.device_get(self._sample(logits, rows, mode))
+        rows, mode = row_sampling(requests, logits.shape[0], logits.shape[1], self.max_model_len, self.processors)
+        sampled = jax.device_get(self._sample(logits, rows, mode, self._processor_values))
         changed = self.scheduler.update(out, dict(zip(inputs.sampling_ids, sampled.tokens.tolist())))
         if mode.logprobs:
             _record_logprobs(requests, sampled)

@@ -1,5 +1,7 @@
 """The JAX decode loop: a jitted prefill and a jitted ``lax.while_loop`` of decode
-steps, the whole state (cache, tokens, PRNG key) passed in, donated and returned.
+steps, the whole state (cache, tokens, mask) passed in, donated and returned; each
+token is chosen by the sampler the serving engine uses too
+(:func:`ttpu.backends.jax.sampling.sample`), row ``i`` drawing with seed ``seed + i``.
 
 The prefill writes indices ``0..P-1`` of the cache and picks the first new token (index
 ``P``); each step feeds the token at index ``cache.length`` and writes the next one
@@ -23,7 +25,7 @@ from ttpu.backends.jax.backend import JaxForward
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import CacheLayout, CacheState, TracedCache, probe_layout
-from ttpu.backends.jax.sampling import SamplingMode, SamplingValues, next_tokens, split_settings
+from ttpu.backends.jax.sampling import ProcessorValues, RowSampling, SamplerMode, generation_sampling, sample
 from ttpu.generation.config import GenerationSettings
 
 logger = logging.getLogger(__name__)
@@ -38,15 +40,25 @@ class DecodeState(NamedTuple):
     positions: jax.Array  # [batch] position id of the token fed next
     generated: jax.Array  # () tokens generated so far
     finished: jax.Array  # [batch] ended with an EOS token
-    key: jax.Array  # PRNG key
+
+
+class Sampling(NamedTuple):
+    """A generation's sampling settings (traced; placed on every device once, not per call)."""
+
+    rows: RowSampling  # every row's settings (steps, history and prompt bounds filled per step)
+    processors: ProcessorValues
+    prompt_length: jax.Array  # the prompts' width as given (bucket padding before it)
+    eos_ids: jax.Array  # [n]
+    pad_id: jax.Array
+    max_new_tokens: jax.Array
 
 
 class Generation(NamedTuple):
     """One generation in flight: the loop state and the sampling settings it runs with."""
 
     state: DecodeState
-    mode: SamplingMode
-    values: SamplingValues  # placed on every device once, not per call
+    mode: SamplerMode
+    sampling: Sampling
 
 
 class JaxDecoder(Decoder):
@@ -65,7 +77,7 @@ class JaxDecoder(Decoder):
                 type(module).__name__, self.layout.recompute,
             )
         self._prefill = Executables(
-            self._prefill_program, static_argnums=(6, 7), donate_argnums=(1,), name="prefill", store=store
+            self._prefill_program, static_argnums=(5, 6), donate_argnums=(1,), name="prefill", store=store
         )
         self._advance = Executables(
             self._advance_program, static_argnums=(4,), donate_argnums=(1,), name="decode", store=store
@@ -89,19 +101,22 @@ class JaxDecoder(Decoder):
         seed: int,
     ) -> Generation:
         place = self._placement
-        mode, values = split_settings(settings, self._vocab_size)
-        values = jax.tree.map(lambda v: place.put(v, ()), values)
+        mode, rows, processors = generation_sampling(settings, input_ids.shape[0], self._vocab_size, seed)
+        eos = jnp.asarray(settings.eos_token_ids, jnp.int32).reshape(-1)
+        sampling = Sampling(rows, processors, jnp.int32(settings.prompt_length), eos, jnp.int32(settings.pad_token_id),
+                            jnp.int32(settings.max_new_tokens))
+        sampling = jax.tree.map(lambda v: place.put(v, ()), sampling)
         cache = self.layout.empty(input_ids.shape[0], max_length, place)
         state = self._prefill(
             self._forward.params, cache, place.batch(input_ids.astype(np.int32)),
-            place.batch(prompt_mask.astype(np.int32)), place.put(jax.random.key(seed), ()), values, mode, max_length,
+            place.batch(prompt_mask.astype(np.int32)), sampling, mode, max_length,
         )
-        return Generation(state, mode, values)
+        return Generation(state, mode, sampling)
 
     def advance(self, state: Generation, steps: int) -> Generation:
         """``state`` is donated: use the returned one."""
         run = self._advance(
-            self._forward.params, state.state, self._placement.put(np.int32(steps), ()), state.values, state.mode
+            self._forward.params, state.state, self._placement.put(np.int32(steps), ()), state.sampling, state.mode
         )
         return state._replace(state=run)
 
@@ -148,31 +163,39 @@ class JaxDecoder(Decoder):
         logits = self._forward.call_traced(params, inputs).logits.jax()
         return jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), cache._replace(length=last + 1)
 
-    def _prefill_program(
-        self, params, cache, ids, prompt_mask, key, values: SamplingValues, mode: SamplingMode, max_length: int
-    ):
+    def _prefill_program(self, params, cache, ids, prompt_mask, sampling: Sampling, mode: SamplerMode, max_length: int):
         batch, prompt_length = ids.shape
         positions = _positions(prompt_mask)
         mask = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
-        tokens = jnp.full((batch, max_length), values.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
+        tokens = jnp.full((batch, max_length), sampling.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
         if self.layout.recompute:
             logits, cache = self._recompute_step(params, cache, tokens, mask, jnp.int32(prompt_length - 1))
         else:
             logits, cache = self._model_step(params, cache, ids, positions, mask[:, :prompt_length], empty=True)
-        key, draw = jax.random.split(key)
-        token = next_tokens(logits, draw, tokens, mask, jnp.int32(0), mode, values, prompt_length - 1)
+        token = self._next_tokens(logits, tokens, mask, jnp.int32(0), jnp.int32(prompt_length), sampling, mode)
         return DecodeState(
             cache=cache,
             tokens=tokens.at[:, prompt_length].set(token),
             mask=mask.at[:, prompt_length].set(1),
             positions=positions[:, -1] + 1,
             generated=jnp.int32(1),
-            finished=jnp.isin(token, values.eos_ids),
-            key=key,
+            finished=jnp.isin(token, sampling.eos_ids),
         )
 
-    def _advance_program(self, params, state: DecodeState, steps, values: SamplingValues, mode: SamplingMode):
-        limit = jnp.minimum(state.generated + steps, values.max_new_tokens)
+    def _next_tokens(self, logits, tokens, mask, generated, output_start, sampling: Sampling, mode: SamplerMode):
+        """The sampler on the rows' tokens so far (the prompts padded to ``output_start``,
+        then ``generated`` new ones)."""
+        batch = tokens.shape[0]
+        rows = sampling.rows._replace(
+            steps=jnp.full((batch,), generated, jnp.int32),
+            history=jnp.where(mask > 0, tokens, self._vocab_size),
+            prompt_starts=jnp.full((batch,), output_start - sampling.prompt_length, jnp.int32),
+            prompt_lens=jnp.full((batch,), output_start, jnp.int32),
+        )
+        return sample(logits, rows, mode, sampling.processors).tokens
+
+    def _advance_program(self, params, state: DecodeState, steps, sampling: Sampling, mode: SamplerMode):
+        limit = jnp.minimum(state.generated + steps, sampling.max_new_tokens)
 
         def more(s: DecodeState) -> jax.Array:
             return (s.generated < limit) & ~jnp.all(s.finished)
@@ -184,9 +207,8 @@ class JaxDecoder(Decoder):
             else:
                 fed = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)
                 logits, cache = self._model_step(params, s.cache, fed, s.positions[:, None], s.mask, empty=False)
-            key, draw = jax.random.split(s.key)
-            token = next_tokens(logits, draw, s.tokens, s.mask, s.generated, mode, values, index)
-            token = jnp.where(s.finished, values.pad_id, token)
+            token = self._next_tokens(logits, s.tokens, s.mask, s.generated, index + 1 - s.generated, sampling, mode)
+            token = jnp.where(s.finished, sampling.pad_id, token)
             ones = jnp.ones((token.shape[0], 1), jnp.int32)
             return DecodeState(
                 cache=cache,
@@ -194,8 +216,7 @@ class JaxDecoder(Decoder):
                 mask=jax.lax.dynamic_update_slice_in_dim(s.mask, ones, index + 1, axis=1),
                 positions=s.positions + 1,
                 generated=s.generated + 1,
-                finished=s.finished | jnp.isin(token, values.eos_ids),
-                key=key,
+                finished=s.finished | jnp.isin(token, sampling.eos_ids),
             )
 
         return jax.lax.while_loop(more, step, state)

@@ -1,35 +1,37 @@
-"""Choosing the next token in JAX, with transformers' logits processors semantics.
+"""Choosing the next token in JAX: the one sampler of ``generate`` and of the serving
+engine.
 
-Order as in ``transformers``: repetition penalty, repeated n-grams (of the whole
-sequence, of the prompt), bad words, minimum new tokens (EOS suppressed), forced BOS and EOS tokens, suppressed tokens (always, and at the first
-position), then for sampling temperature, top-k, top-p, min-p, and a draw with an
-explicit PRNG key.
-Numeric settings are traced (:class:`SamplingValues`): changing them does not recompile.
-What changes the program's shape is static (:class:`SamplingMode`): greedy or sampled,
-the top-k size, and which filters are on.
+Every row has its own settings as traced values (:class:`RowSampling`), so any mix of
+rows runs in the same compiled program; what changes the program's shape is static
+(:class:`SamplerMode`): whether any row draws, filters, is penalized or wants
+log-probabilities, a top-k size shared by every row, and which of transformers' other
+logits processors run (:class:`Processors`, values shared by every row:
+:class:`ProcessorValues`; ``generate`` takes them from a generation config).
+
+Order as in ``transformers``: penalties (repetition; vLLM's presence and frequency),
+repeated n-grams (of the whole sequence, of the prompt), bad words, minimum new tokens
+(stop tokens suppressed), forced BOS and EOS tokens, suppressed tokens (always, and at
+the first position), then for drawing rows temperature, top-k, top-p, min-p, and a draw
+keyed by the row's seed and step. Log-probabilities are of the raw logits (vLLM's default).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttpu.generation.config import GenerationSettings
 
 NEG_INF = -jnp.inf
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top tokens a request may ask for
 
 
-class SamplingMode(NamedTuple):
-    """The static part of the settings (part of the compiled program)."""
+class Processors(NamedTuple):
+    """Which of transformers' generation-config processors run (static)."""
 
-    do_sample: bool
-    top_k: int
-    top_p: bool
-    min_p: bool
-    repetition_penalty: bool
-    eos_count: int
     forced_bos: bool = False
     forced_eos: bool = False
     suppress: bool = False
@@ -39,18 +41,9 @@ class SamplingMode(NamedTuple):
     prompt_no_repeat_ngram: int = 0
 
 
-class SamplingValues(NamedTuple):
-    """The traced part of the settings (arguments of the compiled program)."""
+class ProcessorValues(NamedTuple):
+    """Their traced token ids, the same for every row."""
 
-    temperature: jax.Array
-    top_p: jax.Array
-    min_p: jax.Array
-    repetition_penalty: jax.Array
-    min_new_tokens: jax.Array
-    max_new_tokens: jax.Array
-    eos_ids: jax.Array  # [eos_count]
-    pad_id: jax.Array
-    prompt_length: jax.Array  # the prompts' width as given
     forced_bos_id: jax.Array
     forced_eos_ids: jax.Array  # [n]
     suppress_ids: jax.Array  # [n]
@@ -58,15 +51,64 @@ class SamplingValues(NamedTuple):
     bad_words: jax.Array  # [n, longest] token sequences, left-aligned (padded with -1)
 
 
-def split_settings(settings: GenerationSettings, vocab_size: int) -> tuple[SamplingMode, SamplingValues]:
-    top_k = settings.top_k if settings.do_sample and 0 < settings.top_k < vocab_size else 0
-    mode = SamplingMode(
-        do_sample=settings.do_sample,
-        top_k=top_k,
-        top_p=settings.do_sample and settings.top_p < 1.0,
-        min_p=settings.do_sample and settings.min_p > 0.0,
-        repetition_penalty=settings.repetition_penalty != 1.0,
-        eos_count=len(settings.eos_token_ids),
+class SamplerMode(NamedTuple):
+    """What a sampler program computes (static)."""
+
+    draws: bool = False  # any row samples (temperature > 0); else every row is greedy
+    filters: bool = False  # top-k, top-p or min-p
+    penalties: bool = False  # presence, frequency or repetition
+    logprobs: bool = False  # the chosen token's log-probability and the top MAX_LOGPROBS
+    top_k: int = 0  # one top-k size for every row (generate); 0: each row's own
+    processors: Processors = Processors()
+
+    @classmethod
+    def every(cls, processors: Processors = Processors()) -> list[SamplerMode]:
+        """The modes a serving step can need with ``processors`` (filters only matter when a row draws)."""
+        flags = (False, True)
+        return [cls(d, f, p, lp, processors=processors)
+                for d in flags for f in flags for p in flags for lp in flags if d or not f]
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether the rows' tokens so far are read (penalties, n-grams, bad words)."""
+        p = self.processors
+        return self.penalties or bool(p.bad_words or p.no_repeat_ngram or p.prompt_no_repeat_ngram)
+
+
+class RowSampling(NamedTuple):
+    """Each row's settings ([rows] arrays); ``temperature`` 0 is greedy."""
+
+    temperature: jax.Array
+    top_k: jax.Array  # 0: off
+    top_p: jax.Array  # 1: off
+    min_p: jax.Array  # 0: off
+    presence: jax.Array  # 0: off
+    frequency: jax.Array  # 0: off
+    repetition: jax.Array  # 1: off
+    seeds: jax.Array  # [rows] uint32
+    steps: jax.Array  # [rows] tokens the row has generated (its draw's index)
+    stop_ids: jax.Array  # [rows, n] tokens it may not pick before ``min_tokens`` (EOS, stop tokens), padded past the vocabulary
+    min_tokens: jax.Array  # [rows]
+    max_tokens: jax.Array  # [rows] the most tokens it generates (a forced EOS comes last)
+    history: jax.Array  # [rows, width] prompt then output tokens, padded past the vocabulary ([rows, 0] when nothing reads it)
+    prompt_starts: jax.Array  # [rows] where each row's prompt starts in ``history`` (after padding, if any)
+    prompt_lens: jax.Array  # [rows] where each row's output starts in ``history``
+
+
+class SampledTokens(NamedTuple):
+    """The chosen tokens and, in a ``logprobs`` mode, their log-probabilities under the
+    model's raw distribution, their ranks (1 = the most likely) and the top tokens."""
+
+    tokens: jax.Array  # [rows] int32
+    logprobs: jax.Array | None = None  # [rows]
+    ranks: jax.Array | None = None  # [rows]
+    top_ids: jax.Array | None = None  # [rows, MAX_LOGPROBS] (fewer if the vocabulary is smaller)
+    top_logprobs: jax.Array | None = None  # [rows, MAX_LOGPROBS]
+
+
+def split_processors(settings: GenerationSettings) -> tuple[Processors, ProcessorValues]:
+    """The generation-config processors of ``settings``: which run, and their token ids."""
+    processors = Processors(
         forced_bos=settings.forced_bos_token_id is not None,
         forced_eos=bool(settings.forced_eos_token_ids),
         suppress=bool(settings.suppress_tokens),
@@ -77,92 +119,85 @@ def split_settings(settings: GenerationSettings, vocab_size: int) -> tuple[Sampl
     )
     longest = max((len(words) for words in settings.bad_words_ids), default=1)
     bad_words = [list(words) + [-1] * (longest - len(words)) for words in settings.bad_words_ids]
-    values = SamplingValues(
-        temperature=jnp.float32(settings.temperature),
-        top_p=jnp.float32(settings.top_p),
-        min_p=jnp.float32(settings.min_p),
-        repetition_penalty=jnp.float32(settings.repetition_penalty),
-        min_new_tokens=jnp.int32(settings.min_new_tokens),
-        max_new_tokens=jnp.int32(settings.max_new_tokens),
-        eos_ids=jnp.asarray(settings.eos_token_ids, jnp.int32).reshape(-1),
-        pad_id=jnp.int32(settings.pad_token_id),
-        prompt_length=jnp.int32(settings.prompt_length),
+    values = ProcessorValues(
         forced_bos_id=jnp.int32(settings.forced_bos_token_id or 0),
         forced_eos_ids=jnp.asarray(settings.forced_eos_token_ids, jnp.int32).reshape(-1),
         suppress_ids=jnp.asarray(settings.suppress_tokens, jnp.int32).reshape(-1),
         begin_suppress_ids=jnp.asarray(settings.begin_suppress_tokens, jnp.int32).reshape(-1),
         bad_words=jnp.asarray(bad_words, jnp.int32).reshape(len(bad_words), longest),
     )
-    return mode, values
+    return processors, values
 
 
-def next_tokens(
-    logits: jax.Array,
-    key: jax.Array,
-    seen: jax.Array,
-    seen_mask: jax.Array,
-    generated: jax.Array,
-    mode: SamplingMode,
-    values: SamplingValues,
-    last: jax.Array | int = 0,
-) -> jax.Array:
-    """The next token of each row from its last logits [batch, vocab].
-
-    ``seen`` [batch, n] holds the tokens so far (prompt and generated), ``seen_mask``
-    which of them are real, ``last`` the index of the latest one; ``generated`` counts
-    the tokens generated before this one.
-    """
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-
-    def tokens(ids: jax.Array) -> jax.Array:  # [vocab] True at ids
-        return jnp.zeros(vocab, jnp.bool_).at[ids].set(True, mode="drop")
-
-    if mode.repetition_penalty:
-        logits = penalize_repetitions(logits, seen, seen_mask, values.repetition_penalty)
-    # The prompt as given sits just before the generated tokens (bucket padding before it).
-    prompt_end = last + 1 - generated
-    prompt_start = prompt_end - values.prompt_length
-    if mode.no_repeat_ngram:
-        banned = _ngram_completions(seen, last, mode.no_repeat_ngram, prompt_start, last + 1, vocab)
-        logits = jnp.where(banned, NEG_INF, logits)
-    if mode.prompt_no_repeat_ngram:
-        banned = _ngram_completions(seen, last, mode.prompt_no_repeat_ngram, prompt_start, prompt_end, vocab)
-        logits = jnp.where(banned, NEG_INF, logits)
-    for index, length in enumerate(mode.bad_words):
-        words = values.bad_words[index]
-        # Where the last length-1 tokens equal the sequence's start, its last token is banned.
-        completes = jnp.ones(seen.shape[0], bool)
-        if length > 1:
-            recent = jax.lax.dynamic_slice_in_dim(seen, last - (length - 2), length - 1, axis=1)
-            completes = jnp.all(recent == words[: length - 1], axis=1)
-        logits = jnp.where(completes[:, None] & tokens(words[length - 1]), NEG_INF, logits)
-    if mode.eos_count:
-        too_early = generated < values.min_new_tokens
-        logits = jnp.where(too_early & tokens(values.eos_ids), NEG_INF, logits)
-    if mode.forced_bos:
-        first = values.prompt_length + generated == 1
-        logits = jnp.where(first, jnp.where(tokens(values.forced_bos_id), 0.0, NEG_INF), logits)
-    if mode.forced_eos:
-        final = generated == values.max_new_tokens - 1
-        logits = jnp.where(final, jnp.where(tokens(values.forced_eos_ids), 0.0, NEG_INF), logits)
-    if mode.suppress:
-        logits = jnp.where(tokens(values.suppress_ids), NEG_INF, logits)
-    if mode.begin_suppress:
-        # transformers' begin index: the prompt's end, one later when a forced BOS follows a 1-token prompt
-        begin = jnp.where((values.prompt_length == 1) & mode.forced_bos, 1, 0)
-        logits = jnp.where((generated == begin) & tokens(values.begin_suppress_ids), NEG_INF, logits)
-    if not mode.do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, mode, values), axis=-1).astype(jnp.int32)
-
-
-def filter_logits(logits: jax.Array, mode: SamplingMode, values: SamplingValues) -> jax.Array:
-    """Temperature, then top-k, top-p and min-p filtering (removed tokens get -inf)."""
-    return filtered(
-        logits / values.temperature, top_k=mode.top_k or None, top_p=values.top_p if mode.top_p else None,
-        min_p=values.min_p if mode.min_p else None,
+def generation_sampling(
+    settings: GenerationSettings, rows: int, vocab_size: int, seed: int
+) -> tuple[SamplerMode, RowSampling, ProcessorValues]:
+    """``generate``'s settings as every row's (row ``i`` draws with seed ``seed + i``);
+    ``steps``, ``history``, ``prompt_starts`` and ``prompt_lens`` are the decode loop's to fill."""
+    top_k = settings.top_k if settings.do_sample and 0 < settings.top_k < vocab_size else 0
+    processors, values = split_processors(settings)
+    mode = SamplerMode(
+        draws=settings.do_sample,
+        filters=settings.do_sample and bool(top_k or settings.top_p < 1.0 or settings.min_p > 0.0),
+        penalties=settings.repetition_penalty != 1.0,
+        top_k=top_k,
+        processors=processors,
     )
+
+    def each(value: float, dtype: Any = jnp.float32) -> jax.Array:
+        return jnp.full((rows,), value, dtype)
+
+    eos = np.asarray(settings.eos_token_ids, np.int32).reshape(1, -1)
+    row_sampling = RowSampling(
+        temperature=each(settings.temperature if settings.do_sample else 0.0), top_k=each(top_k, jnp.int32),
+        top_p=each(settings.top_p), min_p=each(settings.min_p), presence=each(0.0), frequency=each(0.0),
+        repetition=each(settings.repetition_penalty),
+        seeds=jnp.asarray((seed + np.arange(rows, dtype=np.uint64)) % 2**32, jnp.uint32),
+        steps=each(0, jnp.int32), stop_ids=jnp.asarray(np.repeat(eos, rows, axis=0)),
+        min_tokens=each(settings.min_new_tokens, jnp.int32), max_tokens=each(settings.max_new_tokens, jnp.int32),
+        history=jnp.zeros((rows, 0), jnp.int32), prompt_starts=each(0, jnp.int32), prompt_lens=each(0, jnp.int32),
+    )
+    return mode, row_sampling, values
+
+
+def sample(
+    logits: jax.Array, rows: RowSampling, mode: SamplerMode, processor_values: ProcessorValues | None = None
+) -> SampledTokens:
+    """The next token of each row of ``logits`` [rows, vocab]; ``processor_values`` is
+    needed when ``mode.processors`` turns any on."""
+    logits = raw = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    row_index = jnp.arange(logits.shape[0])[:, None]
+    if mode.penalties:
+        logits = _penalized(logits, rows)
+    if mode.processors != Processors():
+        logits = _processed(logits, rows, mode.processors, processor_values)
+    too_early = (rows.steps < rows.min_tokens)[:, None]
+    logits = logits.at[row_index, jnp.where(too_early, rows.stop_ids, vocab)].set(NEG_INF, mode="drop")
+    if mode.processors != Processors():
+        logits = _forced(logits, rows, mode.processors, processor_values)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode.draws:
+        scaled = draw_logits(logits, rows, mode)
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(rows.seeds, rows.steps)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        tokens = jnp.where(rows.temperature == 0.0, tokens, drawn)
+    if not mode.logprobs:
+        return SampledTokens(tokens)
+    logprobs = jax.nn.log_softmax(raw, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1).astype(jnp.int32)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, vocab))
+    return SampledTokens(tokens, chosen, ranks, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def draw_logits(logits: jax.Array, rows: RowSampling, mode: SamplerMode) -> jax.Array:
+    """What a drawing row samples from: its logits over its temperature, then (in a
+    ``filters`` mode) top-k, top-p and min-p."""
+    scaled = logits / jnp.maximum(rows.temperature, 1e-6)[:, None]
+    if not mode.filters:
+        return scaled
+    return filtered(scaled, top_k=mode.top_k or rows.top_k[:, None], top_p=rows.top_p[:, None], min_p=rows.min_p[:, None])
 
 
 def filtered(
@@ -197,26 +232,6 @@ def filtered(
     return logits
 
 
-def _ngram_completions(
-    seen: jax.Array, last: jax.Array | int, size: int, start: jax.Array, end: jax.Array, vocab: int
-) -> jax.Array:
-    """[batch, vocab] True for the tokens that, after ``seen[:, last]``, would repeat a
-    ``size``-gram lying in ``seen[:, start:end]`` (transformers' n-gram blocking: none
-    while the sequence from ``start`` is shorter than ``size - 1`` tokens)."""
-    batch, width = seen.shape
-    windows = width - size + 1
-    if windows <= 0:
-        return jnp.zeros((batch, vocab), bool)
-    suffix = jax.lax.dynamic_slice_in_dim(seen, last - (size - 2), size - 1, axis=1)
-    first = jnp.arange(windows)
-    match = jnp.broadcast_to((first >= start) & (first + size <= end), (batch, windows))
-    for k in range(size - 1):
-        match = match & (seen[:, k : k + windows] == suffix[:, k : k + 1])
-    match = match & (last + 2 - start >= size)
-    rows = jnp.arange(batch)[:, None]
-    return jnp.zeros((batch, vocab), bool).at[rows, seen[:, size - 1 :]].max(match)
-
-
 def penalize_repetitions(
     logits: jax.Array, seen: jax.Array, seen_mask: jax.Array, penalty: jax.Array
 ) -> jax.Array:
@@ -224,6 +239,89 @@ def penalize_repetitions(
     ``seen`` [rows, n] (where ``seen_mask``) divided by ``penalty`` when positive,
     multiplied when negative; ``penalty`` a scalar or per-row [rows, 1]."""
     rows = jnp.arange(logits.shape[0])[:, None]
-    was_seen = jnp.zeros(logits.shape, jnp.bool_).at[rows, seen].max(seen_mask.astype(jnp.bool_))
+    was_seen = jnp.zeros(logits.shape, jnp.bool_).at[rows, seen].max(seen_mask.astype(jnp.bool_), mode="drop")
     penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
     return jnp.where(was_seen, penalized, logits)
+
+
+def _penalized(logits: jax.Array, rows: RowSampling) -> jax.Array:
+    """Repetition over the prompt and output tokens (transformers' and vLLM's), then
+    vLLM's frequency (per occurrence) and presence (once) over the output tokens."""
+    vocab = logits.shape[-1]
+    logits = penalize_repetitions(logits, rows.history, rows.history < vocab, rows.repetition[:, None])
+    is_output = jnp.arange(rows.history.shape[1])[None, :] >= rows.prompt_lens[:, None]
+    row_index = jnp.arange(logits.shape[0])[:, None]
+    counts = jnp.zeros(logits.shape, jnp.float32).at[row_index, rows.history].add(
+        is_output.astype(jnp.float32), mode="drop"
+    )
+    logits = logits - rows.frequency[:, None] * counts
+    return logits - rows.presence[:, None] * (counts > 0)
+
+
+def _processed(logits: jax.Array, rows: RowSampling, processors: Processors, values: ProcessorValues) -> jax.Array:
+    """transformers' repeated n-grams and bad words, over each row's ``history``."""
+    vocab = logits.shape[-1]
+    last = rows.prompt_lens + rows.steps - 1  # each row's latest token in its history
+    if processors.no_repeat_ngram:
+        banned = _ngram_completions(rows.history, last, processors.no_repeat_ngram, rows.prompt_starts, last + 1, vocab)
+        logits = jnp.where(banned, NEG_INF, logits)
+    if processors.prompt_no_repeat_ngram:
+        size = processors.prompt_no_repeat_ngram
+        banned = _ngram_completions(rows.history, last, size, rows.prompt_starts, rows.prompt_lens, vocab)
+        logits = jnp.where(banned, NEG_INF, logits)
+    for index, length in enumerate(processors.bad_words):
+        words = values.bad_words[index]
+        # Where the last length-1 tokens equal the sequence's start, its last token is banned.
+        completes = jnp.all(_recent(rows.history, last, length - 1) == words[: length - 1], axis=1)
+        logits = jnp.where(completes[:, None] & _one_hot(words[length - 1], vocab), NEG_INF, logits)
+    return logits
+
+
+def _forced(logits: jax.Array, rows: RowSampling, processors: Processors, values: ProcessorValues) -> jax.Array:
+    """transformers' forced BOS and EOS tokens and suppressed tokens."""
+    vocab = logits.shape[-1]
+    generated = rows.steps[:, None]
+    prompt_length = (rows.prompt_lens - rows.prompt_starts)[:, None]
+    if processors.forced_bos:
+        first = prompt_length + generated == 1
+        logits = jnp.where(first, jnp.where(_one_hot(values.forced_bos_id, vocab), 0.0, NEG_INF), logits)
+    if processors.forced_eos:
+        final = generated == rows.max_tokens[:, None] - 1
+        logits = jnp.where(final, jnp.where(_one_hot(values.forced_eos_ids, vocab), 0.0, NEG_INF), logits)
+    if processors.suppress:
+        logits = jnp.where(_one_hot(values.suppress_ids, vocab), NEG_INF, logits)
+    if processors.begin_suppress:
+        # transformers' begin index: the prompt's end, one later when a forced BOS follows a 1-token prompt
+        begin = jnp.where((prompt_length == 1) & processors.forced_bos, 1, 0)
+        logits = jnp.where((generated == begin) & _one_hot(values.begin_suppress_ids, vocab), NEG_INF, logits)
+    return logits
+
+
+def _one_hot(ids: jax.Array, vocab: int) -> jax.Array:
+    """[vocab] True at ``ids``."""
+    return jnp.zeros(vocab, jnp.bool_).at[ids].set(True, mode="drop")
+
+
+def _recent(history: jax.Array, last: jax.Array, count: int) -> jax.Array:
+    """[rows, count] each row's ``count`` tokens up to and including ``last`` [rows]."""
+    index = last[:, None] + jnp.arange(1 - count, 1)
+    return jnp.take_along_axis(history, jnp.clip(index, 0, history.shape[1] - 1), axis=1)
+
+
+def _ngram_completions(
+    seen: jax.Array, last: jax.Array, size: int, start: jax.Array, end: jax.Array, vocab: int
+) -> jax.Array:
+    """[rows, vocab] True for the tokens that, after ``seen[:, last]``, would repeat a
+    ``size``-gram lying in ``seen[:, start:end]`` (per row; transformers' n-gram
+    blocking: none while the sequence from ``start`` is shorter than ``size - 1`` tokens)."""
+    rows, width = seen.shape
+    windows = width - size + 1
+    if windows <= 0:
+        return jnp.zeros((rows, vocab), bool)
+    suffix = _recent(seen, last, size - 1)
+    first = jnp.arange(windows)[None, :]
+    match = (first >= start[:, None]) & (first + size <= end[:, None])
+    for k in range(size - 1):
+        match = match & (seen[:, k : k + windows] == suffix[:, k : k + 1])
+    match = match & (last + 2 - start >= size)[:, None]
+    return jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], seen[:, size - 1 :]].max(match, mode="drop")
