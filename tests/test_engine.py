@@ -238,7 +238,8 @@ def test_llm_takes_text_token_ids_and_per_prompt_params_and_cuts_stop_strings() 
     stop = CharTokenizer().decode(reference[3:4])
     outputs = llm.generate(
         [text, {"prompt_token_ids": [9, 9, 9]}, [5, 17, 33, 4]],
-        [GREEDY, SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=5), SamplingParams(temperature=0, stop=[stop])],
+        [GREEDY, SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=5, ignore_eos=True),
+         SamplingParams(temperature=0, stop=[stop])],
         use_tqdm=False,
     )
     first, second, third = outputs

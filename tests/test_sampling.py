@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,3 +123,49 @@ def test_per_row_filters_equal_the_static_ones_row_by_row() -> None:
     for row, (k, p, m) in enumerate(settings):
         alone = filtered(logits[row : row + 1], top_k=k or None, top_p=jnp.float32(p), min_p=jnp.float32(m))
         np.testing.assert_array_equal(np.asarray(per_row[row]), np.asarray(alone[0]))
+
+
+@pytest.mark.parametrize("candidates", [4, 256], ids=["cut-past-the-candidates", "cut-among-them"])
+def test_per_row_filters_keep_transformers_tokens_whether_or_not_the_cut_passes_the_candidates(
+    candidates: int, monkeypatch
+) -> None:
+    """Rows of mixed settings over 300 tokens: with 4 candidates most cuts reach past them
+    (the whole-vocabulary bisection), with 256 few do; both keep the tokens transformers'
+    warpers keep, row by row."""
+    from ttpu.backends.jax import sampling
+
+    monkeypatch.setattr(sampling, "MAX_CANDIDATES", candidates)
+    rng = np.random.default_rng(1)
+    vocab = 300
+    settings = [(0, 0.9, 0.0), (3, 1.0, 0.0), (40, 0.8, 0.0), (0, 1.0, 0.05), (7, 0.5, 0.1), (0, 0.3, 0.0),
+                (0, 1.0, 0.0), (290, 0.99, 0.0)]
+    logits = rng.normal(0, 2, (len(settings), vocab)).astype(np.float32)
+    logits[1, :50] = -np.inf  # tokens other processors removed
+    ours = np.asarray(sampling.filtered(
+        jnp.asarray(logits), top_k=jnp.asarray([[k] for k, _, _ in settings]),
+        top_p=jnp.asarray([[p] for _, p, _ in settings], jnp.float32),
+        min_p=jnp.asarray([[m] for _, _, m in settings], jnp.float32),
+    ))
+    for row, (k, p, m) in enumerate(settings):
+        scores = torch.from_numpy(logits[row : row + 1])
+        for warper, on in ((TopKLogitsWarper(max(k, 1)), k > 0), (TopPLogitsWarper(p), p < 1), (MinPLogitsWarper(m), m > 0)):
+            if on:
+                scores = warper(None, scores)
+        np.testing.assert_array_equal(np.isfinite(ours[row]), np.isfinite(scores[0].numpy()), err_msg=f"row {row}")
+
+
+def test_draws_over_a_large_vocabulary_follow_the_distribution() -> None:
+    """The two-level inverse-CDF draw over 1000 tokens (not a power of two: the last block
+    padded): every draw is an allowed token, at the softmax's frequencies."""
+    from ttpu.backends.jax.sampling import categorical
+
+    vocab, draws = 1000, 20000
+    logits = np.full(vocab, -np.inf, np.float32)
+    allowed = np.array([3, 31, 32, 500, 998, 999])
+    logits[allowed] = [0.5, 2.0, 1.0, 0.0, 1.5, -1.0]
+    tokens = np.asarray(categorical(jax.random.split(jax.random.key(0), draws), jnp.asarray(np.tile(logits, (draws, 1)))))
+    assert np.isin(tokens, allowed).all()
+    expected = np.exp(logits[allowed] - logits[allowed].max())
+    expected /= expected.sum()
+    observed = np.array([(tokens == t).mean() for t in allowed])
+    assert np.abs(observed - expected).max() < 0.015

@@ -27,6 +27,7 @@ from ttpu.generation.config import GenerationSettings
 
 NEG_INF = -jnp.inf
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top tokens a request may ask for
+MAX_CANDIDATES = 256  # the most likely tokens among which top-k, top-p and min-p cut (see filtered)
 
 
 class Processors(NamedTuple):
@@ -167,20 +168,20 @@ def sample(
     needed when ``mode.processors`` turns any on."""
     logits = raw = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
-    row_index = jnp.arange(logits.shape[0])[:, None]
     if mode.penalties:
         logits = _penalized(logits, rows)
     if mode.processors != Processors():
         logits = _processed(logits, rows, mode.processors, processor_values)
-    too_early = (rows.steps < rows.min_tokens)[:, None]
-    logits = logits.at[row_index, jnp.where(too_early, rows.stop_ids, vocab)].set(NEG_INF, mode="drop")
+    # Compared, not scattered, so that it fuses with the producer of the logits.
+    stops = jnp.any(jnp.arange(vocab)[None, None, :] == rows.stop_ids[:, :, None], axis=1)
+    logits = jnp.where((rows.steps < rows.min_tokens)[:, None] & stops, NEG_INF, logits)
     if mode.processors != Processors():
         logits = _forced(logits, rows, mode.processors, processor_values)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode.draws:
         scaled = draw_logits(logits, rows, mode)
         keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(rows.seeds, rows.steps)
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        drawn = categorical(keys, scaled)
         tokens = jnp.where(rows.temperature == 0.0, tokens, drawn)
     if not mode.logprobs:
         return SampledTokens(tokens)
@@ -201,35 +202,114 @@ def draw_logits(logits: jax.Array, rows: RowSampling, mode: SamplerMode) -> jax.
 
 
 def filtered(
-    logits: jax.Array, *, top_k: int | jax.Array | None = None, top_p: jax.Array | None = None,
-    min_p: jax.Array | None = None,
+    logits: jax.Array, *, top_k: int | jax.Array | None = None, top_p: jax.Array | float | None = None,
+    min_p: jax.Array | float | None = None,
 ) -> jax.Array:
     """Top-k, then top-p, then min-p over ``logits`` [rows, vocab] (removed tokens get
     -inf), in transformers' order, each filter as transformers' processors and vLLM's
-    sampler define it (vLLM applies min-p first). ``top_k`` is a
-    static size or per-row sizes [rows, 1] (0: off); ``top_p`` and ``min_p`` are scalars
-    or per-row [rows, 1] (1 and 0: off)."""
-    candidates = None
-    if isinstance(top_k, int):
-        candidates = jax.lax.top_k(logits, top_k)[0]  # descending
-        logits = jnp.where(logits < candidates[..., -1:], NEG_INF, logits)
-    elif top_k is not None:
-        descending = -jnp.sort(-logits, axis=-1)
-        kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1), axis=-1)
-        logits = jnp.where((top_k > 0) & (logits < kth), NEG_INF, logits)
-    if top_p is not None:
-        # Only the top-k candidates can survive: sorting them is enough when a static top-k is on.
-        ascending = jnp.sort(logits, axis=-1) if candidates is None else candidates[..., ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-        # Remove the low tail whose mass is <= 1 - top_p, always keeping the top token.
-        removed = jnp.sum(cumulative[..., :-1] <= 1 - top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(ascending, removed, axis=-1)
-        logits = jnp.where(logits < cutoff, NEG_INF, logits)
-    if min_p is not None:
-        probs = jax.nn.softmax(logits, axis=-1)
-        floor = min_p * jnp.max(probs, axis=-1, keepdims=True)
-        logits = jnp.where(probs < floor, NEG_INF, logits)
-    return logits
+    sampler define it (vLLM applies min-p first; ties with the last kept value are kept).
+    ``top_k`` is a static size or per-row sizes [rows, 1] (0: off); ``top_p`` and
+    ``min_p`` are scalars or per-row [rows, 1] (1 and 0: off).
+
+    Nothing sorts the vocabulary: each row's cut is decided among its
+    ``MAX_CANDIDATES`` (or static ``top_k``) most likely tokens (one ``top_k``), and only
+    when some row's cut reaches past them, for every row over the whole vocabulary by
+    bisection on the values (:func:`_thresholds_by_bisection`)."""
+    rows, vocab = logits.shape
+    k = jnp.broadcast_to(jnp.asarray(0 if top_k is None else top_k, jnp.int32), (rows, 1))
+    p = jnp.broadcast_to(jnp.asarray(1.0 if top_p is None else top_p, jnp.float32), (rows, 1))
+    m = jnp.broadcast_to(jnp.asarray(0.0 if min_p is None else min_p, jnp.float32), (rows, 1))
+    width = min(vocab, max(MAX_CANDIDATES, top_k if isinstance(top_k, int) else 0))
+    # [rows, width] descending; the barrier keeps XLA:CPU from fusing the top-k into its
+    # consumers as a full sort of the vocabulary (70x slower at 262k tokens).
+    candidates = jax.lax.optimization_barrier(jax.lax.top_k(logits, width)[0])
+    top_k_on = k > 0
+    kth = jnp.take_along_axis(candidates, jnp.clip(k - 1, 0, width - 1), axis=-1)
+    kept = jnp.where(top_k_on & (candidates < kth), NEG_INF, candidates)
+    # Top-p over what top-k kept: its probabilities among the candidates (normalized over
+    # all of the vocabulary when top-k is off), kept while the mass before a token is < p.
+    total = jnp.where(top_k_on, jax.nn.logsumexp(kept, axis=-1, keepdims=True),
+                      jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    probs = jnp.exp(kept - total)
+    count = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < p, axis=-1, keepdims=True)
+    cut_p = jnp.take_along_axis(kept, jnp.clip(count - 1, 0, width - 1), axis=-1)
+    threshold = jnp.maximum(jnp.where(top_k_on, kth, NEG_INF), jnp.where(p < 1, cut_p, NEG_INF))
+    # Min-p: a token's probability under min_p times the top one's, i.e. its logit below the top's + log(min_p).
+    threshold = jnp.maximum(threshold, jnp.where(m > 0, candidates[:, :1] + jnp.log(m), NEG_INF))
+    filters = top_k_on | (p < 1) | (m > 0)
+    beyond = filters & ((threshold <= candidates[:, -1:]) | (k > width)) & (width < vocab)
+    return jax.lax.cond(
+        jnp.any(beyond),
+        lambda: _thresholds_by_bisection(logits, k, p, m, jnp.where(k <= width, kth, NEG_INF)),
+        lambda: jnp.where(filters & (logits < threshold), NEG_INF, logits),
+    )
+
+
+def _thresholds_by_bisection(logits: jax.Array, k: jax.Array, p: jax.Array, m: jax.Array, kth: jax.Array) -> jax.Array:
+    """:func:`filtered`'s cuts over the whole vocabulary, without sorting it: the largest
+    value (as an order-preserving int32 key) that keeps ``k`` tokens (``kth`` where the
+    candidates held it), then the largest that keeps mass ``p`` of what top-k kept, each
+    found by 32 halvings of the key range."""
+    keys = _order_keys(logits)
+
+    def largest(holds: Any) -> jax.Array:
+        """[rows, 1] the largest key ``t`` where ``holds(t)`` (it holds at the smallest key)."""
+        low = jnp.full(k.shape, jnp.iinfo(jnp.int32).min, jnp.int32)
+        high = jnp.max(keys, axis=-1, keepdims=True) + 1  # never holds
+
+        def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            low, high = bounds
+            middle = (low >> 1) + (high >> 1) + (low & high & 1)
+            ok = holds(middle)
+            return jnp.where(ok, middle, low), jnp.where(ok, high, middle)
+
+        return jax.lax.fori_loop(0, 32, halve, (low, high))[0]
+
+    lowest = jnp.iinfo(jnp.int32).min
+    cut_k = jnp.where(k > 0, _order_keys(kth), lowest)
+    cut_k = jax.lax.cond(
+        jnp.any(jnp.isneginf(kth) & (k > 0)),  # a row's top-k reaches past the candidates
+        lambda: jnp.where(jnp.isneginf(kth) & (k > 0),
+                          largest(lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= k), cut_k),
+        lambda: cut_k,
+    )
+    kept = jnp.where(keys < cut_k, NEG_INF, logits)
+    probs = jax.nn.softmax(kept, axis=-1)
+    cut_p = largest(lambda t: jnp.sum(jnp.where(keys >= t, probs, 0.0), axis=-1, keepdims=True) >= p)
+    threshold = jnp.maximum(cut_k, jnp.where(p < 1, cut_p, lowest))
+    floor = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(m)
+    return jnp.where((keys < threshold) | ((m > 0) & (logits < floor)), NEG_INF, logits)
+
+
+def _order_keys(values: jax.Array) -> jax.Array:
+    """float32 ``values`` as int32 keys ordered as the floats are."""
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(``logits``) [rows, vocab] (-inf: never), with the
+    row's PRNG key: the inverse of its cumulative distribution, in two levels (blocks of
+    the vocabulary, then tokens of the chosen block), so a draw costs a few passes over
+    the logits, not a random number per token."""
+    rows, vocab = logits.shape
+    width = 1 << max((vocab - 1).bit_length() // 2, 0)  # about sqrt(vocab)
+    blocks = -(-vocab // width)
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * width - vocab))).reshape(rows, blocks, width)
+    mass = jnp.sum(probs, axis=-1)  # [rows, blocks]
+    cumulative = jnp.cumsum(mass, axis=-1)
+    target = jax.vmap(jax.random.uniform)(keys) * cumulative[:, -1]
+    block = jnp.minimum(jnp.sum(cumulative <= target[:, None], axis=-1), _last_positive(mass))
+    inside = target - jnp.take_along_axis(cumulative - mass, block[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [rows, width]
+    token = jnp.minimum(jnp.sum(jnp.cumsum(chosen, axis=-1) <= inside[:, None], axis=-1), _last_positive(chosen))
+    return (block * width + token).astype(jnp.int32)
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+    """[rows] the last index of each row of ``x`` [rows, n] holding a positive value."""
+    return x.shape[-1] - 1 - jnp.argmax(x[:, ::-1] > 0, axis=-1)
 
 
 def penalize_repetitions(
