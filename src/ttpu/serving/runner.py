@@ -238,7 +238,8 @@ class ModelRunner:
         except _NotPageable as reason:
             self.recompute_reason = str(reason)
             self._recompute()
-        self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step", store=None)
+        self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step",
+                                 store=self._forward.program_store, background_warm_up=False)
 
     @property
     def whole_prompts(self) -> bool:

@@ -28,7 +28,10 @@ class Executables:
     """Compiled versions of ``function``; static arguments are hashable Python values,
     the others pytrees of arrays. ``len()`` is the number of compiles so far.
 
-    ``name`` identifies the function in ``store`` (None: nothing is stored)."""
+    ``name`` identifies the function in ``store`` (None: nothing is stored);
+    ``background_warm_up`` says whether a later process compiles its programs in the
+    background before they are asked for (off for programs an explicit warm-up compiles
+    anyway, as the serving engine's steps)."""
 
     def __init__(
         self,
@@ -39,6 +42,7 @@ class Executables:
         *,
         name: str = "",
         store: ProgramStore | None = None,
+        background_warm_up: bool = True,
     ) -> None:
         self._function = function
         self._static = tuple(static_argnums)
@@ -46,6 +50,7 @@ class Executables:
         self._out_shardings = out_shardings
         self._name = name or getattr(function, "__qualname__", "program")
         self._store = store
+        self._background_warm_up = background_warm_up
         self._compiled: dict[Any, _Program] = {}
         self._shapes: dict[Any, Any] = {}
         self.traces = 0
@@ -109,7 +114,7 @@ class Executables:
                     executable = compile_program(stored, leaves, donated, self._out_shardings)
                 else:
                     stored, executable = warm
-                if self._store.warm_up:
+                if self._store.warm_up and self._background_warm_up:
                     self._store.warm_up.record(key, leaves, donated)
                 return _Program(executable, in_tree, stored.out_tree)
             except CompilationError:
