@@ -341,6 +341,9 @@ def test_presence_and_frequency_penalties_count_only_output_tokens() -> None:
     plain = Request("b", [7], SamplingParams(temperature=0))
     rows, mode = row_sampling([penalized, plain], 2, vocab, history_width=16)
     assert mode == SamplerMode(penalties=True)
+    # Stop tokens are listed only while min_tokens holds them back: the warm-up's width stays.
+    many_stops = Request("c", [7], SamplingParams(temperature=0, stop_token_ids=list(range(1, 8))))
+    assert row_sampling([many_stops], 2, vocab, history_width=16)[0].stop_ids.shape == (2, 4)
     expected = logits[0].copy()
     for token in {7, 1, 2, 0}:  # repetition: prompt and output tokens
         expected[token] = expected[token] / 2 if expected[token] > 0 else expected[token] * 2

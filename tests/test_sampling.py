@@ -169,3 +169,38 @@ def test_draws_over_a_large_vocabulary_follow_the_distribution() -> None:
     expected /= expected.sum()
     observed = np.array([(tokens == t).mean() for t in allowed])
     assert np.abs(observed - expected).max() < 0.015
+
+
+def test_a_draw_never_lands_on_zero_mass_however_the_sums_round() -> None:
+    """XLA's cumulative sums are not computed in order: a zero-mass block's sum can differ
+    from the one before it, and a target between them must still pick positive mass."""
+    from ttpu.backends.jax.sampling import _first_reaching
+
+    cumulative = jnp.asarray([[0.5, 0.50000006, 1.0], [0.5, 0.5, 0.99999994]], jnp.float32)
+    mass = jnp.asarray([[0.5, 0.0, 0.5], [0.5, 0.0, 0.5]], jnp.float32)
+    target = jnp.asarray([0.50000003, 1.0], jnp.float32)  # inside the rounding gap; past the (rounded) total
+    assert np.asarray(_first_reaching(cumulative, mass, target)).tolist() == [2, 2]
+
+
+def test_a_row_far_from_the_candidates_does_not_change_the_cut_of_another(monkeypatch) -> None:
+    from ttpu.backends.jax import sampling
+
+    monkeypatch.setattr(sampling, "MAX_CANDIDATES", 4)
+    logits = jnp.asarray(np.random.default_rng(2).normal(0, 1, (2, 100)), jnp.float32)
+    alone = sampling.filtered(logits[:1], top_k=jnp.asarray([[2]]), top_p=jnp.asarray([[0.7]], jnp.float32))
+    beside = sampling.filtered(logits, top_k=jnp.asarray([[2], [0]]), top_p=jnp.asarray([[0.7], [0.95]], jnp.float32))
+    np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(beside[0]))  # row 1 took the bisection
+
+
+def test_a_bad_word_longer_than_the_sequence_bans_nothing() -> None:
+    settings = GenerationSettings(max_new_tokens=2, bad_words_ids=((5, 5, 9),), prompt_length=1)
+    logits = np.zeros((1, VOCAB), np.float32)
+    logits[0, 9] = 5.0
+    assert choose(logits, settings, np.array([[5]]))[0] == 9  # one token: the prefix [5, 5] does not fit
+    assert choose(logits, settings, np.array([[5, 5]]), generated=1)[0] != 9
+
+
+def test_any_integer_seed_is_taken() -> None:
+    for seed in (-1, 2**70):
+        _, rows, _ = generation_sampling(GenerationSettings(max_new_tokens=1, do_sample=True), 2, VOCAB, seed)
+        assert rows.seeds.dtype == jnp.uint32

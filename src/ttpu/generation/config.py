@@ -132,12 +132,15 @@ def resolve_settings(
 def processor_settings(config: GenerationConfig) -> dict[str, Any]:
     """The :class:`GenerationSettings` fields of the logits processors a generation config
     turns on (forced, suppressed and bad tokens, repeated n-grams)."""
+    eos = _token_list(config.eos_token_id)
     return dict(
         forced_bos_token_id=None if config.forced_bos_token_id is None else int(config.forced_bos_token_id),
         forced_eos_token_ids=_token_list(config.forced_eos_token_id),
         suppress_tokens=_token_list(config.suppress_tokens),
         begin_suppress_tokens=_token_list(config.begin_suppress_tokens),
-        bad_words_ids=tuple(tuple(int(t) for t in words) for words in config.bad_words_ids or ()),
+        # transformers drops a bad word that is one EOS token
+        bad_words_ids=tuple(tuple(int(t) for t in words) for words in config.bad_words_ids or ()
+                            if not (len(words) == 1 and words[0] in eos)),
         no_repeat_ngram_size=int(config.no_repeat_ngram_size or 0),
         # transformers' encoder_no_repeat_ngram_size: a decoder-only model's "encoder input" is its prompt.
         prompt_no_repeat_ngram_size=int(getattr(config, "encoder_no_repeat_ngram_size", 0) or 0),

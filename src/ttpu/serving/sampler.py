@@ -32,7 +32,8 @@ def row_sampling(
             p.repetition_penalty, request.seed, len(request.output_token_ids), p.min_tokens,
             p.max_tokens or history_width - prompt, prompt,
         )
-        stops.append(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(request.eos_token_ids))))
+        early = len(request.output_token_ids) < p.min_tokens  # only then are they suppressed: listed
+        stops.append(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(request.eos_token_ids))) if early else [])
     if mode is None:
         draws = bool(np.any(settings[0] > 0))
         mode = SamplerMode(

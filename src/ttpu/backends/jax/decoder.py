@@ -188,7 +188,7 @@ class JaxDecoder(Decoder):
         batch = tokens.shape[0]
         rows = sampling.rows._replace(
             steps=jnp.full((batch,), generated, jnp.int32),
-            history=jnp.where(mask > 0, tokens, self._vocab_size),
+            history=jnp.where(mask > 0, tokens, logits.shape[-1]),
             prompt_starts=jnp.full((batch,), output_start - sampling.prompt_length, jnp.int32),
             prompt_lens=jnp.full((batch,), output_start, jnp.int32),
         )

@@ -153,7 +153,7 @@ def generation_sampling(
         temperature=each(settings.temperature if settings.do_sample else 0.0), top_k=each(top_k, jnp.int32),
         top_p=each(settings.top_p), min_p=each(settings.min_p), presence=each(0.0), frequency=each(0.0),
         repetition=each(settings.repetition_penalty),
-        seeds=jnp.asarray((seed + np.arange(rows, dtype=np.uint64)) % 2**32, jnp.uint32),
+        seeds=jnp.asarray(np.array([(seed + row) % 2**32 for row in range(rows)], np.uint32)),
         steps=each(0, jnp.int32), stop_ids=jnp.asarray(np.repeat(eos, rows, axis=0)),
         min_tokens=each(settings.min_new_tokens, jnp.int32), max_tokens=each(settings.max_new_tokens, jnp.int32),
         history=jnp.zeros((rows, 0), jnp.int32), prompt_starts=each(0, jnp.int32), prompt_lens=each(0, jnp.int32),
@@ -219,7 +219,7 @@ def filtered(
     k = jnp.broadcast_to(jnp.asarray(0 if top_k is None else top_k, jnp.int32), (rows, 1))
     p = jnp.broadcast_to(jnp.asarray(1.0 if top_p is None else top_p, jnp.float32), (rows, 1))
     m = jnp.broadcast_to(jnp.asarray(0.0 if min_p is None else min_p, jnp.float32), (rows, 1))
-    width = min(vocab, max(MAX_CANDIDATES, top_k if isinstance(top_k, int) else 0))
+    width = min(vocab, max(MAX_CANDIDATES, top_k + 1 if isinstance(top_k, int) else 0))
     # [rows, width] descending; the barrier keeps XLA:CPU from fusing the top-k into its
     # consumers as a full sort of the vocabulary (70x slower at 262k tokens).
     candidates = jax.lax.optimization_barrier(jax.lax.top_k(logits, width)[0])
@@ -238,10 +238,12 @@ def filtered(
     threshold = jnp.maximum(threshold, jnp.where(m > 0, candidates[:, :1] + jnp.log(m), NEG_INF))
     filters = top_k_on | (p < 1) | (m > 0)
     beyond = filters & ((threshold <= candidates[:, -1:]) | (k > width)) & (width < vocab)
-    return jax.lax.cond(
+    among_candidates = jnp.where(filters & (logits < threshold), NEG_INF, logits)
+    return jax.lax.cond(  # only rows whose cut passes the candidates take the bisection's
         jnp.any(beyond),
-        lambda: _thresholds_by_bisection(logits, k, p, m, jnp.where(k <= width, kth, NEG_INF)),
-        lambda: jnp.where(filters & (logits < threshold), NEG_INF, logits),
+        lambda: jnp.where(beyond, _thresholds_by_bisection(logits, k, p, m, jnp.where(k <= width, kth, NEG_INF)),
+                          among_candidates),
+        lambda: among_candidates,
     )
 
 
@@ -275,7 +277,11 @@ def _thresholds_by_bisection(logits: jax.Array, k: jax.Array, p: jax.Array, m: j
     )
     kept = jnp.where(keys < cut_k, NEG_INF, logits)
     probs = jax.nn.softmax(kept, axis=-1)
-    cut_p = largest(lambda t: jnp.sum(jnp.where(keys >= t, probs, 0.0), axis=-1, keepdims=True) >= p)
+    cut_p = jax.lax.cond(
+        jnp.any(p < 1),
+        lambda: largest(lambda t: jnp.sum(jnp.where(keys >= t, probs, 0.0), axis=-1, keepdims=True) >= p),
+        lambda: jnp.full(k.shape, lowest, jnp.int32),
+    )
     threshold = jnp.maximum(cut_k, jnp.where(p < 1, cut_p, lowest))
     floor = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(m)
     return jnp.where((keys < threshold) | ((m > 0) & (logits < floor)), NEG_INF, logits)
@@ -283,7 +289,8 @@ def _thresholds_by_bisection(logits: jax.Array, k: jax.Array, p: jax.Array, m: j
 
 def _order_keys(values: jax.Array) -> jax.Array:
     """float32 ``values`` as int32 keys ordered as the floats are."""
-    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+    values = values.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(values == 0, 0.0, values), jnp.int32)  # -0.0 as +0.0
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
@@ -300,16 +307,20 @@ def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
     mass = jnp.sum(probs, axis=-1)  # [rows, blocks]
     cumulative = jnp.cumsum(mass, axis=-1)
     target = jax.vmap(jax.random.uniform)(keys) * cumulative[:, -1]
-    block = jnp.minimum(jnp.sum(cumulative <= target[:, None], axis=-1), _last_positive(mass))
+    block = _first_reaching(cumulative, mass, target)
     inside = target - jnp.take_along_axis(cumulative - mass, block[:, None], axis=-1)[:, 0]
     chosen = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [rows, width]
-    token = jnp.minimum(jnp.sum(jnp.cumsum(chosen, axis=-1) <= inside[:, None], axis=-1), _last_positive(chosen))
+    token = _first_reaching(jnp.cumsum(chosen, axis=-1), chosen, inside)
     return (block * width + token).astype(jnp.int32)
 
 
-def _last_positive(x: jax.Array) -> jax.Array:
-    """[rows] the last index of each row of ``x`` [rows, n] holding a positive value."""
-    return x.shape[-1] - 1 - jnp.argmax(x[:, ::-1] > 0, axis=-1)
+def _first_reaching(cumulative: jax.Array, mass: jax.Array, target: jax.Array) -> jax.Array:
+    """[rows] the first index of positive ``mass`` whose ``cumulative`` passes ``target``
+    [rows], else the last of positive mass: never one of zero mass, however the sums
+    rounded (XLA's cumulative sums are not computed in order)."""
+    passes = (cumulative > target[:, None]) & (mass > 0)
+    last = mass.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
+    return jnp.where(jnp.any(passes, axis=-1), jnp.argmax(passes, axis=-1), last)
 
 
 def penalize_repetitions(
@@ -353,6 +364,7 @@ def _processed(logits: jax.Array, rows: RowSampling, processors: Processors, val
         words = values.bad_words[index]
         # Where the last length-1 tokens equal the sequence's start, its last token is banned.
         completes = jnp.all(_recent(rows.history, last, length - 1) == words[: length - 1], axis=1)
+        completes &= last + 1 - rows.prompt_starts >= length - 1  # transformers: not before the prefix fits
         logits = jnp.where(completes[:, None] & _one_hot(words[length - 1], vocab), NEG_INF, logits)
     return logits
 
