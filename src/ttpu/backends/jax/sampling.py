@@ -212,9 +212,9 @@ def filtered(
     ``min_p`` are scalars or per-row [rows, 1] (1 and 0: off).
 
     Nothing sorts the vocabulary: each row's cut is decided among its
-    ``MAX_CANDIDATES`` (or static ``top_k``) most likely tokens (one ``top_k``), and only
-    when some row's cut reaches past them, for every row over the whole vocabulary by
-    bisection on the values (:func:`_thresholds_by_bisection`)."""
+    ``MAX_CANDIDATES`` (or static ``top_k`` + 1) most likely tokens (one ``top_k``); a row
+    whose cut reaches past them is cut over the whole vocabulary by bisection on the
+    values (:func:`_thresholds_by_bisection`), which runs only when some row needs it."""
     rows, vocab = logits.shape
     k = jnp.broadcast_to(jnp.asarray(0 if top_k is None else top_k, jnp.int32), (rows, 1))
     p = jnp.broadcast_to(jnp.asarray(1.0 if top_p is None else top_p, jnp.float32), (rows, 1))
