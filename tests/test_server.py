@@ -75,7 +75,7 @@ def saved_model(tmp_path_factory) -> tuple[Path, LlamaForCausalLM, PreTrainedTok
 
 
 @contextlib.contextmanager
-def serving(directory: Path) -> Iterator[Server]:
+def serving(directory: Path, max_model_len: int = 1024) -> Iterator[Server]:
     """``ttpu serve`` on the model saved in ``directory``, started on a free local port,
     until the block ends."""
     with socket.socket() as s:
@@ -84,7 +84,7 @@ def serving(directory: Path) -> Iterator[Server]:
     log = open(directory / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "ttpu.cli", "serve", str(directory), "--served-model-name", MODEL, "--port", str(port),
-         "--max-num-seqs", "8", "--max-model-len", "1024", "--max-num-batched-tokens", "64", "--block-size", "8",
+         "--max-num-seqs", "8", "--max-model-len", str(max_model_len), "--max-num-batched-tokens", "64", "--block-size", "8",
          "--dtype", "float32"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
@@ -354,7 +354,7 @@ def test_a_hybrid_model_serves_concurrent_and_streamed_requests(tmp_path) -> Non
 
     config = tiny_config("qwen3_next", True)
     config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = 512, 1, 2, 0
-    config.max_position_embeddings = 1024  # the server's max_model_len
+    config.max_position_embeddings = 128  # the server's max_model_len (its warm-up compiles each prompt length to it)
     torch.manual_seed(0)
     module = AutoModelForCausalLM.from_config(config).eval()
     tokenizer = _tokenizer()
@@ -370,7 +370,7 @@ def test_a_hybrid_model_serves_concurrent_and_streamed_requests(tmp_path) -> Non
         ))
         return [a.choices[0].text for a in answers]
 
-    with serving(tmp_path) as running:
+    with serving(tmp_path, max_model_len=128) as running:
         texts = asyncio.run(run(running.url))
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="none")
         stream = client.completions.create(model=MODEL, prompt=prompts[3], max_tokens=8, temperature=0, stream=True)

@@ -97,14 +97,14 @@ class LLMEngine:
         returns the seconds it took. Afterwards no request mix compiles anything."""
         start = time.perf_counter()
         pairs = self.runner.buckets()
-        sampled: set[int] = set()  # request buckets whose sampler modes are compiled
+        sampled: set[int] = set()  # logits rows whose sampler modes are compiled
         for tokens, requests in tqdm(pairs, desc="compiling serving steps", unit="bucket", disable=not progress):
             logits = self.runner.run(self.runner.empty_step(tokens, requests))
-            if requests in sampled:
+            if logits.shape[0] in sampled:
                 continue
-            sampled.add(requests)
+            sampled.add(logits.shape[0])
             for mode in SamplerMode.every(self.processors):
-                rows, _ = row_sampling([], requests, logits.shape[1], self.max_model_len, mode=mode)
+                rows, _ = row_sampling([], logits.shape[0], logits.shape[1], self.max_model_len, mode=mode)
                 self._sample(logits, rows, mode, self._processor_values)
         return time.perf_counter() - start
 

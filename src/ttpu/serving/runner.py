@@ -499,8 +499,15 @@ class ModelRunner:
         sampling[: len(sampling_rows)] = sampling_rows
         return StepInputs(ids, positions, PagedBatch(positions, slots, rows, tables), sampling, sampling_ids)
 
+    def sampled_rows(self, requests: int) -> int:
+        """The rows of logits a step of ``requests`` (a bucket) returns: at least the
+        smallest request bucket's, so that a step over a few rows (recurrent state,
+        recomputed sequences) samples with the programs of a step of decodes."""
+        return bucket(requests, MIN_REQUEST_BUCKET, self.max_num_seqs)
+
     def run(self, inputs: StepInputs) -> jax.Array:
-        """The step on the device: the logits [request bucket, vocab] of the sampling tokens."""
+        """The step on the device: the logits [:meth:`sampled_rows`, vocab] of the
+        sampling tokens (rows past the step's requests are padding)."""
         place = self._forward.placement
         put = functools.partial(place.put, spec=())
         grid = None if inputs.grid is None else RowGrid(*map(put, inputs.grid))
@@ -512,19 +519,25 @@ class ModelRunner:
 
     def _step_program(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
                       sampling_rows: jax.Array, grid: RowGrid | None):
+        cache, logits = self._logits_program(params, cache, ids, batch, sampling_rows, grid)
+        rows = self.sampled_rows(logits.shape[0])
+        return cache, jnp.pad(logits.astype(jnp.float32), ((0, rows - logits.shape[0]), (0, 0)))
+
+    def _logits_program(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
+                        sampling_rows: jax.Array, grid: RowGrid | None) -> tuple[CacheArrays, jax.Array]:
         if self.recompute_reason is not None:
             return cache, self._sequences_traced(params, ids, batch.positions, sampling_rows)
         step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid)
         if grid is not None:
             logits, states = self._rows_traced(step, params, cache.states, ids)
-            return CacheArrays(tuple(step.pools), states), logits.astype(jnp.float32)
+            return CacheArrays(tuple(step.pools), states), logits
         inputs = {"input_ids": to_traced(ids[None]), "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None]),
                   "use_cache": False}
         if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
             inputs["logits_to_keep"] = to_traced(sampling_rows)
         logits = self._logits_traced(step, params, inputs)[0]
         logits = logits if self._keeps_logits else logits[sampling_rows]
-        return CacheArrays(tuple(step.pools), cache.states), logits.astype(jnp.float32)
+        return CacheArrays(tuple(step.pools), cache.states), logits
 
     def _rows_traced(self, step: _Step, params: Any, states: tuple[dict[str, jax.Array], ...], ids: jax.Array):
         """The logits [rows, vocab] of each row's last token, and the state slots after
@@ -571,7 +584,7 @@ class ModelRunner:
             inputs["logits_to_keep"] = to_traced(column)  # the same columns of every row: row i's is its i-th
             column = jnp.arange(rows)
         logits = self._forward.call_traced(params, inputs).logits.jax()
-        return logits[row, column].astype(jnp.float32)
+        return logits[row, column]
 
     def _logits_traced(self, step: _Step, params: Any, inputs: dict[str, Any]) -> jax.Array:
         """The model's logits on ``inputs`` inside a trace, its attention layers reading
