@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,18 +95,25 @@ class LLMEngine:
 
     def warm_up(self, progress: bool = True) -> float:
         """Compile every bucket pair's step and sampler before serving (a progress bar);
-        returns the seconds it took. Afterwards no request mix compiles anything."""
+        returns the seconds it took. Afterwards no request mix compiles anything.
+
+        The samplers (pure JAX) compile in a second thread while the steps are traced
+        and compiled in this one."""
         start = time.perf_counter()
         pairs = self.runner.buckets()
         sampled: set[int] = set()  # logits rows whose sampler modes are compiled
-        for tokens, requests in tqdm(pairs, desc="compiling serving steps", unit="bucket", disable=not progress):
-            logits = self.runner.run(self.runner.empty_step(tokens, requests))
-            if logits.shape[0] in sampled:
-                continue
-            sampled.add(logits.shape[0])
-            for mode in SamplerMode.every(self.processors):
-                rows, _ = row_sampling([], logits.shape[0], logits.shape[1], self.max_model_len, mode=mode)
-                self._sample(logits, rows, mode, self._processor_values)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttpu-sampler-warm-up") as samplers:
+            compiling = []
+            for tokens, requests in tqdm(pairs, desc="compiling serving steps", unit="bucket", disable=not progress):
+                logits = self.runner.run(self.runner.empty_step(tokens, requests))
+                if logits.shape[0] in sampled:
+                    continue
+                sampled.add(logits.shape[0])
+                for mode in SamplerMode.every(self.processors):
+                    rows, _ = row_sampling([], logits.shape[0], logits.shape[1], self.max_model_len, mode=mode)
+                    compiling.append(samplers.submit(self._sample.compiled, logits, rows, mode, self._processor_values))
+            for done in compiling:
+                done.result()  # raises what a sampler's compile raised
         return time.perf_counter() - start
 
     @property
