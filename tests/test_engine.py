@@ -76,6 +76,18 @@ def tiny_causal_lm(model_type: str):
     return copy.deepcopy(module), AutoModelForTPU.from_model(module)
 
 
+@pytest.mark.parametrize("model_type", ["bart", "marian", "whisper"])
+def test_models_that_number_positions_themselves_are_paged(model_type: str) -> None:
+    """Decoders whose forward takes no position ids (they count from their cache's
+    length) get each token's own position through their positional-embedding module:
+    the paged pools hold them, chunked prefill beside decodes gives transformers' tokens."""
+    eager, model = tiny_causal_lm(model_type)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
+    assert engine.runner.recompute_reason is None and engine.kv.prefix_caching
+    batch = prompts()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+
+
 @pytest.mark.parametrize("model_type", ["mamba", "mamba2", "qwen3_next", "falcon_h1", "nemotron_h"])
 def test_recurrent_and_hybrid_models_give_transformers_greedy_tokens(model_type: str) -> None:
     """SSM (Mamba, Mamba-2), gated delta net beside attention layers (Qwen3-Next), attention
@@ -412,7 +424,7 @@ def test_a_request_that_raises_in_its_step_fails_alone(model_type: str, monkeypa
 @pytest.mark.parametrize(
     "model_type, reason",
     [
-        ("bart", "takes no position_ids \\(it numbers positions itself"),
+        ("bloom", "takes no position_ids \\(it numbers positions itself.*no positional-embedding module"),  # ALiBi
         ("bert", "BertLMHeadModel has none: the forward returns no cache"),
         ("trocr", "TrOCRForCausalLM has none: its cached step reads a traced value"),  # no logits_to_keep
         ("diffllama", "layer 0 calls attention 2 times"),

@@ -173,3 +173,10 @@ def check_token_ids(ids: Any, vocab_size: int | None, name: str) -> None:
             f"{name} holds token id {bad}, outside the model's vocabulary of {vocab_size} ids "
             f"(valid: 0..{vocab_size - 1}); tokenize with this model's tokenizer."
         )
+
+
+def positional_embeddings(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``module`` that embed positions by index (Marian's, Pegasus',
+    Whisper's positional-embedding modules): models whose forward takes no position ids
+    number their tokens through them, from 0 or the cache's length."""
+    return [m for m in module.modules() if "Position" in type(m).__name__ and "Embedding" in type(m).__name__]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ttpu.errors import InvalidArgumentError
-from ttpu.inputs import check_token_ids
+from ttpu.inputs import check_token_ids, positional_embeddings
 from ttpu.generation.config import GenerationSettings, resolve_settings
 from ttpu.generation.stopping import StopStrings
 from ttpu.generation.streaming import TextPieces
@@ -251,7 +251,7 @@ def _padding_shifts_positions(module: torch.nn.Module) -> bool:
     with positions from the mask (BLOOM's ALiBi) are unaffected."""
     if "position_ids" in inspect.signature(module.forward).parameters:
         return False
-    return any("Position" in type(m).__name__ and "Embedding" in type(m).__name__ for m in module.modules())
+    return bool(positional_embeddings(module))
 
 
 def _check_stop_strings(

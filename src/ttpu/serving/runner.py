@@ -54,6 +54,7 @@ from ttpu.backends.jax.kv_cache import (
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.compat import DummyLayer
 from ttpu.errors import InvalidArgumentError
+from ttpu.inputs import positional_embeddings
 from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
 from ttpu.serving.scheduler import SchedulerOutput
 
@@ -183,6 +184,26 @@ def _paged_attention_named(module: torch.nn.Module) -> Iterator[None]:
             config._attn_implementation = before[key]
 
 
+@contextlib.contextmanager
+def _positions_fed(modules: list[torch.nn.Module], positions: jax.Array | None) -> Iterator[None]:
+    """Each positional-embedding module of ``modules`` embeds ``positions`` (the step's
+    tokens', [tokens]) in place of the ones its model numbered itself (from 0 or its
+    cache's length, wrong for a flat batch of many requests); nothing without positions."""
+    if positions is None:
+        yield
+        return
+
+    def feed(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return args, {**kwargs, "position_ids": to_traced(positions)}
+
+    handles = [module.register_forward_pre_hook(feed, with_kwargs=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def bucket(count: int, smallest: int, largest: int) -> int:
     """The power of two from ``smallest`` that holds ``count`` (at most ``largest``)."""
     size = smallest
@@ -225,6 +246,8 @@ class ModelRunner:
         self._forward = model.compiled_forward
         self._step_inputs = CachedStepInputs(model.torch_module)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.torch_module.forward).parameters
+        self._takes_positions = "position_ids" in inspect.signature(model.torch_module.forward).parameters
+        self._position_modules: list[torch.nn.Module] = []  # fed the step's positions (forwards without position_ids)
         self.block_size = block_size
         self.blocks_per_request = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
@@ -257,9 +280,15 @@ class ModelRunner:
                 f"{name} has {layout.describe()}"
             )
         attention = [KEYS in layer.names for layer in layout.layers]
-        if any(attention) and "position_ids" not in inspect.signature(self._model.torch_module.forward).parameters:
-            raise _NotPageable(f"{name}.forward takes no position_ids (it numbers positions itself, from 0 or its cache's length)")
         self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
+        if any(attention) and not self._takes_positions:
+            self._position_modules = positional_embeddings(self._model.torch_module)
+            if (self.has_states or not self._position_modules
+                    or any("position_ids" not in inspect.signature(m.forward).parameters for m in self._position_modules)):
+                raise _NotPageable(
+                    f"{name}.forward takes no position_ids (it numbers positions itself, from 0 or its cache's length), "
+                    "and no positional-embedding module of it takes them instead"
+                )
         self.state_slots = self.max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
         calls = self._attention_calls(attention)
         place = self._forward.placement
@@ -285,7 +314,7 @@ class ModelRunner:
         """No cache at all: every step runs each of its requests' whole sequences (the
         way ``generate`` runs a model that keeps no cache), so every causal LM is served."""
         layers = len(self._layout.layers)
-        self.has_states, self.state_slots = False, 0
+        self.has_states, self.state_slots, self._position_modules = False, 0, []
         self._empty = lambda: CacheArrays((None,) * layers, ({},) * layers)
         self.cache = self._empty()
         self._heads_axes = (None,) * layers
@@ -338,9 +367,7 @@ class ModelRunner:
 
         def probe(params: Any, ids: jax.Array) -> jax.Array:
             inputs = {"input_ids": to_traced(ids), "use_cache": False}
-            if any(attention):
-                inputs["position_ids"] = to_traced(ids * 0)
-            return self._logits_traced(step, params, inputs)
+            return self._logits_traced(step, params, inputs, ids[0] * 0 if any(attention) else None)
 
         try:
             jax.eval_shape(probe, self._forward.params, jax.ShapeDtypeStruct((1, MIN_TOKEN_BUCKET), jnp.int32))
@@ -531,11 +558,10 @@ class ModelRunner:
         if grid is not None:
             logits, states = self._rows_traced(step, params, cache.states, ids)
             return CacheArrays(tuple(step.pools), states), logits
-        inputs = {"input_ids": to_traced(ids[None]), "position_ids": to_traced(jnp.maximum(batch.positions, 0)[None]),
-                  "use_cache": False}
+        inputs = {"input_ids": to_traced(ids[None]), "use_cache": False}
         if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
             inputs["logits_to_keep"] = to_traced(sampling_rows)
-        logits = self._logits_traced(step, params, inputs)[0]
+        logits = self._logits_traced(step, params, inputs, jnp.maximum(batch.positions, 0))[0]
         logits = logits if self._keeps_logits else logits[sampling_rows]
         return CacheArrays(tuple(step.pools), cache.states), logits
 
@@ -586,12 +612,16 @@ class ModelRunner:
         logits = self._forward.call_traced(params, inputs).logits.jax()
         return logits[row, column]
 
-    def _logits_traced(self, step: _Step, params: Any, inputs: dict[str, Any]) -> jax.Array:
+    def _logits_traced(self, step: _Step, params: Any, inputs: dict[str, Any], positions: jax.Array | None = None) -> jax.Array:
         """The model's logits on ``inputs`` inside a trace, its attention layers reading
-        and writing ``step``."""
+        and writing ``step``; ``positions`` ([tokens], one row) are its tokens' position
+        ids, given to the forward or, if it takes none, to its positional embeddings."""
+        if positions is not None and self._takes_positions:
+            inputs = {**inputs, "position_ids": to_traced(positions[None])}
+        fed = positions if positions is not None and self._position_modules else None
         token = _current_step.set(step)
         try:
-            with _paged_attention_named(self._model.torch_module):
+            with _paged_attention_named(self._model.torch_module), _positions_fed(self._position_modules, fed):
                 return self._forward.call_traced(params, inputs).logits.jax()
         finally:
             _current_step.reset(token)
