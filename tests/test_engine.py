@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,13 +67,16 @@ def test_requests_batched_continuously_give_transformers_greedy_tokens(name: str
     assert engine.runner.compile_count <= 2  # one program per (token, request) bucket pair used
 
 
-def tiny_causal_lm(model_type: str):
-    """transformers' model of ``model_type`` from the coverage sweep's tiny config, random weights."""
+def tiny_causal_lm(model_type: str, **changes: Any):
+    """transformers' model of ``model_type`` from the coverage sweep's tiny config (with
+    ``changes``), random weights."""
     from ttpu.coverage.configs import tiny_config
     from ttpu.coverage.run import _build, _causal_lm_class, config_for_class
 
     cls = _causal_lm_class(model_type)
-    module = _build(cls, config_for_class(cls, tiny_config(model_type, True)))
+    config = config_for_class(cls, tiny_config(model_type, True))
+    config.update(changes)
+    module = _build(cls, config)
     return copy.deepcopy(module), AutoModelForTPU.from_model(module)
 
 
@@ -428,7 +432,7 @@ def test_a_request_that_raises_in_its_step_fails_alone(model_type: str, monkeypa
         ("bert", "BertLMHeadModel has none: the forward returns no cache"),
         ("trocr", "TrOCRForCausalLM has none: its cached step reads a traced value"),  # no logits_to_keep
         ("diffllama", "layer 0 calls attention 2 times"),
-        ("falcon", "FalconForCausalLM does not run with the paged attention \\(CompilationError"),
+        ("inkling2_text", "Inkling2ForCausalLM does not run with the paged attention \\(CompilationError"),  # attention over layers
         ("gemma3n_text", "layer 3 calls attention but caches no keys"),  # it reads layer 1's keys
         ("axk2", "AXK2ForCausalLM has 2 full attention \\+ indexer layers"),
         ("inkling_text", "InklingForCausalLM fails one request per row .*reads its cache's length"),  # relative positions

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,9 @@ from transformers import (
 from ttpu import AutoModelForTPU
 from ttpu.errors import CompilationError
 from ttpu.patches import PATCHES, registry
+from ttpu.serving.engine import EngineConfig, LLMEngine
+
+from test_engine import expected_tokens, prompts, serve, tiny_causal_lm
 
 PATCHED_MODELS = {
     "jetmoe": (
@@ -175,3 +180,24 @@ def test_generate_with_a_local_window_matches_transformers(patched: bool, monkey
         expected = module.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings).numpy()
     actual = AutoModelForTPU.from_model(module).generate(ids, attention_mask=mask, **settings)
     assert np.array_equal(actual, expected) == patched
+
+
+@pytest.mark.parametrize(
+    "model_type, changes",
+    [
+        ("gpt_neo", {}),  # global layers and local ones of an 8-position window, unscaled scores
+        ("falcon", {}),  # multi-query
+        ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # grouped queries
+        ("gpt_neox_japanese", {}),  # rotary on part of each head
+    ],
+    ids=["gpt_neo", "falcon-mqa", "falcon-gqa", "gpt_neox_japanese"],
+)
+def test_modules_that_compute_attention_themselves_are_paged(model_type: str, changes: dict[str, Any]) -> None:
+    """Attention modules that compute their scores themselves reach the serving engine's
+    paged attention through their patched forwards (without, the engine recomputes
+    whole sequences): transformers' greedy tokens with chunked prefill beside decodes."""
+    eager, model = tiny_causal_lm(model_type, **changes)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
+    assert engine.runner.recompute_reason is None and engine.kv.prefix_caching
+    batch = prompts()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]

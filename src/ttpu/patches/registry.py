@@ -56,12 +56,16 @@ def forward_patch(
     reason: str,
     test: str,
     transformers_versions: str,
+    attributes: Callable[[torch.nn.Module, torch.nn.Module], dict[str, Any]] | None = None,
 ) -> Patch:
-    """A patch that gives every instance of ``qualified_class`` a replacement forward."""
+    """A patch that gives every instance of ``qualified_class`` a replacement forward (and
+    the ``attributes(model, instance)`` that forward needs)."""
 
     def apply(module: torch.nn.Module) -> None:
         for instance in instances_of(module, qualified_class):
             instance.forward = types.MethodType(forward, instance)
+            for name, value in (attributes(module, instance) if attributes else {}).items():
+                setattr(instance, name, value)
 
     return Patch(
         name=name,
