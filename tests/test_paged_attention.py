@@ -74,9 +74,13 @@ def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNK
             mask &= np.arange(total)[None, :] > query_positions - window
         if options.get("attention_chunk"):
             mask &= np.arange(total)[None, :] // options["attention_chunk"] == query_positions // options["attention_chunk"]
+        mask = mask[None, None]
+        if options.get("alibi_slopes") is not None:  # additive: each head's slope times the key's distance
+            bias = np.asarray(options["alibi_slopes"])[:, None, None] * (np.arange(total)[None, :] - query_positions)
+            mask = np.where(mask, bias[None], np.finfo(np.float32).min)
         out = dot_product_attention(
             jnp.asarray(queries[row].transpose(1, 0, 2)[None]), jnp.asarray(full_keys[row].transpose(1, 0, 2)[None]),
-            jnp.asarray(full_values[row].transpose(1, 0, 2)[None]), jnp.asarray(mask[None, None]), scale=DIM**-0.5,
+            jnp.asarray(full_values[row].transpose(1, 0, 2)[None]), jnp.asarray(mask), scale=DIM**-0.5,
             softcap=options.get("softcap"), sinks=options.get("sinks"),
         )[0]
         dense.append(np.asarray(out))
@@ -86,6 +90,7 @@ def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNK
 
 
 MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after cached positions
+ALIBI_SLOPES = jnp.asarray([0.5, 0.25, 0.125, 0.0625])[:Q_HEADS]
 
 
 @pytest.mark.parametrize(
@@ -101,9 +106,11 @@ MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after c
         (*MIXED, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}),
         (*MIXED, {"attention_chunk": 4}),  # Llama 4's chunked attention
         ([20, 14], [1, 2], {"attention_chunk": 8}),  # every chunk starts past the first context chunk: the loop may too
+        (*MIXED, {"alibi_slopes": ALIBI_SLOPES}),  # BLOOM's linear biases
+        ([40, 9], [1, 20], {"alibi_slopes": ALIBI_SLOPES}),  # contexts over several context chunks
     ],
     ids=["decode", "prefill", "mixed", "blocks-after-context", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
-         "far-chunked"],
+         "far-chunked", "mixed-alibi", "long-alibi"],
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
     run_step(contexts, news, seed=len(contexts), **options)
@@ -113,11 +120,14 @@ def test_one_context_chunk_gives_what_many_give() -> None:
     run_step(*MIXED, seed=3, kernel=xla_paged_attention, sliding_window=5, softcap=2.0)
 
 
-@pytest.mark.parametrize("options", [{"sliding_window": 5, "softcap": 2.0}, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}],
-                         ids=["window-softcap", "sinks"])
+@pytest.mark.parametrize(
+    "options",
+    [{"sliding_window": 5, "softcap": 2.0}, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}, {"alibi_slopes": ALIBI_SLOPES}],
+    ids=["window-softcap", "sinks", "alibi"],
+)
 def test_each_device_attends_over_its_own_heads(options) -> None:
     """The kernel in a shard_map over the heads (as under tensor parallelism), queries,
-    pool and sinks split over 2 devices (GQA: each holds one key head and its 2 query heads)."""
+    pool and sinks (or ALiBi slopes) split over 2 devices (GQA: each holds one key head and its 2 query heads)."""
     from jax.sharding import Mesh
 
     assert len(jax.devices()) >= KV_HEADS, "needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest)"

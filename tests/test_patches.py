@@ -188,9 +188,11 @@ def test_generate_with_a_local_window_matches_transformers(patched: bool, monkey
         ("gpt_neo", {}),  # global layers and local ones of an 8-position window, unscaled scores
         ("falcon", {}),  # multi-query
         ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # grouped queries
+        ("falcon", {"alibi": True}),  # ALiBi in place of rotary positions (Falcon-RW)
         ("gpt_neox_japanese", {}),  # rotary on part of each head
+        ("bloom", {}),  # ALiBi, no position ids
     ],
-    ids=["gpt_neo", "falcon-mqa", "falcon-gqa", "gpt_neox_japanese"],
+    ids=["gpt_neo", "falcon-mqa", "falcon-gqa", "falcon-alibi", "gpt_neox_japanese", "bloom"],
 )
 def test_modules_that_compute_attention_themselves_are_paged(model_type: str, changes: dict[str, Any]) -> None:
     """Attention modules that compute their scores themselves reach the serving engine's

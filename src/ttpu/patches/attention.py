@@ -6,9 +6,11 @@ transformers' ``AttentionInterface``.
   token, but a fixed-length cache always holds its full length, so every step would read
   the last row (no window). Here the rows are those of the queries' positions in the cache.
 - Under an attention implementation registered without a mask function (ttpu's paged
-  attention, which finds each token's keys by its position itself), GPT-Neo, Falcon
-  (rotary; ALiBi stays stock) and GPT-NeoX-Japanese hand their queries, keys and values
-  to that function instead, with their own scaling and GPT-Neo's local window.
+  attention, which finds each token's keys by its position itself), GPT-Neo, Falcon,
+  GPT-NeoX-Japanese and BLOOM hand their queries, keys and values to that function
+  instead, with their own scaling, GPT-Neo's local window and BLOOM's and Falcon's ALiBi
+  slopes (the function adds each head's slope times the key's distance from the query:
+  their own biases, up to a constant per query, which the softmax ignores).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ttpu.patches.registry import forward_patch, register
 
 GPT_NEO_ATTENTION = "transformers.models.gpt_neo.modeling_gpt_neo.GPTNeoSelfAttention"
 FALCON_ATTENTION = "transformers.models.falcon.modeling_falcon.FalconAttention"
+BLOOM_ATTENTION = "transformers.models.bloom.modeling_bloom.BloomAttention"
 GPT_NEOX_JAPANESE_ATTENTION = "transformers.models.gpt_neox_japanese.modeling_gpt_neox_japanese.GPTNeoXJapaneseAttention"
 
 
@@ -34,6 +37,25 @@ def maskless_attention(config: Any) -> Callable[..., tuple[torch.Tensor, Any]] |
     if name in ALL_ATTENTION_FUNCTIONS and name not in ALL_MASK_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[name]
     return None
+
+
+def _interface_patch(model_type: str, qualified_class: str, forward: Callable[..., Any], *, why: str = "",
+                     needs_config: bool = False) -> None:
+    """Register ``forward`` for ``qualified_class``, a module that computes attention
+    itself (``needs_config``: it is given the model's config, where the implementation
+    is named)."""
+    register(
+        forward_patch(
+            f"{model_type}.attention_through_the_interface",
+            qualified_class,
+            forward,
+            reason=(f"{qualified_class.rsplit('.', 1)[1]} computes attention itself{why}, so the paged attention "
+                    "reaches it only through this forward"),
+            test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
+            transformers_versions=">=5.0,<6",
+            attributes=(lambda model, attention: {"config": model.config}) if needs_config else None,
+        )
+    )
 
 
 def gpt_neo_attention_at_cache_positions(
@@ -103,39 +125,33 @@ def falcon_attention_through_the_interface(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``FalconAttention.forward``; with rotary positions under a maskless attention
-    function, the queries, keys and values go to that function."""
+    """``FalconAttention.forward``; under a maskless attention function, the queries,
+    keys and values go to that function (with ALiBi, Falcon's slopes scaled as its
+    scores are, in place of rotary positions)."""
     attend = maskless_attention(self.config)
-    if attend is None or alibi is not None:
+    if attend is None:
         return type(self).forward(self, hidden_states, alibi, attention_mask, position_ids, layer_past, use_cache,
                                   output_attentions, position_embeddings, **kwargs)
-    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb, build_alibi_tensor
 
     query, key, value = self._split_heads(self.query_key_value(hidden_states))
     batch, length = query.shape[:2]
     kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
     query = query.transpose(1, 2).reshape(batch, self.num_heads, length, self.head_dim)
     key, value = (x.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim) for x in (key, value))
-    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    options = {}
+    if alibi is None:
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    else:  # Falcon's own slopes (its bias at position 1 of two tokens), scaled with the scores
+        slopes = build_alibi_tensor(torch.ones(1, 2, device=query.device), self.num_heads, torch.float32)[:, 0, 1]
+        options["alibi_slopes"] = slopes * self.inv_norm_factor
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    output, weights = attend(self, query, key, value, None, scaling=self.inv_norm_factor)
+    output, weights = attend(self, query, key, value, None, scaling=self.inv_norm_factor, **options)
     return self.dense(output.reshape(batch, length, self.num_heads * self.head_dim)), weights
 
 
-register(
-    forward_patch(
-        "falcon.attention_through_the_interface",
-        FALCON_ATTENTION,
-        falcon_attention_through_the_interface,
-        reason=(
-            "FalconAttention computes attention itself (sdpa or eager by name), so the paged "
-            "attention reaches its rotary layers only through this forward"
-        ),
-        test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
-        transformers_versions=">=5.0,<6",
-    )
-)
+_interface_patch("falcon", FALCON_ATTENTION, falcon_attention_through_the_interface, why=" (sdpa or eager by name)")
 
 
 def gpt_neox_japanese_attention_through_the_interface(
@@ -169,17 +185,39 @@ def gpt_neox_japanese_attention_through_the_interface(
     return self.dense(output), weights, self.dense_bias
 
 
-register(
-    forward_patch(
-        "gpt_neox_japanese.attention_through_the_interface",
-        GPT_NEOX_JAPANESE_ATTENTION,
-        gpt_neox_japanese_attention_through_the_interface,
-        reason=(
-            "GPTNeoXJapaneseAttention computes attention itself, so the paged attention "
-            "reaches it only through this forward"
-        ),
-        test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
-        transformers_versions=">=5.0,<6",
-        attributes=lambda model, attention: {"config": model.config},  # where the implementation is named
-    )
-)
+_interface_patch("gpt_neox_japanese", GPT_NEOX_JAPANESE_ATTENTION, gpt_neox_japanese_attention_through_the_interface,
+                 needs_config=True)
+
+
+def bloom_attention_through_the_interface(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    alibi: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer_past: Any | None = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``BloomAttention.forward``; under a maskless attention function, the queries, keys
+    and values go to that function with the heads' ALiBi slopes (not the ``alibi`` the
+    model built from its mask, which counts positions from the batch's first token)."""
+    attend = maskless_attention(self.config)
+    if attend is None or (self.pretraining_tp > 1 and self.slow_but_exact):
+        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past, use_cache,
+                                  output_attentions, **kwargs)
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor, dropout_add
+
+    query, key, value = self._reshape(self.query_key_value(hidden_states))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    # BLOOM's own slopes: its bias at position 1 of a two-token sequence.
+    slopes = build_alibi_tensor(torch.ones(1, 2, device=query.device), self.num_heads, torch.float32)[:, 0, 1]
+    output, weights = attend(self, query, key, value, None, scaling=self.inv_norm_factor, alibi_slopes=slopes)
+    output = self.dense(output.reshape(*hidden_states.shape[:-1], self.hidden_size))
+    return dropout_add(output, residual, self.hidden_dropout, self.training), weights
+
+
+_interface_patch("bloom", BLOOM_ATTENTION, bloom_attention_through_the_interface,
+                 why=", its ALiBi bias built from the batch's mask", needs_config=True)

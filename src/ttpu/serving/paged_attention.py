@@ -43,6 +43,7 @@ def write_kv(pool: jax.Array, keys: jax.Array, values: jax.Array, slots: jax.Arr
     return pool.reshape(blocks * block_size, heads, dim).at[slots].set(rows, mode="drop").reshape(pool.shape)
 
 
+PER_HEAD_OPTIONS = ("sinks", "alibi_slopes")  # kernel options holding a value per query head
 CONTEXT_CHUNK = 128  # cached positions the XLA kernel gathers per query block per loop iteration
 MAX_QUERY_BLOCK = 16  # queries of one request that share one gather of its context
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # online softmax: running max, sum of exp, weighted values
@@ -91,12 +92,15 @@ def xla_paged_attention(
     softcap: float | None = None,
     sinks: jax.Array | None = None,
     attention_chunk: int | None = None,
+    alibi_slopes: jax.Array | None = None,
     context_chunk: int = CONTEXT_CHUNK,
 ) -> jax.Array:
     """Each token's attention [tokens, q_heads, dim] over its request's cached positions
     ``<=`` its own (and ``> position - sliding_window``; with ``attention_chunk``, Llama
-    4's chunked attention, only those in its own chunk of that many positions). The pool
-    already holds this step's keys and values (:func:`write_kv`).
+    4's chunked attention, only those in its own chunk of that many positions); with
+    ``alibi_slopes`` [q_heads], each head's scores gain its slope times the key's distance
+    from the query (ALiBi). The pool already holds this step's keys and values
+    (:func:`write_kv`).
 
     Two parts joined by an online softmax, so a step costs what its contexts hold, not
     ``max_model_len``, and no context length is a compiled shape:
@@ -115,11 +119,15 @@ def xla_paged_attention(
     positions, rows = batch.positions, batch.rows
     real = positions >= 0
 
-    def scores_of(queries: jax.Array, keys: jax.Array, batched: str = "") -> jax.Array:
-        """[..., q, kv, g, n] from queries [..., q, kv, g, dim] and keys [..., n, kv, dim]."""
+    slopes = None if alibi_slopes is None else alibi_slopes.astype(jnp.float32).reshape(kv_heads, -1, 1)
+
+    def scores_of(queries: jax.Array, keys: jax.Array, distances: jax.Array, batched: str = "") -> jax.Array:
+        """[..., q, kv, g, n] from queries [..., q, kv, g, dim], keys [..., n, kv, dim] and
+        the keys' positions less the queries' [..., q, n]."""
         scores = jnp.einsum(f"{batched}thgd,{batched}nhd->{batched}thgn", queries, keys,
                             preferred_element_type=jnp.float32) * scale
-        return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+        scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+        return scores if slopes is None else scores + slopes * distances[..., None, None, :]
 
     earliest = jnp.zeros_like(positions)  # the first position each token may attend to
     if sliding_window is not None:
@@ -131,7 +139,8 @@ def xla_paged_attention(
     own = flat[batch.slots]  # [tokens, 2 * kv_heads, dim]
     visible = (rows[:, None] == rows[None, :]) & (positions[None, :] <= positions[:, None]) & real[None, :]
     visible &= positions[None, :] >= earliest[:, None]
-    carry = _online_softmax(None, scores_of(q, own[:, 0::2]), visible, own[:, 1::2])
+    carry = _online_softmax(None, scores_of(q, own[:, 0::2], positions[None, :] - positions[:, None]), visible,
+                            own[:, 1::2])
 
     # The cached positions, those before the request's first token in this step, by query block.
     requests = batch.block_tables.shape[0]
@@ -141,6 +150,7 @@ def xla_paged_attention(
     cached = jnp.where(grid.real, jnp.where(real, first[rows], 0)[grid.tokens], 0)  # [blocks, width]: reads positions < it
     block_earliest = earliest[grid.tokens]
     block_q = q[grid.tokens]  # [blocks, width, kv, g, dim]
+    block_positions = positions[grid.tokens]
     per_chunk = max(1, min(context_chunk // block_size, batch.block_tables.shape[1]))
     chunks = -(-batch.block_tables.shape[1] // per_chunk)
     tables = jnp.pad(batch.block_tables, ((0, 0), (0, chunks * per_chunk - batch.block_tables.shape[1])))
@@ -153,7 +163,8 @@ def xla_paged_attention(
         gathered = flat[slots][grid.requests]  # [blocks, span, 2 * kv_heads, dim]: each request's gathered once
         context = index * span + jnp.arange(span)
         allowed = (context < cached[..., None]) & (context >= block_earliest[..., None])  # [blocks, width, span]
-        return _online_softmax(carry, scores_of(block_q, gathered[:, :, 0::2], "b"), allowed,
+        distances = context - block_positions[..., None]
+        return _online_softmax(carry, scores_of(block_q, gathered[:, :, 0::2], distances, "b"), allowed,
                                gathered[:, :, 1::2], "b")
 
     start = jnp.min(jnp.where(real, earliest, jnp.max(cached))) // span  # the earliest position any token reaches
@@ -232,31 +243,32 @@ def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
-def paged_attention_kernel(sinks: bool = False, chunked: bool = False) -> Callable[..., jax.Array]:
+def paged_attention_kernel(sinks: bool = False, chunked: bool = False, alibi: bool = False) -> Callable[..., jax.Array]:
     """The kernel for this platform (both take the same arguments): Pallas on TPU, unless
-    the layer has attention ``sinks`` or is ``chunked``, which it does not take; XLA elsewhere."""
-    return pallas_paged_attention if _on_tpu() and not (sinks or chunked) else xla_paged_attention
+    the layer has attention ``sinks``, is ``chunked`` or has ``alibi`` slopes, which it
+    does not take; XLA elsewhere."""
+    return pallas_paged_attention if _on_tpu() and not (sinks or chunked or alibi) else xla_paged_attention
 
 
 def split_over_heads(kernel: Callable[..., jax.Array], mesh: Mesh, axis: str) -> Callable[..., jax.Array]:
     """``kernel`` run by each device on its own heads (a ``shard_map``; GSPMD cannot split
-    a Pallas call): the queries, the pool and the sinks split over mesh ``axis`` by head,
+    a Pallas call): the queries, the pool, the sinks and ALiBi slopes split over mesh ``axis`` by head,
     the batch whole. A pool interleaves each key head with its value head, so every
     device holds whole pairs; with GQA, its query heads are those of its key heads."""
 
-    def run(query: jax.Array, pool: jax.Array, batch: PagedBatch, *, sinks: jax.Array | None = None,
-            **options: Any) -> jax.Array:
-        def local(query: jax.Array, pool: jax.Array, batch: PagedBatch, *sink: jax.Array) -> jax.Array:
-            return kernel(query, pool, batch, **options, **({"sinks": sink[0]} if sink else {}))
+    def run(query: jax.Array, pool: jax.Array, batch: PagedBatch, **options: Any) -> jax.Array:
+        per_head = {name: options.pop(name) for name in PER_HEAD_OPTIONS if options.get(name) is not None}
+
+        def local(query: jax.Array, pool: jax.Array, batch: PagedBatch, per_head: dict[str, jax.Array]) -> jax.Array:
+            return kernel(query, pool, batch, **options, **per_head)
 
         if (pool.shape[2] // 2) % mesh.shape[axis]:
             raise InvalidArgumentError(
                 f"{pool.shape[2] // 2} key heads do not split over the {mesh.shape[axis]} devices of mesh axis {axis!r}"
             )
-        sink = () if sinks is None else (sinks,)
         heads = P(None, axis)
-        split = jax.shard_map(local, mesh=mesh, in_specs=(heads, P(None, None, axis), P(), *(P(axis) for _ in sink)),
+        split = jax.shard_map(local, mesh=mesh, in_specs=(heads, P(None, None, axis), P(), {n: P(axis) for n in per_head}),
                               out_specs=heads, check_vma=False)
-        return split(query, pool, batch, *sink)
+        return split(query, pool, batch, per_head)
 
     return run

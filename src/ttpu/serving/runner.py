@@ -77,8 +77,8 @@ class CacheArrays(NamedTuple):
 
 class AttentionCall(NamedTuple):
     """What one attention call of a layer receives: key heads, key and value widths,
-    dtype, sliding window and attention chunk (recorded by a probe trace, to size the
-    pools)."""
+    dtype, sliding window, attention chunk and whether it positions tokens by ALiBi
+    slopes (recorded by a probe trace, to size the pools)."""
 
     kv_heads: int
     key_dim: int
@@ -86,6 +86,7 @@ class AttentionCall(NamedTuple):
     dtype: str
     sliding_window: int | None
     attention_chunk: int | None
+    alibi: bool
 
 
 @dataclass
@@ -114,17 +115,20 @@ def paged_attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function over the step's paged pools; ``query``, ``key``,
     ``value`` are [rows, heads, length, dim]: one row of the step's tokens, or (with a
-    grid) one row per request."""
+    grid) one row per request. ``alibi_slopes`` [heads] (from ALiBi models' patched
+    attention modules) bias each score by the key's distance from the query."""
     step = _current_step.get()
     rows, length = query.shape[0], query.shape[2]
     q, k, v = (_tokens(x, step.grid) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
     chunk = _attention_chunk(module)
     if step.pools is None:
-        call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk)
+        call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk,
+                             alibi_slopes is not None)
         step.calls.setdefault(module.layer_idx, []).append(call)
         return to_traced(jnp.zeros((rows, length, q.shape[1], v.shape[2]), q.dtype)), None
     pool = step.pools[module.layer_idx]
@@ -135,9 +139,11 @@ def paged_attention_forward(
                "softcap": softcap}
     if s_aux is not None:
         options["sinks"] = torchax.interop.jax_view(s_aux)
+    if alibi_slopes is not None:
+        options["alibi_slopes"] = torchax.interop.jax_view(alibi_slopes)
     if chunk is not None:
         options["attention_chunk"] = chunk
-    kernel = paged_attention_kernel(sinks=s_aux is not None, chunked=chunk is not None)
+    kernel = paged_attention_kernel(sinks=s_aux is not None, chunked=chunk is not None, alibi=alibi_slopes is not None)
     if step.heads_axes[module.layer_idx] is not None:
         kernel = split_over_heads(kernel, step.mesh, step.heads_axes[module.layer_idx])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
@@ -281,7 +287,9 @@ class ModelRunner:
             )
         attention = [KEYS in layer.names for layer in layout.layers]
         self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
-        if any(attention) and not self._takes_positions:
+        calls = self._attention_calls(attention)
+        if any(attention) and not self._takes_positions and not all(call.alibi for call in calls.values()):
+            # ALiBi models position tokens only in their attention, which the kernel does by each token's position.
             self._position_modules = positional_embeddings(self._model.torch_module)
             if (self.has_states or not self._position_modules
                     or any("position_ids" not in inspect.signature(m.forward).parameters for m in self._position_modules)):
@@ -290,7 +298,6 @@ class ModelRunner:
                     "and no positional-embedding module of it takes them instead"
                 )
         self.state_slots = self.max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
-        calls = self._attention_calls(attention)
         place = self._forward.placement
 
         def empty() -> CacheArrays:
