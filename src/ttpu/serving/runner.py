@@ -87,6 +87,7 @@ class AttentionCall(NamedTuple):
     sliding_window: int | None
     attention_chunk: int | None
     alibi: bool
+    reads_layer: int | None  # the layer whose keys it was given (Gemma 3n's KV-shared layers), if another's
 
 
 @dataclass
@@ -100,6 +101,11 @@ class _Step:
     heads_axes: tuple[str | None, ...] = ()  # per layer: the mesh axis its pool's heads are split over
     grid: RowGrid | None = None  # rows of tokens (models with recurrent state): where each token sits
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
+    keys_of: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # id of a key tensor: it, its first layer
+
+    def layer_of_keys(self, key: torch.Tensor, layer: int) -> int:
+        """The layer that first attended with ``key`` (this one, if none did before)."""
+        return self.keys_of.setdefault(id(key), (key, layer))[1]
 
 
 _current_step: contextvars.ContextVar[_Step] = contextvars.ContextVar("ttpu_paged_step")
@@ -126,15 +132,17 @@ def paged_attention_forward(
     rows, length = query.shape[0], query.shape[2]
     q, k, v = (_tokens(x, step.grid) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
     chunk = _attention_chunk(module)
+    layer = step.layer_of_keys(key, module.layer_idx)  # another's for a layer given that layer's keys
     if step.pools is None:
         call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk,
-                             alibi_slopes is not None)
+                             alibi_slopes is not None, None if layer == module.layer_idx else layer)
         step.calls.setdefault(module.layer_idx, []).append(call)
         return to_traced(jnp.zeros((rows, length, q.shape[1], v.shape[2]), q.dtype)), None
-    pool = step.pools[module.layer_idx]
+    pool = step.pools[layer]
     padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
-    pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
-    step.pools[module.layer_idx] = pool
+    if layer == module.layer_idx:  # a layer reading another's keys finds them written there
+        pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
+        step.pools[layer] = pool
     options = {"scale": scaling if scaling is not None else q.shape[-1] ** -0.5, "sliding_window": sliding_window,
                "softcap": softcap}
     if s_aux is not None:
@@ -144,8 +152,8 @@ def paged_attention_forward(
     if chunk is not None:
         options["attention_chunk"] = chunk
     kernel = paged_attention_kernel(sinks=s_aux is not None, chunked=chunk is not None, alibi=alibi_slopes is not None)
-    if step.heads_axes[module.layer_idx] is not None:
-        kernel = split_over_heads(kernel, step.mesh, step.heads_axes[module.layer_idx])
+    if step.heads_axes[layer] is not None:
+        kernel = split_over_heads(kernel, step.mesh, step.heads_axes[layer])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
     if step.grid is not None:
         out = out[step.grid.tokens_of_cells]
@@ -267,7 +275,7 @@ class ModelRunner:
         except _NotPageable as reason:
             self.recompute_reason = str(reason)
             self._recompute()
-        self._step = Executables(self._step_program, donate_argnums=(1,), name="serving_step",
+        self._step = Executables(self._step_program, static_argnums=(6,), donate_argnums=(1,), name="serving_step",
                                  store=self._forward.program_store, background_warm_up=False)
 
     @property
@@ -301,7 +309,8 @@ class ModelRunner:
         place = self._forward.placement
 
         def empty() -> CacheArrays:
-            pools = tuple(self._pool(calls[i], num_blocks) if i in calls else None for i in range(len(attention)))
+            pools = tuple(self._pool(calls[i], num_blocks) if i in calls and attention[i] else None
+                          for i in range(len(attention)))
             states = tuple(
                 {n: jnp.zeros((self.state_slots + 1, *a.shape), a.dtype, device=place.replicated)
                  for n, a in layer.arrays if n.startswith((CONV, RECURRENT))}
@@ -337,8 +346,8 @@ class ModelRunner:
         for tokens, requests in ((MIN_TOKEN_BUCKET, 1), (MIN_REQUEST_BUCKET, MIN_REQUEST_BUCKET)):
             inputs = self.empty_step(tokens, requests)
             try:
-                jax.eval_shape(self._step_program, self._forward.params, self.cache, inputs.ids, inputs.batch,
-                               inputs.sampling_rows, inputs.grid)
+                jax.eval_shape(functools.partial(self._step_program, logits_rows=requests), self._forward.params,
+                               self.cache, inputs.ids, inputs.batch, inputs.sampling_rows, inputs.grid)
             except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
                 cause = error.__cause__ if isinstance(error.__cause__, (InvalidArgumentError, _NotPageable)) else error
                 message = str(cause).splitlines()[0][:300]
@@ -387,7 +396,10 @@ class ModelRunner:
         problems = [f"layer {i} calls attention {len(c)} times" for i, c in sorted(step.calls.items()) if len(c) > 1]
         problems += [f"layer {i} never calls transformers' attention function"
                      for i, cached in enumerate(attention) if cached and i not in step.calls]
-        problems += [f"layer {i} calls attention but caches no keys" for i in step.calls if not attention[i]]
+        problems += [f"layer {i} calls attention but caches no keys" for i, c in step.calls.items()
+                     if not attention[i] and (c[0].reads_layer is None or not attention[c[0].reads_layer])]
+        problems += [f"layer {i} caches keys but attends with layer {c[0].reads_layer}'s" for i, c in step.calls.items()
+                     if attention[i] and c[0].reads_layer is not None]
         config = module.config.get_text_config(decoder=True)
         kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None) or []
         problems += [
@@ -547,15 +559,16 @@ class ModelRunner:
         grid = None if inputs.grid is None else RowGrid(*map(put, inputs.grid))
         self.cache, logits = self._step(
             self._forward.params, self.cache, put(inputs.ids), PagedBatch(*map(put, inputs.batch)),
-            put(inputs.sampling_rows), grid,
+            put(inputs.sampling_rows), grid, self.sampled_rows(len(inputs.sampling_rows)),
         )
         return logits
 
     def _step_program(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
-                      sampling_rows: jax.Array, grid: RowGrid | None):
+                      sampling_rows: jax.Array, grid: RowGrid | None, logits_rows: int):
+        """The step's cache and its logits padded to ``logits_rows`` rows (an argument, not
+        this runner's limits, which a stored program is not keyed by)."""
         cache, logits = self._logits_program(params, cache, ids, batch, sampling_rows, grid)
-        rows = self.sampled_rows(logits.shape[0])
-        return cache, jnp.pad(logits.astype(jnp.float32), ((0, rows - logits.shape[0]), (0, 0)))
+        return cache, jnp.pad(logits.astype(jnp.float32), ((0, logits_rows - logits.shape[0]), (0, 0)))
 
     def _logits_program(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
                         sampling_rows: jax.Array, grid: RowGrid | None) -> tuple[CacheArrays, jax.Array]:
