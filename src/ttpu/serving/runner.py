@@ -101,11 +101,13 @@ class _Step:
     heads_axes: tuple[str | None, ...] = ()  # per layer: the mesh axis its pool's heads are split over
     grid: RowGrid | None = None  # rows of tokens (models with recurrent state): where each token sits
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
-    keys_of: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # id of a key tensor: it, its first layer
+    # ids of the key and value tensors attended with: them (kept alive, so ids stay theirs) and the first layer
+    layers_of_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
 
-    def layer_of_keys(self, key: torch.Tensor, layer: int) -> int:
-        """The layer that first attended with ``key`` (this one, if none did before)."""
-        return self.keys_of.setdefault(id(key), (key, layer))[1]
+    def layer_of_kv(self, key: torch.Tensor, value: torch.Tensor, layer: int) -> int:
+        """The layer that first attended with these ``key`` and ``value`` tensors (this
+        one, if none did before)."""
+        return self.layers_of_kv.setdefault((id(key), id(value)), (key, value, layer))[2]
 
 
 _current_step: contextvars.ContextVar[_Step] = contextvars.ContextVar("ttpu_paged_step")
@@ -132,7 +134,7 @@ def paged_attention_forward(
     rows, length = query.shape[0], query.shape[2]
     q, k, v = (_tokens(x, step.grid) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
     chunk = _attention_chunk(module)
-    layer = step.layer_of_keys(key, module.layer_idx)  # another's for a layer given that layer's keys
+    layer = step.layer_of_kv(key, value, module.layer_idx)  # another's for a layer given that layer's keys
     if step.pools is None:
         call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk,
                              alibi_slopes is not None, None if layer == module.layer_idx else layer)
