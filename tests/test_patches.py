@@ -201,5 +201,7 @@ def test_modules_that_compute_attention_themselves_are_paged(model_type: str, ch
     eager, model = tiny_causal_lm(model_type, **changes)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
     assert engine.runner.recompute_reason is None and engine.kv.prefix_caching
+    if "num_kv_heads" in changes:  # grouped keys pooled as such, not broadcast to every query head
+        assert {pool.shape[2] for pool in engine.runner.cache.pools} == {2 * changes["num_kv_heads"]}
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]

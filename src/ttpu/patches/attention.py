@@ -5,8 +5,8 @@ transformers' ``AttentionInterface``.
   it attends to: right for transformers' dynamic cache, whose keys end at the newest
   token, but a fixed-length cache always holds its full length, so every step would read
   the last row (no window). Here the rows are those of the queries' positions in the cache.
-- Under an attention implementation registered without a mask function (ttpu's paged
-  attention, which finds each token's keys by its position itself), GPT-Neo, Falcon,
+- Under an attention function of :data:`POSITIONAL_ATTENTION` (ttpu's paged attention,
+  which finds each token's keys by its position itself and takes no mask), GPT-Neo, Falcon,
   GPT-NeoX-Japanese and BLOOM hand their queries, keys and values to that function
   instead, with their own scaling, GPT-Neo's local window and BLOOM's and Falcon's ALiBi
   slopes (the function adds each head's slope times the key's distance from the query:
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ttpu.patches.registry import forward_patch, register
@@ -30,13 +29,22 @@ BLOOM_ATTENTION = "transformers.models.bloom.modeling_bloom.BloomAttention"
 GPT_NEOX_JAPANESE_ATTENTION = "transformers.models.gpt_neox_japanese.modeling_gpt_neox_japanese.GPTNeoXJapaneseAttention"
 
 
-def maskless_attention(config: Any) -> Callable[..., tuple[torch.Tensor, Any]] | None:
-    """The attention function ``config`` names if it was registered without a mask
-    function (it masks by the tokens' positions itself), else None."""
+# Attention functions that take no mask: they find each token's keys, and mask them, by its
+# position themselves (ttpu's paged attention registers its name here).
+POSITIONAL_ATTENTION: set[str] = set()
+
+
+def positional_attention(config: Any) -> Callable[..., tuple[torch.Tensor, Any]] | None:
+    """The attention function ``config`` names if it is one of :data:`POSITIONAL_ATTENTION`,
+    else None."""
     name = config._attn_implementation
-    if name in ALL_ATTENTION_FUNCTIONS and name not in ALL_MASK_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[name]
-    return None
+    return ALL_ATTENTION_FUNCTIONS[name] if name in POSITIONAL_ATTENTION else None
+
+
+def _alibi_slopes(build_alibi_tensor: Callable[..., torch.Tensor], heads: int, device: torch.device) -> torch.Tensor:
+    """A model's ALiBi slopes [heads], from its own ``build_alibi_tensor``: the bias at
+    position 1 of a sequence of two tokens."""
+    return build_alibi_tensor(torch.ones(1, 2, device=device), heads, torch.float32).reshape(heads, 2)[:, 1]
 
 
 def _interface_patch(model_type: str, qualified_class: str, forward: Callable[..., Any], *, why: str = "",
@@ -68,14 +76,16 @@ def gpt_neo_attention_at_cache_positions(
     **kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``GPTNeoSelfAttention.forward`` with the mask rows taken at the cache positions the
-    queries are written to (``layer_past.get_seq_length`` onwards); under a maskless
+    queries are written to (``layer_past.get_seq_length`` onwards); under a positional
     attention function, that function (unscaled scores, the local layers' window)."""
     query, key, value = (
         self._split_heads(projection(hidden_states), self.num_heads, self.head_dim)
         for projection in (self.q_proj, self.k_proj, self.v_proj)
     )
-    attend = maskless_attention(self.config)
+    attend = positional_attention(self.config)
     if attend is not None:
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.layer_id)
         window = self.config.window_size if self.attention_type == "local" else None
         output, weights = attend(self, query, key, value, None, scaling=1.0, sliding_window=window)
         output = output.reshape(*hidden_states.shape[:-1], self.embed_dim)
@@ -125,26 +135,31 @@ def falcon_attention_through_the_interface(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``FalconAttention.forward``; under a maskless attention function, the queries,
-    keys and values go to that function (with ALiBi, Falcon's slopes scaled as its
-    scores are, in place of rotary positions)."""
-    attend = maskless_attention(self.config)
+    """``FalconAttention.forward``; under a positional attention function, the queries,
+    keys and values go to that function: grouped keys and values (new decoder
+    architecture) as ``num_kv_heads`` heads, not broadcast to every query head as the
+    stock split does; with ALiBi, Falcon's slopes scaled as its scores are, in place of
+    rotary positions."""
+    attend = positional_attention(self.config)
     if attend is None:
-        return type(self).forward(self, hidden_states, alibi, attention_mask, position_ids, layer_past, use_cache,
-                                  output_attentions, position_embeddings, **kwargs)
+        return type(self).forward(self, hidden_states, alibi, attention_mask, position_ids=position_ids,
+                                  layer_past=layer_past, use_cache=use_cache, output_attentions=output_attentions,
+                                  position_embeddings=position_embeddings, **kwargs)
     from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb, build_alibi_tensor
 
-    query, key, value = self._split_heads(self.query_key_value(hidden_states))
-    batch, length = query.shape[:2]
-    kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
-    query = query.transpose(1, 2).reshape(batch, self.num_heads, length, self.head_dim)
-    key, value = (x.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim) for x in (key, value))
+    fused = self.query_key_value(hidden_states)
+    batch, length = fused.shape[:2]
+    if self.new_decoder_architecture:  # per key head: its query heads, then its key, then its value
+        grouped = fused.view(batch, length, self.num_kv_heads, -1, self.head_dim)
+        query, key, value = grouped[:, :, :, :-2].flatten(2, 3), grouped[:, :, :, -2], grouped[:, :, :, -1]
+    else:
+        query, key, value = self._split_heads(fused)
+    query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # [batch, heads, length, dim]
     options = {}
     if alibi is None:
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-    else:  # Falcon's own slopes (its bias at position 1 of two tokens), scaled with the scores
-        slopes = build_alibi_tensor(torch.ones(1, 2, device=query.device), self.num_heads, torch.float32)[:, 0, 1]
-        options["alibi_slopes"] = slopes * self.inv_norm_factor
+    else:  # scaled with the scores, as Falcon scales its bias
+        options["alibi_slopes"] = _alibi_slopes(build_alibi_tensor, self.num_heads, query.device) * self.inv_norm_factor
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
     output, weights = attend(self, query, key, value, None, scaling=self.inv_norm_factor, **options)
@@ -165,12 +180,13 @@ def gpt_neox_japanese_attention_through_the_interface(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``GPTNeoXJapaneseAttention.forward``; under a maskless attention function, the
+    """``GPTNeoXJapaneseAttention.forward``; under a positional attention function, the
     queries, keys and values (rotary on their first ``rotary_ndims``) go to that function."""
-    attend = maskless_attention(self.config)
+    attend = positional_attention(self.config)
     if attend is None:
-        return type(self).forward(self, hidden_states, attention_mask, position_ids, layer_past, use_cache,
-                                  output_attentions, position_embeddings, **kwargs)
+        return type(self).forward(self, hidden_states, attention_mask, position_ids, layer_past=layer_past,
+                                  use_cache=use_cache, output_attentions=output_attentions,
+                                  position_embeddings=position_embeddings, **kwargs)
     from transformers.models.gpt_neox_japanese.modeling_gpt_neox_japanese import apply_rotary_pos_emb
 
     qkv = self.query_key_value(hidden_states)
@@ -200,20 +216,21 @@ def bloom_attention_through_the_interface(
     output_attentions: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``BloomAttention.forward``; under a maskless attention function, the queries, keys
+    """``BloomAttention.forward``; under a positional attention function, the queries, keys
     and values go to that function with the heads' ALiBi slopes (not the ``alibi`` the
-    model built from its mask, which counts positions from the batch's first token)."""
-    attend = maskless_attention(self.config)
+    model built from its mask, which counts positions from the batch's first token).
+    With ``pretraining_tp > 1`` and ``slow_but_exact`` (an output projection by slices)
+    it stays stock, never calls that function, and the serving engine recomputes it."""
+    attend = positional_attention(self.config)
     if attend is None or (self.pretraining_tp > 1 and self.slow_but_exact):
-        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past, use_cache,
-                                  output_attentions, **kwargs)
+        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                  use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor, dropout_add
 
     query, key, value = self._reshape(self.query_key_value(hidden_states))
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    # BLOOM's own slopes: its bias at position 1 of a two-token sequence.
-    slopes = build_alibi_tensor(torch.ones(1, 2, device=query.device), self.num_heads, torch.float32)[:, 0, 1]
+    slopes = _alibi_slopes(build_alibi_tensor, self.num_heads, query.device)
     output, weights = attend(self, query, key, value, None, scaling=self.inv_norm_factor, alibi_slopes=slopes)
     output = self.dense(output.reshape(*hidden_states.shape[:-1], self.hidden_size))
     return dropout_add(output, residual, self.hidden_dropout, self.training), weights

@@ -64,8 +64,8 @@ def forward_patch(
     def apply(module: torch.nn.Module) -> None:
         for instance in instances_of(module, qualified_class):
             instance.forward = types.MethodType(forward, instance)
-            for name, value in (attributes(module, instance) if attributes else {}).items():
-                setattr(instance, name, value)
+            for attribute, value in (attributes(module, instance) if attributes else {}).items():
+                setattr(instance, attribute, value)
 
     return Patch(
         name=name,

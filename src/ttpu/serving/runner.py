@@ -55,6 +55,7 @@ from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.compat import DummyLayer
 from ttpu.errors import InvalidArgumentError
 from ttpu.inputs import positional_embeddings
+from ttpu.patches.attention import POSITIONAL_ATTENTION
 from ttpu.serving.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
 from ttpu.serving.scheduler import SchedulerOutput
 
@@ -69,7 +70,8 @@ torchax = import_torchax()
 class CacheArrays(NamedTuple):
     """What each step reads and writes (donated to it): per layer, its paged KV pool
     [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout; None without
-    attention) and its recurrent states by name [state slots + 1, ...] (empty without)."""
+    attention, or for a layer attending with another's keys, which reads that one's) and
+    its recurrent states by name [state slots + 1, ...] (empty without)."""
 
     pools: tuple[jax.Array | None, ...]
     states: tuple[dict[str, jax.Array], ...]
@@ -184,6 +186,7 @@ def _pad_last(x: jax.Array, size: int) -> jax.Array:
 
 
 AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
+POSITIONAL_ATTENTION.add(PAGED_ATTENTION)  # patched modules that compute attention themselves hand it theirs
 
 
 @contextlib.contextmanager
@@ -298,10 +301,12 @@ class ModelRunner:
         attention = [KEYS in layer.names for layer in layout.layers]
         self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
         calls = self._attention_calls(attention)
-        if any(attention) and not self._takes_positions and not all(call.alibi for call in calls.values()):
-            # ALiBi models position tokens only in their attention, which the kernel does by each token's position.
+        if any(attention) and not self._takes_positions:
             self._position_modules = positional_embeddings(self._model.torch_module)
-            if (self.has_states or not self._position_modules
+            # ALiBi models position tokens only in their attention, which the kernel does by each token's position.
+            alibi_only = not self._position_modules and all(call.alibi for call in calls.values())
+            if not alibi_only and (
+                    self.has_states or not self._position_modules
                     or any("position_ids" not in inspect.signature(m.forward).parameters for m in self._position_modules)):
                 raise _NotPageable(
                     f"{name}.forward takes no position_ids (it numbers positions itself, from 0 or its cache's length), "
@@ -348,7 +353,8 @@ class ModelRunner:
         for tokens, requests in ((MIN_TOKEN_BUCKET, 1), (MIN_REQUEST_BUCKET, MIN_REQUEST_BUCKET)):
             inputs = self.empty_step(tokens, requests)
             try:
-                jax.eval_shape(functools.partial(self._step_program, logits_rows=requests), self._forward.params,
+                jax.eval_shape(functools.partial(self._step_program, logits_rows=self.sampled_rows(requests)),
+                               self._forward.params,
                                self.cache, inputs.ids, inputs.batch, inputs.sampling_rows, inputs.grid)
             except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
                 cause = error.__cause__ if isinstance(error.__cause__, (InvalidArgumentError, _NotPageable)) else error
