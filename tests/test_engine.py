@@ -395,17 +395,20 @@ def test_presence_and_frequency_penalties_count_only_output_tokens() -> None:
     assert np.asarray(sampling.sample(jnp.asarray(logits), rows, mode).tokens).tolist() == [int(np.argmax(expected)), vocab - 1]
 
 
-@pytest.mark.parametrize("parallelism", ["tp", "2d"])
-def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(parallelism: str) -> None:
-    """On 8 virtual devices: each device holds its share of the heads of every pool, and the
-    tokens are transformers'."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("architecture, parallelism", [("llama", "tp"), ("llama", "2d"), ("bloom", "tp")])
+def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(architecture: str, parallelism: str) -> None:
+    """On 8 virtual devices: each device holds its share of the heads of every pool (and of
+    BLOOM's ALiBi slopes), and the tokens are transformers'."""
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    module = LlamaForCausalLM(LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=128, pad_token_id=0,
-    )).eval()
+    if architecture == "llama":
+        module = LlamaForCausalLM(LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=8, max_position_embeddings=128, pad_token_id=0,
+        )).eval()
+    else:
+        module = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8, pad_token_id=0)).eval()
     eager = copy.deepcopy(module)
     model = AutoModelForTPU.from_model(module, parallelism=parallelism)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))
