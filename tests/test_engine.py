@@ -99,7 +99,19 @@ def test_layers_given_an_earlier_layers_keys_read_its_pool() -> None:
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
     assert engine.runner.recompute_reason is None
     shared = [i for i, mode in enumerate(eager.config.kv_sharing_modes) if mode == "reuse"]
-    assert shared and all(engine.runner.cache.pools[i] is None for i in shared)
+    assert shared and len(engine.runner.cache.pools) == eager.config.num_hidden_layers - len(shared)
+    batch = prompts()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+
+
+def test_a_layer_calling_attention_twice_keeps_a_pool_per_call() -> None:
+    """DiffLlama's differential attention calls the attention function twice per layer,
+    with the same keys and either half of the values: each call writes and reads its own
+    pool."""
+    eager, model = tiny_causal_lm("diffllama")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
+    assert engine.runner.recompute_reason is None
+    assert len(engine.runner.cache.pools) == 2 * eager.config.num_hidden_layers
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
 
@@ -458,7 +470,6 @@ def test_a_request_that_raises_in_its_step_fails_alone(model_type: str, monkeypa
         ("moss_transcribe_diarize", "takes no position_ids \\(it numbers positions itself.*no positional-embedding module"),
         ("bert", "BertLMHeadModel has none: the forward returns no cache"),
         ("trocr", "TrOCRForCausalLM has none: its cached step reads a traced value"),  # no logits_to_keep
-        ("diffllama", "layer 0 calls attention 2 times"),
         ("inkling2_text", "Inkling2ForCausalLM does not run with the paged attention \\(CompilationError"),  # attention over layers
         ("axk2", "AXK2ForCausalLM has 2 full attention \\+ indexer layers"),
         ("inkling_text", "InklingForCausalLM fails one request per row .*reads its cache's length"),  # relative positions
@@ -473,7 +484,7 @@ def test_models_the_paged_cache_cannot_hold_are_served_by_recomputing(model_type
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
     assert re.search(reason, engine.runner.recompute_reason)
     assert engine.scheduler.whole_prefills and not engine.kv.prefix_caching
-    assert all(pool is None for pool in engine.runner.cache.pools)
+    assert engine.runner.cache.pools == ()
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
 

@@ -81,7 +81,6 @@ _RECOMPUTE_CAUSES: list[tuple[str, re.Pattern]] = [
     ("the model reads its cache's length", re.compile(r"reads its cache's length")),
     ("a layer attending over another's keys",
      re.compile(r"calls attention but caches no keys|caches keys but attends with layer")),
-    ("several attention calls per layer", re.compile(r"calls attention \d+ times")),
     ("a window only in the mask", re.compile(r"whose window reaches attention only through a mask")),
     ("the model numbers positions itself", re.compile(r"takes no position_ids")),
     ("attention temperature from the cache's length", re.compile(r"temperature tuning counts positions")),

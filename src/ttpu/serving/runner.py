@@ -4,9 +4,10 @@ paged KV pool, and returns the logits of the tokens that sample.
 
 The model is adapted through transformers' own seam: a "ttpu_paged" attention function is
 registered with ``AttentionInterface`` (and no mask function, so transformers builds no
-mask); while the step is traced the model's configs name it, and each attention layer
+mask); while the step is traced the model's configs name it, and each attention call
 writes its new keys and values into its pool by slot and attends through the block
-tables (:mod:`ttpu.serving.paged_attention`). The pools are donated to each step.
+tables (:mod:`ttpu.serving.paged_attention`); a call given the keys and values another
+made reads that one's pool. The pools are donated to each step.
 Steps are padded to buckets of tokens and of requests (powers of two), so a running
 engine compiles one program per bucket pair.
 
@@ -68,13 +69,17 @@ torchax = import_torchax()
 
 
 class CacheArrays(NamedTuple):
-    """What each step reads and writes (donated to it): per layer, its paged KV pool
-    [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout; None without
-    attention, or for a layer attending with another's keys, which reads that one's) and
-    its recurrent states by name [state slots + 1, ...] (empty without)."""
+    """What each step reads and writes (donated to it): the paged KV pools
+    [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout), one per
+    attention call that writes keys (most layers make one; a call given another's keys
+    reads that one's pool), in the order of the runner's ``pool_of``; and per layer its
+    recurrent states by name [state slots + 1, ...] (empty without)."""
 
-    pools: tuple[jax.Array | None, ...]
+    pools: tuple[jax.Array, ...]
     states: tuple[dict[str, jax.Array], ...]
+
+
+Call = tuple[int, int]  # an attention call of a step: its layer, and its number among that layer's calls
 
 
 class AttentionCall(NamedTuple):
@@ -89,7 +94,7 @@ class AttentionCall(NamedTuple):
     sliding_window: int | None
     attention_chunk: int | None
     alibi: bool
-    reads_layer: int | None  # the layer whose keys it was given (Gemma 3n's KV-shared layers), if another's
+    reads: Call | None  # the call whose keys and values it was given (Gemma 3n's KV-shared layers), if another's
 
 
 @dataclass
@@ -97,19 +102,22 @@ class _Step:
     """What the attention layers of the step being traced read and write; a probe
     (``pools`` None) records each layer's calls instead."""
 
-    pools: list[jax.Array | None] | None
+    pools: list[jax.Array] | None
     batch: PagedBatch | None
     mesh: Mesh | None = None
-    heads_axes: tuple[str | None, ...] = ()  # per layer: the mesh axis its pool's heads are split over
+    heads_axes: tuple[str | None, ...] = ()  # per pool: the mesh axis its heads are split over
     grid: RowGrid | None = None  # rows of tokens (models with recurrent state): where each token sits
+    pool_of: Mapping[Call, int] = field(default_factory=dict)  # the pool each call that writes keys writes
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
-    # ids of the key and value tensors attended with: them (kept alive, so ids stay theirs) and the first layer
-    layers_of_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    calls_made: dict[int, int] = field(default_factory=dict)  # per layer, its calls so far in this trace
+    # ids of the key and value tensors attended with: them (kept alive, so ids stay theirs) and the first call
+    calls_of_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Call]] = field(default_factory=dict)
 
-    def layer_of_kv(self, key: torch.Tensor, value: torch.Tensor, layer: int) -> int:
-        """The layer that first attended with these ``key`` and ``value`` tensors (this
-        one, if none did before)."""
-        return self.layers_of_kv.setdefault((id(key), id(value)), (key, value, layer))[2]
+    def call(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[Call, Call]:
+        """This call of ``layer`` (numbered among its calls) and the call that first
+        attended with these ``key`` and ``value`` tensors (itself, if none did before)."""
+        number = self.calls_made[layer] = self.calls_made.get(layer, -1) + 1
+        return (layer, number), self.calls_of_kv.setdefault((id(key), id(value)), (key, value, (layer, number)))[2]
 
 
 _current_step: contextvars.ContextVar[_Step] = contextvars.ContextVar("ttpu_paged_step")
@@ -136,17 +144,18 @@ def paged_attention_forward(
     rows, length = query.shape[0], query.shape[2]
     q, k, v = (_tokens(x, step.grid) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
     chunk = _attention_chunk(module)
-    layer = step.layer_of_kv(key, value, module.layer_idx)  # another's for a layer given that layer's keys
+    this, source = step.call(module.layer_idx, key, value)  # source: another call's, if given its keys and values
     if step.pools is None:
         call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk,
-                             alibi_slopes is not None, None if layer == module.layer_idx else layer)
+                             alibi_slopes is not None, None if source == this else source)
         step.calls.setdefault(module.layer_idx, []).append(call)
         return to_traced(jnp.zeros((rows, length, q.shape[1], v.shape[2]), q.dtype)), None
-    pool = step.pools[layer]
+    index = step.pool_of[source]
+    pool = step.pools[index]
     padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
-    if layer == module.layer_idx:  # a layer reading another's keys finds them written there
+    if source == this:  # a call given another's keys finds them written there
         pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
-        step.pools[layer] = pool
+        step.pools[index] = pool
     options = {"scale": scaling if scaling is not None else q.shape[-1] ** -0.5, "sliding_window": sliding_window,
                "softcap": softcap}
     if s_aux is not None:
@@ -156,8 +165,8 @@ def paged_attention_forward(
     if chunk is not None:
         options["attention_chunk"] = chunk
     kernel = paged_attention_kernel(sinks=s_aux is not None, chunked=chunk is not None, alibi=alibi_slopes is not None)
-    if step.heads_axes[layer] is not None:
-        kernel = split_over_heads(kernel, step.mesh, step.heads_axes[layer])
+    if step.heads_axes[index] is not None:
+        kernel = split_over_heads(kernel, step.mesh, step.heads_axes[index])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
     if step.grid is not None:
         out = out[step.grid.tokens_of_cells]
@@ -304,7 +313,7 @@ class ModelRunner:
         if any(attention) and not self._takes_positions:
             self._position_modules = positional_embeddings(self._model.torch_module)
             # ALiBi models position tokens only in their attention, which the kernel does by each token's position.
-            alibi_only = not self._position_modules and all(call.alibi for call in calls.values())
+            alibi_only = not self._position_modules and all(c.alibi for layer in calls.values() for c in layer)
             if not alibi_only and (
                     self.has_states or not self._position_modules
                     or any("position_ids" not in inspect.signature(m.forward).parameters for m in self._position_modules)):
@@ -315,9 +324,11 @@ class ModelRunner:
         self.state_slots = self.max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
         place = self._forward.placement
 
+        writers = [(i, n) for i in sorted(calls) for n, call in enumerate(calls[i]) if call.reads is None]
+        self._pool_of = {call: index for index, call in enumerate(writers)}  # each call that writes keys: its pool
+
         def empty() -> CacheArrays:
-            pools = tuple(self._pool(calls[i], num_blocks) if i in calls and attention[i] else None
-                          for i in range(len(attention)))
+            pools = tuple(self._pool(calls[i][n], num_blocks) for i, n in self._pool_of)
             states = tuple(
                 {n: jnp.zeros((self.state_slots + 1, *a.shape), a.dtype, device=place.replicated)
                  for n, a in layer.arrays if n.startswith((CONV, RECURRENT))}
@@ -327,9 +338,7 @@ class ModelRunner:
 
         self._empty = empty
         self.cache = empty()
-        self._heads_axes = tuple(
-            pool.sharding.spec[2] if pool is not None and pool.sharding.spec else None for pool in self.cache.pools
-        )
+        self._heads_axes = tuple(pool.sharding.spec[2] if pool.sharding.spec else None for pool in self.cache.pools)
         if self.has_states:
             self._trace_step("one request per row")
 
@@ -338,9 +347,10 @@ class ModelRunner:
         way ``generate`` runs a model that keeps no cache), so every causal LM is served."""
         layers = len(self._layout.layers)
         self.has_states, self.state_slots, self._position_modules = False, 0, []
-        self._empty = lambda: CacheArrays((None,) * layers, ({},) * layers)
+        self._pool_of = {}
+        self._empty = lambda: CacheArrays((), ({},) * layers)
         self.cache = self._empty()
-        self._heads_axes = (None,) * layers
+        self._heads_axes = ()
         self._trace_step("recomputing whole sequences")
         logger.warning(
             "the serving engine recomputes each request's whole sequence at every step for %s (no KV cache, "
@@ -380,11 +390,11 @@ class ModelRunner:
         """Empty cache arrays in place of lost ones."""
         self.cache = self._empty()
 
-    def _attention_calls(self, attention: list[bool]) -> dict[int, AttentionCall]:
-        """Each attention layer's call, from a trace of one step with a probe in place of
+    def _attention_calls(self, attention: list[bool]) -> dict[int, list[AttentionCall]]:
+        """Each attention layer's calls, from a trace of one step with a probe in place of
         the paged attention; refuses the models whose attention the engine would get
-        wrong (not through the interface, several calls per layer, a window kept only in
-        a mask)."""
+        wrong (not through the interface, keys from a layer that caches none, a window
+        kept only in a mask)."""
         module = self._model.torch_module
         name = type(module).__name__
         step = _Step(None, None)
@@ -401,13 +411,12 @@ class ModelRunner:
                 f"{str(error).splitlines()[0][:300]}); its attention likely computes scores itself instead of "
                 "calling transformers' AttentionInterface"
             ) from None  # the message carries the model's error; its trace is not the caller's concern
-        problems = [f"layer {i} calls attention {len(c)} times" for i, c in sorted(step.calls.items()) if len(c) > 1]
-        problems += [f"layer {i} never calls transformers' attention function"
-                     for i, cached in enumerate(attention) if cached and i not in step.calls]
-        problems += [f"layer {i} calls attention but caches no keys" for i, c in step.calls.items()
-                     if not attention[i] and (c[0].reads_layer is None or not attention[c[0].reads_layer])]
-        problems += [f"layer {i} caches keys but attends with layer {c[0].reads_layer}'s" for i, c in step.calls.items()
-                     if attention[i] and c[0].reads_layer is not None]
+        problems = [f"layer {i} never calls transformers' attention function"
+                    for i, cached in enumerate(attention) if cached and i not in step.calls]
+        problems += [f"layer {i} calls attention but caches no keys" for i, calls in step.calls.items() for c in calls
+                     if not attention[i] and (c.reads is None or not attention[c.reads[0]])]
+        problems += [f"layer {i} caches keys but attends with layer {c.reads[0]}'s" for i, calls in step.calls.items()
+                     for c in calls if attention[i] and c.reads is not None and c.reads[0] != i]
         config = module.config.get_text_config(decoder=True)
         kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None) or []
         problems += [
@@ -425,9 +434,9 @@ class ModelRunner:
         if problems:
             raise _NotPageable(
                 f"the paged attention cannot run {name}: {'; '.join(problems[:3])}. It runs models whose every layer "
-                "attends once through transformers' AttentionInterface"
+                "attends through transformers' AttentionInterface"
             )
-        return {i: c[0] for i, c in step.calls.items()}
+        return step.calls
 
     def _pool(self, call: AttentionCall, num_blocks: int) -> jax.Array:
         """One layer's zeroed pool, [num_blocks, block_size, 2 * kv_heads, head_dim] for
@@ -582,7 +591,7 @@ class ModelRunner:
                         sampling_rows: jax.Array, grid: RowGrid | None) -> tuple[CacheArrays, jax.Array]:
         if self.recompute_reason is not None:
             return cache, self._sequences_traced(params, ids, batch.positions, sampling_rows)
-        step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid)
+        step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid, self._pool_of)
         if grid is not None:
             logits, states = self._rows_traced(step, params, cache.states, ids)
             return CacheArrays(tuple(step.pools), states), logits
