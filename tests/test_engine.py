@@ -100,6 +100,7 @@ def test_layers_given_an_earlier_layers_keys_read_its_pool() -> None:
     assert engine.runner.recompute_reason is None
     shared = [i for i, mode in enumerate(eager.config.kv_sharing_modes) if mode == "reuse"]
     assert shared and len(engine.runner.cache.pools) == eager.config.num_hidden_layers - len(shared)
+    assert not {layer for layer, _ in engine.runner._pool_of} & set(shared)  # no pool written by a shared layer
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
 
@@ -112,8 +113,12 @@ def test_a_layer_calling_attention_twice_keeps_a_pool_per_call() -> None:
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4))
     assert engine.runner.recompute_reason is None
     assert len(engine.runner.cache.pools) == 2 * eager.config.num_hidden_layers
-    batch = prompts()
-    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    first, *rest = prompts(prefix=list(range(3, 15)))  # 3 full blocks shared
+    assert serve(engine, [first]) == [expected_tokens(eager, first)]
+    engine._requests.clear()
+    hits = engine.kv.stats.hit
+    assert serve(engine, rest) == [expected_tokens(eager, p) for p in rest]  # both pools of a layer hold the prefix
+    assert engine.kv.stats.hit - hits >= 3 * 4 * len(rest)
 
 
 @pytest.mark.parametrize("model_type", ["mamba", "mamba2", "qwen3_next", "falcon_h1", "nemotron_h"])

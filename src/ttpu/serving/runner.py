@@ -94,7 +94,8 @@ class AttentionCall(NamedTuple):
     sliding_window: int | None
     attention_chunk: int | None
     alibi: bool
-    reads: Call | None  # the call whose keys and values it was given (Gemma 3n's KV-shared layers), if another's
+    reads: Call | None  # the call whose keys and values it was given, if another's (Gemma 3n's KV-shared layers)
+    whole: bool  # its keys and values are the step's tokens' (as many as its queries)
 
 
 @dataclass
@@ -110,14 +111,23 @@ class _Step:
     pool_of: Mapping[Call, int] = field(default_factory=dict)  # the pool each call that writes keys writes
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
     calls_made: dict[int, int] = field(default_factory=dict)  # per layer, its calls so far in this trace
-    # ids of the key and value tensors attended with: them (kept alive, so ids stay theirs) and the first call
-    calls_of_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, Call]] = field(default_factory=dict)
+    # ids of the key and value tensors attended with: them (kept alive, so ids stay theirs), the arrays they
+    # held then (an in-place change swaps those), and the call that first attended with them
+    calls_of_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, tuple[Any, Any], Call]] = field(
+        default_factory=dict)
 
     def call(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[Call, Call]:
         """This call of ``layer`` (numbered among its calls) and the call that first
-        attended with these ``key`` and ``value`` tensors (itself, if none did before)."""
-        number = self.calls_made[layer] = self.calls_made.get(layer, -1) + 1
-        return (layer, number), self.calls_of_kv.setdefault((id(key), id(value)), (key, value, (layer, number)))[2]
+        attended with these ``key`` and ``value`` tensors, unchanged since (itself, if
+        none did)."""
+        this = (layer, self.calls_made.setdefault(layer, -1) + 1)
+        self.calls_made[layer] = this[1]
+        arrays = (torchax.interop.jax_view(key), torchax.interop.jax_view(value))
+        seen = self.calls_of_kv.get((id(key), id(value)))
+        if seen is not None and all(a is b for a, b in zip(seen[2], arrays)):
+            return this, seen[3]
+        self.calls_of_kv[(id(key), id(value))] = (key, value, arrays, this)
+        return this, this
 
 
 _current_step: contextvars.ContextVar[_Step] = contextvars.ContextVar("ttpu_paged_step")
@@ -147,10 +157,13 @@ def paged_attention_forward(
     this, source = step.call(module.layer_idx, key, value)  # source: another call's, if given its keys and values
     if step.pools is None:
         call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk,
-                             alibi_slopes is not None, None if source == this else source)
+                             alibi_slopes is not None, None if source == this else source,
+                             k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0])
         step.calls.setdefault(module.layer_idx, []).append(call)
         return to_traced(jnp.zeros((rows, length, q.shape[1], v.shape[2]), q.dtype)), None
-    index = step.pool_of[source]
+    index = step.pool_of.get(source)
+    if index is None:
+        raise _NotPageable(f"layer {module.layer_idx} makes an attention call the construction-time probe did not see")
     pool = step.pools[index]
     padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
     if source == this:  # a call given another's keys finds them written there
@@ -341,6 +354,8 @@ class ModelRunner:
         self._heads_axes = tuple(pool.sharding.spec[2] if pool.sharding.spec else None for pool in self.cache.pools)
         if self.has_states:
             self._trace_step("one request per row")
+        elif any(len(layer) > 1 for layer in calls.values()):  # calls the probe numbered must match a real step's
+            self._trace_step("paged")
 
     def _recompute(self) -> None:
         """No cache at all: every step runs each of its requests' whole sequences (the
@@ -393,8 +408,9 @@ class ModelRunner:
     def _attention_calls(self, attention: list[bool]) -> dict[int, list[AttentionCall]]:
         """Each attention layer's calls, from a trace of one step with a probe in place of
         the paged attention; refuses the models whose attention the engine would get
-        wrong (not through the interface, keys from a layer that caches none, a window
-        kept only in a mask)."""
+        wrong (not through the interface, keys from a layer that caches none or a caching
+        layer given another's, keys other than the step's tokens', a window kept only in
+        a mask, Llama 4's temperature tuning at or past ``floor_scale``)."""
         module = self._model.torch_module
         name = type(module).__name__
         step = _Step(None, None)
@@ -413,17 +429,19 @@ class ModelRunner:
             ) from None  # the message carries the model's error; its trace is not the caller's concern
         problems = [f"layer {i} never calls transformers' attention function"
                     for i, cached in enumerate(attention) if cached and i not in step.calls]
-        problems += [f"layer {i} calls attention but caches no keys" for i, calls in step.calls.items() for c in calls
-                     if not attention[i] and (c.reads is None or not attention[c.reads[0]])]
-        problems += [f"layer {i} caches keys but attends with layer {c.reads[0]}'s" for i, calls in step.calls.items()
-                     for c in calls if attention[i] and c.reads is not None and c.reads[0] != i]
+        problems += [f"layer {i} calls attention but caches no keys" for i, calls in step.calls.items()
+                     if not attention[i] and any(c.reads is None or not attention[c.reads[0]] for c in calls)]
+        problems += [f"layer {i} caches keys but attends with another layer's" for i, calls in step.calls.items()
+                     if attention[i] and any(c.reads is not None and c.reads[0] != i for c in calls)]
+        problems += [f"layer {i} attends over keys other than its tokens'" for i, calls in step.calls.items()
+                     if not all(c.whole for c in calls)]
         config = module.config.get_text_config(decoder=True)
         kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None) or []
         problems += [
             f"layer {i} is {kind!r} attention, whose window reaches attention only through a mask"
             for i, kind in enumerate(kinds)
             if kind not in ("full_attention", "global", "attention", "hybrid") and i in step.calls
-            and step.calls[i][0].sliding_window is None and step.calls[i][0].attention_chunk is None
+            and any(c.sliding_window is None and c.attention_chunk is None for c in step.calls[i])
         ]
         floor = getattr(config, "floor_scale", None)
         if getattr(config, "attn_temperature_tuning", False) and floor and max(self.max_model_len, self.max_num_batched_tokens) >= floor:
@@ -439,8 +457,8 @@ class ModelRunner:
         return step.calls
 
     def _pool(self, call: AttentionCall, num_blocks: int) -> jax.Array:
-        """One layer's zeroed pool, [num_blocks, block_size, 2 * kv_heads, head_dim] for
-        the keys and values its attention ``call`` receives (the wider width if they
+        """One attention call's zeroed pool, [num_blocks, block_size, 2 * kv_heads, head_dim]
+        for the keys and values it receives (the wider width if they
         differ), its heads split over the tensor axis as ``generate``'s cache's are (the
         pool is shared by all requests: never split by batch)."""
         heads, dim = call.kv_heads, max(call.key_dim, call.value_dim)
