@@ -15,7 +15,7 @@ to its own (and within the sliding window, if any).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -243,11 +243,16 @@ def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
-def paged_attention_kernel(sinks: bool = False, chunked: bool = False, alibi: bool = False) -> Callable[..., jax.Array]:
-    """The kernel for this platform (both take the same arguments): Pallas on TPU, unless
-    the layer has attention ``sinks``, is ``chunked`` or has ``alibi`` slopes, which it
-    does not take; XLA elsewhere."""
-    return pallas_paged_attention if _on_tpu() and not (sinks or chunked or alibi) else xla_paged_attention
+XLA_ONLY_OPTIONS = ("sinks", "attention_chunk", "alibi_slopes")  # what the Pallas kernel does not take
+
+
+def paged_attention_kernel(options: Mapping[str, Any]) -> Callable[..., jax.Array]:
+    """The kernel for this platform that takes ``options`` (the keyword arguments it will
+    be called with): Pallas on TPU, unless one of :data:`XLA_ONLY_OPTIONS` is set; XLA
+    elsewhere."""
+    if _on_tpu() and all(options.get(name) is None for name in XLA_ONLY_OPTIONS):
+        return pallas_paged_attention
+    return xla_paged_attention
 
 
 def split_over_heads(kernel: Callable[..., jax.Array], mesh: Mesh, axis: str) -> Callable[..., jax.Array]:

@@ -120,8 +120,8 @@ class _Step:
         """This call of ``layer`` (numbered among its calls) and the call that first
         attended with these ``key`` and ``value`` tensors, unchanged since (itself, if
         none did)."""
-        this = (layer, self.calls_made.setdefault(layer, -1) + 1)
-        self.calls_made[layer] = this[1]
+        self.calls_made[layer] = self.calls_made.get(layer, -1) + 1
+        this = (layer, self.calls_made[layer])
         arrays = (torchax.interop.jax_view(key), torchax.interop.jax_view(value))
         seen = self.calls_of_kv.get((id(key), id(value)))
         if seen is not None and all(a is b for a, b in zip(seen[2], arrays)):
@@ -177,7 +177,7 @@ def paged_attention_forward(
         options["alibi_slopes"] = torchax.interop.jax_view(alibi_slopes)
     if chunk is not None:
         options["attention_chunk"] = chunk
-    kernel = paged_attention_kernel(sinks=s_aux is not None, chunked=chunk is not None, alibi=alibi_slopes is not None)
+    kernel = paged_attention_kernel(options)
     if step.heads_axes[index] is not None:
         kernel = split_over_heads(kernel, step.mesh, step.heads_axes[index])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
