@@ -22,7 +22,8 @@ def test_doctor_reports_how_the_model_runs(model_dir, capsys) -> None:
     for expected in ("backend:     jax on cpu", "LlamaForCausalLM", "task:        causal-lm",
                      "dtype:       float32", "attention:   ttpu", "patches:     0 applied",
                      "aten._grouped_mm", "compiles:    yes",
-                     "generate:    compiled decode loop; cache: 2 full attention layers"):
+                     "generate:    compiled decode loop; cache: 2 full attention layers",
+                     "paged:       yes (generate and the serving engine run the paged step)"):
         assert expected in out
 
 

@@ -100,7 +100,7 @@ def test_layers_given_an_earlier_layers_keys_read_its_pool() -> None:
     assert engine.runner.recompute_reason is None
     shared = [i for i, mode in enumerate(eager.config.kv_sharing_modes) if mode == "reuse"]
     assert shared and len(engine.runner.cache.pools) == eager.config.num_hidden_layers - len(shared)
-    assert not {layer for layer, _ in engine.runner._pool_of} & set(shared)  # no pool written by a shared layer
+    assert not {layer for layer, _ in model.decoder().paged_model().writers} & set(shared)  # no pool written by a shared layer
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
 

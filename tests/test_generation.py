@@ -34,6 +34,29 @@ def test_greedy_matches_transformers(arch: Arch, backend_name: str) -> None:
     np.testing.assert_array_equal(actual, expected)
 
 
+def test_generate_runs_the_serving_engines_paged_step(monkeypatch) -> None:
+    """generate() runs the engine's paged step (one per model, shared with the engine):
+    the prompts in steps of a few rows each (here one row per step), then one token per
+    row per step; transformers' tokens."""
+    from ttpu.backends.jax import decoder
+    from ttpu.backends.jax.paged import PagedModel
+    from ttpu.serving.engine import EngineConfig, LLMEngine
+
+    module = next(arch for arch in CAUSAL if arch.name == "llama").build()
+    ids, mask = left_padded([[5, 17, 33], list(range(40, 60)), [9] * 11, list(range(3, 17)), [60, 61]])
+    expected = hf_generate(module, ids, mask, max_new_tokens=12)
+    model = AutoModelForTPU.from_model(module, backend="jax")
+    steps = []
+    logits = PagedModel.logits
+    monkeypatch.setattr(PagedModel, "logits", lambda self, params, cache, ids, *rest: (
+        steps.append(ids.shape[0]), logits(self, params, cache, ids, *rest))[1])
+    monkeypatch.setattr(decoder, "PREFILL_STEP_TOKENS", 32)
+    np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, max_new_tokens=12), expected)
+    assert steps == [32, 8]  # traced once each: a prefill step of one 32-token row (run for each of the 8 rows), a decode
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64))
+    assert engine.runner._paged is model.decoder().paged_model()
+
+
 class CharTokenizer:
     """One character per token id, enough for stop strings and streaming on tiny models."""
 

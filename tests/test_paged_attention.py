@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ttpu.backends.jax.attention import dot_product_attention
-from ttpu.serving.paged_attention import (
+from ttpu.backends.jax.paged_attention import (
     PagedBatch, pallas_paged_attention, query_blocks, ragged_arguments, split_over_heads, write_kv, xla_paged_attention,
 )
 

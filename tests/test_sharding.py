@@ -51,6 +51,9 @@ def test_every_strategy_matches_the_unsharded_model(unsharded, strategy) -> None
     assert relative_error(np.asarray(model(**inputs).logits), logits, None) <= 1e-5
     generated = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=NEW_TOKENS)
     np.testing.assert_array_equal(generated, tokens)
+    # generate() runs the engine's paged step unless a data axis splits the batch (a pool serves all rows).
+    splits_batch = model.sharding.mesh.size("data") > 1 or model.sharding.mesh.size("fsdp") > 1
+    assert (model.decoder().paged_for(8, 16, 64) is None) == splits_batch
     for name, array in model.params.items():
         found = model.sharding.parameters.get(name)  # (large buffers are replicated)
         expected = jax.sharding.NamedSharding(array.sharding.mesh, jax.sharding.PartitionSpec(*(found.spec if found else ())))

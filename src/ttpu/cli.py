@@ -138,12 +138,21 @@ def doctor(args: argparse.Namespace) -> int:
     print(f"compiles:    yes ({time.perf_counter() - start:.1f} s, {model.compile_count} executable)")
     if model.task == "causal-lm":
         try:
-            layout = getattr(model.decoder(), "layout", None)
+            decoder = model.decoder()
         except Exception as exc:  # report, don't crash
             print(f"generate:    NO ({type(exc).__name__}: {str(exc).splitlines()[0]})")
             return 1
+        layout = getattr(decoder, "layout", None)
         cache = layout.describe() if layout is not None else "transformers' StaticCache"
         print(f"generate:    compiled decode loop; cache: {cache}")
+        if hasattr(decoder, "paged_model"):
+            from ttpu.backends.jax.paged import NotPageable
+
+            try:
+                decoder.paged_model()
+                print("paged:       yes (generate and the serving engine run the paged step)")
+            except NotPageable as reason:
+                print(f"paged:       no, generate runs the dense cache and the engine recomputes ({reason})")
     return 0
 
 

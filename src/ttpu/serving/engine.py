@@ -63,7 +63,7 @@ class LLMEngine:
         num_blocks = config.num_blocks or max_num_seqs * blocks_per_request + 1
         self.max_model_len = max_model_len
         self.runner = ModelRunner(
-            model, model.decoder().layout, num_blocks, block_size, max_model_len, max_num_batched_tokens, max_num_seqs
+            model, num_blocks, block_size, max_model_len, max_num_batched_tokens, max_num_seqs
         )
         whole = self.runner.whole_prompts
         if whole and config.enable_prefix_caching:

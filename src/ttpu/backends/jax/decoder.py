@@ -3,6 +3,13 @@ steps, the whole state (cache, tokens, mask) passed in, donated and returned; ea
 token is chosen by the sampler the serving engine uses too
 (:func:`ttpu.backends.jax.sampling.sample`), row ``i`` drawing with seed ``seed + i``.
 
+The model runs the serving engine's paged step (:class:`~ttpu.backends.jax.paged.PagedModel`)
+wherever that step can carry it: each row owns a fixed run of blocks in the pools (and a
+recurrent-state slot), the prompts run as one flat batch, each decode as one token per
+row. Otherwise (a cache the paged pools cannot hold, a batch split over data axes, which
+a pool shared by all rows would not split) it runs over the model's own dense cache, or
+recomputes the sequence for a model that keeps none.
+
 The prefill writes indices ``0..P-1`` of the cache and picks the first new token (index
 ``P``); each step feeds the token at index ``cache.length`` and writes the next one
 after it. One host call runs up to ``steps`` tokens, stopping early when every row has
@@ -25,16 +32,43 @@ from ttpu.backends.jax.backend import JaxForward
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import CacheLayout, CacheState, TracedCache, probe_layout
+from ttpu.backends.jax.paged import CacheArrays, NotPageable, PagedModel, RowGrid, row_grid
+from ttpu.backends.jax.paged_attention import PagedBatch
 from ttpu.backends.jax.sampling import ProcessorValues, RowSampling, SamplerMode, generation_sampling, sample
 from ttpu.generation.config import GenerationSettings
+from ttpu.sharding.mesh import DATA_AXES
 
 logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16  # positions per block of a generation's paged pools
+PREFILL_STEP_TOKENS = 512  # prompt tokens per paged step, at most (one prompt longer than this is one step)
+
+
+class PagedCache(NamedTuple):
+    """A generation's paged pools and recurrent-state slots (row ``r``: slot ``r + 1``)
+    and each row's blocks."""
+
+    arrays: CacheArrays
+    tables: jax.Array  # [batch, max_length / BLOCK_SIZE] row r's blocks
+    length: jax.Array  # () indices of the token buffer run so far (the next one fed is at this index)
+
+
+class PromptSteps(NamedTuple):
+    """The left-padded prompts [batch, length] as steps of the paged model, each over a
+    group of ``rows`` rows (every array has the steps first): their real tokens one row
+    after another, padding last. Groups keep a step's tokens few, as the kernel attends
+    densely among a step's tokens (its cost grows with their square)."""
+
+    order: jax.Array  # [steps, rows * length] the flat index into the prompts of each token of the step
+    batch: PagedBatch  # rows within the group; block tables [steps, rows, blocks]
+    last_tokens: jax.Array  # [steps, rows] each row's last token in the step
+    grid: RowGrid | None  # models with recurrent state: the rows as they are
 
 
 class DecodeState(NamedTuple):
     """Everything the loop carries from one token to the next."""
 
-    cache: CacheState  # every layer's cache arrays (keys and values, linear states, ...)
+    cache: CacheState | PagedCache  # the dense cache's arrays (keys and values, linear states, ...) or the paged
     tokens: jax.Array  # [batch, max_length] every token at its cache index
     mask: jax.Array  # [batch, max_length] 1 where a real token sits
     positions: jax.Array  # [batch] position id of the token fed next
@@ -66,7 +100,9 @@ class JaxDecoder(Decoder):
 
     def __init__(self, forward: JaxForward, module: torch.nn.Module):
         self._forward = forward
+        self._module = module
         self._placement = forward.placement
+        self._paged: PagedModel | NotPageable | None = None  # built on first use
         self._vocab_size = module.config.get_text_config(decoder=True).vocab_size
         store = forward.program_store
         self._step_inputs = CachedStepInputs(module)
@@ -106,12 +142,45 @@ class JaxDecoder(Decoder):
         sampling = Sampling(rows, processors, jnp.int32(settings.prompt_length), eos, jnp.int32(settings.pad_token_id),
                             jnp.int32(settings.max_new_tokens))
         sampling = jax.tree.map(lambda v: place.put(v, ()), sampling)
-        cache = self.layout.empty(input_ids.shape[0], max_length, place)
+        batch, length = input_ids.shape
+        paged = self.paged_for(batch, length, max_length)
+        prompt = None
+        if paged is None:
+            cache = self.layout.empty(batch, max_length, place)
+        else:
+            tables = 1 + np.arange(batch * (max_length // BLOCK_SIZE), dtype=np.int32).reshape(batch, -1)
+            arrays = paged.empty(1 + tables.size, BLOCK_SIZE, batch if paged.has_states else 0)
+            cache = PagedCache(arrays, place.put(tables, ()), place.put(np.int32(0), ()))
+            prompt = jax.tree.map(lambda v: place.put(v, ()), _prompt_steps(prompt_mask, tables, paged.has_states))
         state = self._prefill(
             self._forward.params, cache, place.batch(input_ids.astype(np.int32)),
-            place.batch(prompt_mask.astype(np.int32)), sampling, mode, max_length,
+            place.batch(prompt_mask.astype(np.int32)), sampling, mode, max_length, prompt,
         )
         return Generation(state, mode, sampling)
+
+    def paged_model(self) -> PagedModel:
+        """The model's paged step, shared with the serving engine (built on first use);
+        raises :class:`NotPageable`, with the reason, for a model its pools cannot carry."""
+        if self._paged is None:
+            try:
+                self._paged = PagedModel(self._forward, self._module, self.layout)
+            except NotPageable as reason:
+                self._paged = reason
+        if isinstance(self._paged, NotPageable):
+            raise NotPageable(str(self._paged))
+        return self._paged
+
+    def paged_for(self, batch: int, prompt_length: int, max_length: int) -> PagedModel | None:
+        """The paged step if it carries this generation exactly, else None (the dense cache)."""
+        mesh = self._placement.plan.mesh
+        if any(mesh.size(axis) > 1 for axis in DATA_AXES):  # a pool shared by all rows would not split the batch
+            return None
+        try:
+            paged = self.paged_model()
+        except NotPageable:
+            return None
+        limit = paged.positions_limit
+        return None if limit is not None and max(max_length, batch * prompt_length) >= limit else paged
 
     def advance(self, state: Generation, steps: int) -> Generation:
         """``state`` is donated: use the returned one."""
@@ -163,12 +232,35 @@ class JaxDecoder(Decoder):
         logits = self._forward.call_traced(params, inputs).logits.jax()
         return jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False), cache._replace(length=last + 1)
 
-    def _prefill_program(self, params, cache, ids, prompt_mask, sampling: Sampling, mode: SamplerMode, max_length: int):
+    def _paged_decode(self, params: Any, cache: PagedCache, ids: jax.Array, positions: jax.Array):
+        """The paged step of one token per row (``ids``, ``positions`` [batch]): the
+        next-token logits [batch, vocab] and the cache after it."""
+        rows = jnp.arange(ids.shape[0], dtype=jnp.int32)
+        blocks = jnp.minimum(positions // BLOCK_SIZE, cache.tables.shape[1] - 1)
+        slots = cache.tables[rows, blocks] * BLOCK_SIZE + positions % BLOCK_SIZE
+        paged = self.paged_model()
+        grid = RowGrid(rows, rows, rows + 1) if paged.has_states else None
+        columns = jnp.full_like(positions, cache.length)  # the tokens' indices in the buffer, left padding counted
+        arrays, logits = paged.logits(params, cache.arrays, ids, PagedBatch(positions, slots, rows, cache.tables), rows,
+                                      grid, columns)
+        return logits, cache._replace(arrays=arrays, length=cache.length + 1)
+
+    def _prefill_program(self, params, cache, ids, prompt_mask, sampling: Sampling, mode: SamplerMode, max_length: int,
+                         prompt: PromptSteps | None):
         batch, prompt_length = ids.shape
         positions = _positions(prompt_mask)
         mask = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
         tokens = jnp.full((batch, max_length), sampling.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
-        if self.layout.recompute:
+        if prompt is not None:
+
+            def group(arrays: CacheArrays, step: PromptSteps) -> tuple[CacheArrays, jax.Array]:
+                return self.paged_model().logits(params, arrays, ids.reshape(-1)[step.order], step.batch,
+                                                 step.last_tokens, step.grid, step.order % prompt_length)
+
+            arrays, logits = jax.lax.scan(group, cache.arrays, prompt)
+            logits = logits.reshape(batch, logits.shape[-1])
+            cache = cache._replace(arrays=arrays, length=jnp.int32(prompt_length))
+        elif self.layout.recompute:
             logits, cache = self._recompute_step(params, cache, tokens, mask, jnp.int32(prompt_length - 1))
         else:
             logits, cache = self._model_step(params, cache, ids, positions, mask[:, :prompt_length], empty=True)
@@ -202,7 +294,10 @@ class JaxDecoder(Decoder):
 
         def step(s: DecodeState) -> DecodeState:
             index = s.cache.length
-            if self.layout.recompute:
+            if isinstance(s.cache, PagedCache):
+                fed = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)[:, 0]
+                logits, cache = self._paged_decode(params, s.cache, fed, s.positions)
+            elif self.layout.recompute:
                 logits, cache = self._recompute_step(params, s.cache, s.tokens, s.mask, index)
             else:
                 fed = jax.lax.dynamic_slice_in_dim(s.tokens, index, 1, axis=1)
@@ -220,6 +315,36 @@ class JaxDecoder(Decoder):
             )
 
         return jax.lax.while_loop(more, step, state)
+
+
+def _prompt_steps(mask: np.ndarray, tables: np.ndarray, rows_as_grid: bool) -> PromptSteps:
+    """Left-padded prompts (``mask`` [batch, length]: 1 at real tokens) as steps of the
+    paged model over groups of rows (as many as hold ``PREFILL_STEP_TOKENS`` and divide
+    the batch), row ``r`` writing into the blocks ``tables[r]``."""
+    batch, length = mask.shape
+    rows = max(1, PREFILL_STEP_TOKENS // length)
+    while batch % rows:
+        rows -= 1
+    steps = [_prompt_step(mask[at : at + rows], tables[at : at + rows], at, length, rows_as_grid)
+             for at in range(0, batch, rows)]
+    return jax.tree.map(lambda *parts: np.stack(parts), *steps)
+
+
+def _prompt_step(mask: np.ndarray, tables: np.ndarray, first_row: int, length: int, rows_as_grid: bool) -> PromptSteps:
+    """One step of the rows ``first_row ...`` of the prompts (``mask`` and ``tables`` are theirs)."""
+    rows = mask.shape[0]
+    order = np.flatnonzero(mask.reshape(-1)).astype(np.int32)  # row after row, each in order
+    real = order.shape[0]
+    positions = np.full(rows * length, -1, np.int32)
+    positions[:real] = (np.cumsum(mask, axis=1) - 1).reshape(-1)[order]
+    row = np.zeros(rows * length, np.int32)
+    row[:real] = order // length
+    slots = np.zeros(rows * length, np.int32)  # padding writes into the null block
+    slots[:real] = tables[row[:real], positions[:real] // BLOCK_SIZE] * BLOCK_SIZE + positions[:real] % BLOCK_SIZE
+    counts = mask.sum(axis=1)
+    grid = row_grid(counts, length, first_row + np.arange(1, rows + 1)) if rows_as_grid else None
+    return PromptSteps(np.pad(order + first_row * length, (0, rows * length - real)),
+                       PagedBatch(positions, slots, row, tables), (np.cumsum(counts) - 1).astype(np.int32), grid)
 
 
 def _positions(mask: jax.Array) -> jax.Array:

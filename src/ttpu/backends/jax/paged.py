@@ -1,0 +1,561 @@
+"""The paged model step (JAX backend): a stock transformers causal LM run over a flat,
+ragged batch of tokens from many sequences, its attention writing new keys and values
+into paged pools by slot and attending through block tables. The serving engine's runner
+(:mod:`ttpu.serving.runner`) and ``generate()`` (:mod:`ttpu.backends.jax.decoder`) both
+run this step.
+
+The model is adapted through transformers' own seam: a "ttpu_paged" attention function is
+registered with ``AttentionInterface`` (and no mask function, so transformers builds no
+mask); while the step is traced the model's configs name it, and each attention call
+writes its new keys and values into its pool by slot and attends through the block
+tables (:mod:`ttpu.backends.jax.paged_attention`); a call given the keys and values
+another made reads that one's pool.
+
+Models with recurrent layers (SSM, linear attention, short convolutions; hybrids of them
+and attention) keep, per sequence, one fixed-size state slot per such layer (vLLM's
+hybrid cache). A recurrent layer mixes the tokens of its rows in order, so their steps
+run the tokens as rows, one sequence per row (:class:`RowGrid`): new prompts (each
+left-padded, from an empty state: padding then leaves the state exact) or decodes (one
+token per row). The model sees transformers' own linear-attention cache layers over the
+rows' states, gathered from their slots and written back after the step; attention
+layers still go through the paged pools.
+
+:class:`PagedModel` finds out, when it is built, whether the pools can carry a model
+(:class:`NotPageable` says why not: no cache, a cache class of its own, indexer keys,
+positions counted from the cache's length, attention outside the interface).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from jax.sharding import Mesh
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ttpu.backends.base import CachedStepInputs
+from ttpu.backends.jax.environment import to_traced
+from ttpu.backends.jax.executables import Executables
+from ttpu.backends.jax.kv_cache import (
+    CONV, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer,
+)
+from ttpu.backends.jax.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
+from ttpu.backends.jax.torchax_compat import import_torchax
+from ttpu.compat import DummyLayer
+from ttpu.errors import InvalidArgumentError
+from ttpu.inputs import positional_embeddings
+from ttpu.patches.attention import POSITIONAL_ATTENTION
+
+PAGED_ATTENTION = "ttpu_paged"
+PROBE_TOKENS = 16  # tokens of the traces that probe a model's attention calls
+
+torchax = import_torchax()
+
+
+class CacheArrays(NamedTuple):
+    """What each step reads and writes (donated to it): the paged KV pools
+    [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout), one per
+    attention call that writes keys (most layers make one; a call given another's keys
+    reads that one's pool), in the order of the runner's ``pool_of``; and per layer its
+    recurrent states by name [state slots + 1, ...] (empty without)."""
+
+    pools: tuple[jax.Array, ...]
+    states: tuple[dict[str, jax.Array], ...]
+
+
+Call = tuple[int, int]  # an attention call of a step: its layer, and its number among that layer's calls
+
+
+class AttentionCall(NamedTuple):
+    """What one attention call of a layer receives: key heads, key and value widths,
+    dtype, sliding window, attention chunk and whether it positions tokens by ALiBi
+    slopes (recorded by a probe trace, to size the pools)."""
+
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+    dtype: str
+    sliding_window: int | None
+    attention_chunk: int | None
+    alibi: bool
+    reads: Call | None  # the call whose keys and values it was given, if another's (Gemma 3n's KV-shared layers)
+    whole: bool  # its keys and values are the step's tokens' (as many as its queries)
+
+
+@dataclass
+class _Step:
+    """What the attention layers of the step being traced read and write; a probe
+    (``pools`` None) records each layer's calls instead."""
+
+    pools: list[jax.Array] | None
+    batch: PagedBatch | None
+    mesh: Mesh | None = None
+    heads_axes: tuple[str | None, ...] = ()  # per pool: the mesh axis its heads are split over
+    grid: RowGrid | None = None  # rows of tokens (models with recurrent state): where each token sits
+    pool_of: Mapping[Call, int] = field(default_factory=dict)  # the pool each call that writes keys writes
+    calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
+    calls_made: dict[int, int] = field(default_factory=dict)  # per layer, its calls so far in this trace
+    # ids of the key and value tensors attended with: them (kept alive, so ids stay theirs), the arrays they
+    # held then (an in-place change swaps those), and the call that first attended with them
+    calls_of_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, tuple[Any, Any], Call]] = field(
+        default_factory=dict)
+
+    def call(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[Call, Call]:
+        """This call of ``layer`` (numbered among its calls) and the call that first
+        attended with these ``key`` and ``value`` tensors, unchanged since (itself, if
+        none did)."""
+        self.calls_made[layer] = self.calls_made.get(layer, -1) + 1
+        this = (layer, self.calls_made[layer])
+        arrays = (torchax.interop.jax_view(key), torchax.interop.jax_view(value))
+        seen = self.calls_of_kv.get((id(key), id(value)))
+        if seen is not None and all(a is b for a, b in zip(seen[2], arrays)):
+            return this, seen[3]
+        self.calls_of_kv[(id(key), id(value))] = (key, value, arrays, this)
+        return this, this
+
+
+_current_step: contextvars.ContextVar[_Step] = contextvars.ContextVar("ttpu_paged_step")
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function over the step's paged pools; ``query``, ``key``,
+    ``value`` are [rows, heads, length, dim]: one row of the step's tokens, or (with a
+    grid) one row per request. ``alibi_slopes`` [heads] (from ALiBi models' patched
+    attention modules) bias each score by the key's distance from the query."""
+    step = _current_step.get()
+    rows, length = query.shape[0], query.shape[2]
+    q, k, v = (_tokens(x, step.grid) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
+    chunk = _attention_chunk(module)
+    this, source = step.call(module.layer_idx, key, value)  # source: another call's, if given its keys and values
+    if step.pools is None:
+        call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk,
+                             alibi_slopes is not None, None if source == this else source,
+                             k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0])
+        step.calls.setdefault(module.layer_idx, []).append(call)
+        return to_traced(jnp.zeros((rows, length, q.shape[1], v.shape[2]), q.dtype)), None
+    index = step.pool_of.get(source)
+    if index is None:
+        raise NotPageable(f"layer {module.layer_idx} makes an attention call the construction-time probe did not see")
+    pool = step.pools[index]
+    padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
+    if source == this:  # a call given another's keys finds them written there
+        pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
+        step.pools[index] = pool
+    options = {"scale": scaling if scaling is not None else q.shape[-1] ** -0.5, "sliding_window": sliding_window,
+               "softcap": softcap}
+    if s_aux is not None:
+        options["sinks"] = torchax.interop.jax_view(s_aux)
+    if alibi_slopes is not None:
+        options["alibi_slopes"] = torchax.interop.jax_view(alibi_slopes)
+    if chunk is not None:
+        options["attention_chunk"] = chunk
+    kernel = paged_attention_kernel(options)
+    if step.heads_axes[index] is not None:
+        kernel = split_over_heads(kernel, step.mesh, step.heads_axes[index])
+    out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
+    if step.grid is not None:
+        out = out[step.grid.tokens_of_cells]
+    return to_traced(out.reshape(rows, length, *out.shape[1:])), None
+
+
+def _attention_chunk(module: torch.nn.Module) -> int | None:
+    """The chunk size of a chunked-attention layer (Llama 4: ``layer_types`` names it,
+    ``attention_chunk_size`` sizes it), else None."""
+    config = getattr(module, "config", None)
+    kinds = getattr(config, "layer_types", None) or []
+    index = getattr(module, "layer_idx", None)
+    if index is not None and index < len(kinds) and kinds[index] == "chunked_attention":
+        return getattr(config, "attention_chunk_size", None)
+    return None
+
+
+def _tokens(x: torch.Tensor, grid: RowGrid | None) -> jax.Array:
+    """[rows, heads, length, dim] as the step's tokens [tokens, heads, dim], in its batch's order."""
+    tokens = jnp.swapaxes(torchax.interop.jax_view(x), 1, 2).reshape(-1, x.shape[1], x.shape[3])
+    return tokens if grid is None else tokens[grid.cells]
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+    return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
+POSITIONAL_ATTENTION.add(PAGED_ATTENTION)  # patched modules that compute attention themselves hand it theirs
+
+
+@contextlib.contextmanager
+def _paged_attention_named(module: torch.nn.Module) -> Iterator[None]:
+    """Every config of ``module`` names the paged attention while a step is traced."""
+    configs = {id(m.config): m.config for m in module.modules() if hasattr(m, "config")}
+    before = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = PAGED_ATTENTION
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = before[key]
+
+
+@contextlib.contextmanager
+def _positions_fed(modules: list[torch.nn.Module], positions: jax.Array | None) -> Iterator[None]:
+    """Each positional-embedding module of ``modules`` embeds ``positions`` (the step's
+    tokens', [tokens]) in place of the ones its model numbered itself (from 0 or its
+    cache's length, wrong for a flat batch of many requests); nothing without positions."""
+    if positions is None:
+        yield
+        return
+
+    def feed(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return args, {**kwargs, "position_ids": to_traced(positions)}
+
+    handles = [module.register_forward_pre_hook(feed, with_kwargs=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class RowGrid(NamedTuple):
+    """A step's tokens as rows, one request per row, left-padded (models with recurrent
+    state); the step's :class:`PagedBatch` keeps the flat order the attention kernels
+    take (each request's tokens together, padding last)."""
+
+    cells: jax.Array  # [tokens] the grid cell (row * length + column) of each token of the batch
+    tokens_of_cells: jax.Array  # [tokens] the batch's token at each grid cell (the inverse)
+    state_slots: jax.Array  # [rows] each row's recurrent-state slot (0, padding's, for padding rows)
+
+
+class NotPageable(Exception):
+    """Why the paged cache cannot carry a model (the engine recomputes it instead)."""
+
+
+def _served(layer: LayerLayout) -> bool:
+    """Whether the engine keeps ``layer``'s cache: attention keys and values, recurrent
+    states, both, or nothing (a layer without attention or state, or one a text-only
+    forward never writes, as cross-attention)."""
+    kept = {n for n in layer.names if n.startswith((CONV, RECURRENT))} | {UNWRITTEN}
+    return layer.names - kept in ({KEYS, VALUES}, frozenset())
+
+
+class _PagedLayer(DynamicLayer):
+    """An attention layer's cache in a step over rows: its keys and values go to the
+    paged pool (the attention function writes them), so it hands them straight back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        raise NotPageable(
+            "the model reads its cache's length (for positions or masks), and the paged cache's requests each have "
+            "their own"
+        )
+
+
+class _PagedHybridLayer(TracedLinearLayer, _PagedLayer):
+    """A layer with recurrent states and attention (paged)."""
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], layout: LayerLayout, empty: bool) -> None:
+        _PagedLayer.__init__(self)
+        TracedLinearLayer.__init__(self, arrays, layout, empty)
+
+
+def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, empty: bool) -> Cache:
+    """transformers' cache over the rows' recurrent ``states`` (traced), attention layers
+    paged, layers with neither transformers' dummy layer."""
+    layers: list[Any] = []
+    for arrays, layer in zip(states, layout.layers):
+        traced = {name: to_traced(a) for name, a in arrays.items()}
+        attention = KEYS in layer.names
+        if traced:
+            layers.append(_PagedHybridLayer(traced, layer, empty) if attention else TracedLinearLayer(traced, layer, empty))
+        else:
+            layers.append(_PagedLayer() if attention else DummyLayer())
+    return Cache(layers=layers)
+
+
+
+
+def row_grid(counts: np.ndarray, length: int, state_slots: np.ndarray) -> RowGrid:
+    """The grid of a step whose flat batch holds, one sequence after another (padding
+    last), ``counts[r]`` tokens of row ``r``: each row's tokens at its end (left padding),
+    the padding tokens in the other cells."""
+    rows = state_slots.shape[0]
+    cells, at = np.zeros(rows * length, np.int32), 0
+    for row, count in enumerate(counts):
+        cells[at : at + count] = row * length + length - count + np.arange(count)
+        at += count
+    free = np.ones(rows * length, bool)
+    free[cells[:at]] = False
+    cells[at:] = np.flatnonzero(free)
+    return RowGrid(cells, np.argsort(cells).astype(np.int32), state_slots.astype(np.int32))
+
+
+class PagedModel:
+    """One causal LM's paged step: the attention calls that keep pools, their shapes,
+    and the traced step over them (:meth:`logits`). Building it raises
+    :class:`NotPageable`, with the reason, for a model the pools cannot carry."""
+
+    def __init__(self, forward: Any, module: torch.nn.Module, layout: CacheLayout) -> None:
+        self._forward = forward
+        self._module = module
+        self._layout = layout
+        self._step_inputs = CachedStepInputs(module)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(module.forward).parameters
+        self._takes_positions = "position_ids" in inspect.signature(module.forward).parameters
+        self._position_modules: list[torch.nn.Module] = []  # fed the step's positions (forwards without position_ids)
+        name = type(module).__name__
+        if layout.recompute or not all(_served(layer) for layer in layout.layers):
+            raise NotPageable(
+                f"the paged cache holds attention keys and values, recurrent states, both or nothing; "
+                f"{name} has {layout.describe()}"
+            )
+        self._attention = [KEYS in layer.names for layer in layout.layers]
+        self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
+        if any(self._attention) and not self._takes_positions:
+            self._position_modules = positional_embeddings(module)
+        found = Executables(self._probe, name="paged_step_probe", store=forward.program_store).output_shapes(
+            forward.params, jax.ShapeDtypeStruct((1, PROBE_TOKENS), jnp.int32))
+        outcome = json.loads(next(iter(found)))  # what the probe found (stored: a later process traces nothing)
+        if "refused" in outcome:
+            raise NotPageable(outcome["refused"])
+        self._use_calls({int(layer): [AttentionCall(*c[:7], None if c[7] is None else tuple(c[7]), c[8]) for c in calls]
+                         for layer, calls in outcome["calls"].items()})
+
+    @property
+    def positions_limit(self) -> int | None:
+        """The length at or past which the step is not exact, if any: Llama 4's NoPE layers
+        scale queries by positions counted from the cache's length (exact below ``floor_scale``)."""
+        config = self._module.config.get_text_config(decoder=True)
+        floor = getattr(config, "floor_scale", None)
+        return floor if getattr(config, "attn_temperature_tuning", False) and floor else None
+
+    @property
+    def writers(self) -> list[Call]:
+        """The attention calls that write keys and values, each into its own pool."""
+        return list(self._pool_of)
+
+    def _probe(self, params: Any, ids: jax.Array) -> dict[str, jax.Array]:
+        """What a trace of the model with the paged attention finds, as the key of the
+        output (so the program store keeps it): each layer's attention calls, or why the
+        pools cannot carry the model."""
+        try:
+            calls = self._attention_calls(params, ids)
+            self._check_positions(calls)
+            self._use_calls(calls)
+            if self.has_states:
+                self._check_step("one request per row")
+            elif any(len(layer) > 1 for layer in calls.values()):  # calls the probe numbered must match a real step's
+                self._check_step("paged")
+            outcome: dict[str, Any] = {"calls": {str(layer): [list(c) for c in cs] for layer, cs in calls.items()}}
+        except NotPageable as reason:
+            outcome = {"refused": str(reason)}
+        return {json.dumps(outcome): jnp.zeros((), jnp.int8)}
+
+    def _check_positions(self, calls: dict[int, list[AttentionCall]]) -> None:
+        """Refuse a model that numbers positions itself unless its positional embeddings
+        can be given them (or it positions tokens by ALiBi slopes only, which the kernel
+        applies by each token's position)."""
+        if not any(self._attention) or self._takes_positions:
+            return
+        alibi_only = not self._position_modules and all(c.alibi for layer in calls.values() for c in layer)
+        if not alibi_only and (
+                self.has_states or not self._position_modules
+                or any("position_ids" not in inspect.signature(m.forward).parameters for m in self._position_modules)):
+            raise NotPageable(
+                f"{type(self._module).__name__}.forward takes no position_ids (it numbers positions itself, from 0 or "
+                "its cache's length), and no positional-embedding module of it takes them instead"
+            )
+
+    def _use_calls(self, calls: dict[int, list[AttentionCall]]) -> None:
+        """Give each attention call that writes keys a pool."""
+        writers = [(i, n) for i in sorted(calls) for n, call in enumerate(calls[i]) if call.reads is None]
+        self._pools = [calls[i][n] for i, n in writers]
+        self._pool_of = {call: index for index, call in enumerate(writers)}  # each call that writes keys: its pool
+        plan = self._forward.placement.plan
+        self._heads_axes = tuple(plan.kv_cache_spec((1, call.kv_heads, 1, 1))[1] for call in self._pools)
+
+    def empty(self, num_blocks: int, block_size: int, state_slots: int) -> CacheArrays:
+        """Zeroed pools of ``num_blocks`` blocks (block 0 is the null block padding writes
+        into) and recurrent states of ``state_slots`` slots (slot 0 is padding's, besides)."""
+        place = self._forward.placement
+        pools = tuple(self._pool(call, axis, num_blocks, block_size) for call, axis in zip(self._pools, self._heads_axes))
+        states = tuple(
+            {n: jnp.zeros((state_slots + 1, *a.shape), a.dtype, device=place.replicated)
+             for n, a in layer.arrays if n.startswith((CONV, RECURRENT))}
+            for layer in self._layout.layers
+        )
+        return CacheArrays(pools, states)
+
+    def _pool(self, call: AttentionCall, heads_axis: str | None, num_blocks: int, block_size: int) -> jax.Array:
+        """One attention call's zeroed pool, [num_blocks, block_size, 2 * kv_heads, head_dim]
+        for the keys and values it receives (the wider width if they differ), its heads
+        split over the tensor axis as ``generate``'s dense cache's are (a pool is shared
+        by all sequences: never split by batch)."""
+        shape = (num_blocks, block_size, 2 * call.kv_heads, max(call.key_dim, call.value_dim))
+        # Spelled as the step's outputs come back (no trailing Nones), so the donated pools keep one signature.
+        spec = (None, None, heads_axis) if heads_axis else ()
+        return jnp.zeros(shape, call.dtype, device=self._forward.placement.sharding(spec))
+
+    def logits(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
+               sampling_rows: jax.Array, grid: RowGrid | None,
+               embedded: jax.Array | None = None) -> tuple[CacheArrays, jax.Array]:
+        """Inside a trace: the cache after the step's tokens ``ids`` [tokens] (where
+        ``batch`` places them) and the logits [sampling tokens, vocab] of the tokens at
+        ``sampling_rows`` (with a ``grid``, of each row's last token instead).
+        ``embedded`` [tokens], if given, are the positions that models numbering positions
+        themselves embed (transformers counts left padding there), in place of the tokens'."""
+        step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid, self._pool_of)
+        if grid is not None:
+            logits, states = self._rows_traced(step, params, cache.states, ids)
+            return CacheArrays(tuple(step.pools), states), logits
+        inputs = {"input_ids": to_traced(ids[None]), "use_cache": False}
+        if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
+            inputs["logits_to_keep"] = to_traced(sampling_rows)
+        logits = self._logits_traced(step, params, inputs, jnp.maximum(batch.positions, 0), embedded)[0]
+        logits = logits if self._keeps_logits else logits[sampling_rows]
+        return CacheArrays(tuple(step.pools), cache.states), logits
+
+    def _check_step(self, how: str) -> None:
+        """Trace (not compile) a step of new prompts and one of decodes, so that a model
+        whose layers this way of stepping cannot carry is refused now, not in its first step."""
+        cache = jax.eval_shape(functools.partial(self.empty, 2, PROBE_TOKENS, 1))
+        for tokens, rows in ((PROBE_TOKENS, 1), (1, 1)):
+            positions = np.full(tokens, -1, np.int32)
+            zeros = np.zeros(tokens, np.int32)
+            batch = PagedBatch(positions, zeros, zeros, np.zeros((rows, 1), np.int32))
+            grid = row_grid(np.zeros(rows, np.int64), tokens // rows, np.zeros(rows, np.int32)) if self.has_states else None
+            message = trace_error(self.logits, self._forward.params, cache, zeros, batch, np.zeros(rows, np.int32), grid)
+            if message is not None:
+                raise NotPageable(f"{type(self._module).__name__} fails {how} ({message})")
+
+    def _attention_calls(self, params: Any, ids: jax.Array) -> dict[int, list[AttentionCall]]:
+        """Each attention layer's calls, from a trace of one step with a probe in place of
+        the paged attention; refuses the models whose attention the engine would get
+        wrong (not through the interface, keys from a layer that caches none or a caching
+        layer given another's, keys other than the step's tokens', a window kept only in
+        a mask)."""
+        module, attention = self._module, self._attention
+        name = type(module).__name__
+        step = _Step(None, None)
+        try:
+            inputs = {"input_ids": to_traced(ids), "use_cache": False}
+            self._logits_traced(step, params, inputs, ids[0] * 0 if any(attention) else None)
+        except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
+            raise NotPageable(
+                f"{name} does not run with the paged attention ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:300]}); its attention likely computes scores itself instead of "
+                "calling transformers' AttentionInterface"
+            ) from None  # the message carries the model's error; its trace is not the caller's concern
+        problems = [f"layer {i} never calls transformers' attention function"
+                    for i, cached in enumerate(attention) if cached and i not in step.calls]
+        problems += [f"layer {i} calls attention but caches no keys" for i, calls in step.calls.items()
+                     if not attention[i] and any(c.reads is None or not attention[c.reads[0]] for c in calls)]
+        problems += [f"layer {i} caches keys but attends with another layer's" for i, calls in step.calls.items()
+                     if attention[i] and any(c.reads is not None and c.reads[0] != i for c in calls)]
+        problems += [f"layer {i} attends over keys other than its tokens'" for i, calls in step.calls.items()
+                     if not all(c.whole for c in calls)]
+        config = module.config.get_text_config(decoder=True)
+        kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None) or []
+        problems += [
+            f"layer {i} is {kind!r} attention, whose window reaches attention only through a mask"
+            for i, kind in enumerate(kinds)
+            if kind not in ("full_attention", "global", "attention", "hybrid") and i in step.calls
+            and any(c.sliding_window is None and c.attention_chunk is None for c in step.calls[i])
+        ]
+        if problems:
+            raise NotPageable(
+                f"the paged attention cannot run {name}: {'; '.join(problems[:3])}. It runs models whose every layer "
+                "attends through transformers' AttentionInterface"
+            )
+        return step.calls
+
+    def _rows_traced(self, step: _Step, params: Any, states: tuple[dict[str, jax.Array], ...], ids: jax.Array):
+        """The logits [rows, vocab] of each row's last token, and the state slots after
+        the rows ran: new prompts start from empty states, decodes from their slots'."""
+        grid = step.grid
+        rows = grid.state_slots.shape[0]
+        length = ids.shape[0] // rows
+
+        def as_rows(tokens: jax.Array) -> jax.Array:
+            return tokens[grid.tokens_of_cells].reshape(rows, length)
+
+        positions = as_rows(step.batch.positions)
+        empty = length > 1  # prompts are scheduled whole (decodes are one token)
+        before = tuple(
+            {n: jnp.zeros((rows, *a.shape[1:]), a.dtype) if empty else a[grid.state_slots] for n, a in layer.items()}
+            for layer in states
+        )
+        cache = _rows_cache(before, self._layout, empty)
+        mask = (positions >= 0).astype(jnp.int32)  # recurrent layers zero a prompt's padding (a decode has none)
+        inputs = self._step_inputs(to_traced(as_rows(ids)), to_traced(mask), cache, to_traced(jnp.maximum(positions, 0)))
+        logits = self._logits_traced(step, params, inputs)[:, -1]
+        after = [layer.linear_arrays() if isinstance(layer, TracedLinearLayer) else {} for layer in cache.layers]
+        written = grid.state_slots > 0  # padding rows' states go nowhere
+        replicated = self._forward.placement.replicated  # as the slots were made: one program per bucket
+        states = tuple(
+            {n: jax.lax.with_sharding_constraint(a.at[jnp.where(written, grid.state_slots, a.shape[0])].set(after[i][n].jax(), mode="drop"), replicated)
+             for n, a in layer.items()}
+            for i, layer in enumerate(states)
+        )
+        return logits, states
+
+    def _logits_traced(self, step: _Step, params: Any, inputs: dict[str, Any], positions: jax.Array | None = None,
+                       embedded: jax.Array | None = None) -> jax.Array:
+        """The model's logits on ``inputs`` inside a trace, its attention layers reading
+        and writing ``step``; ``positions`` ([tokens], one row) are its tokens' position
+        ids, given to the forward or, if it takes none, to its positional embeddings."""
+        if positions is not None and self._takes_positions:
+            inputs = {**inputs, "position_ids": to_traced(positions[None])}
+        fed = None
+        if positions is not None and self._position_modules:
+            fed = positions if embedded is None else embedded
+        token = _current_step.set(step)
+        try:
+            with _paged_attention_named(self._module), _positions_fed(self._position_modules, fed):
+                return self._forward.call_traced(params, inputs).logits.jax()
+        finally:
+            _current_step.reset(token)
+
+
+
+def trace_error(function: Any, *args: Any) -> str | None:
+    """Why tracing ``function`` on ``args`` (arrays or shapes) fails, in a line (the
+    model's own error, or what this module refused), or None if it traces."""
+    try:
+        jax.eval_shape(function, *args)
+    except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
+        cause = error.__cause__ if isinstance(error.__cause__, (InvalidArgumentError, NotPageable)) else error
+        message = str(cause).splitlines()[0][:300]
+        return message if isinstance(cause, NotPageable) else f"{type(cause).__name__}: {message}"
+    return None
+
+
