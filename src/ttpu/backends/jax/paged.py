@@ -378,7 +378,7 @@ class PagedModel:
             outcome: dict[str, Any] = {"calls": {str(layer): [list(c) for c in cs] for layer, cs in calls.items()}}
         except NotPageable as reason:
             outcome = {"refused": str(reason)}
-        return {json.dumps(outcome): jnp.zeros((), jnp.int8)}
+        return {json.dumps(outcome, default=int): jnp.zeros((), jnp.int8)}
 
     def _check_positions(self, calls: dict[int, list[AttentionCall]]) -> None:
         """Refuse a model that numbers positions itself unless its positional embeddings
