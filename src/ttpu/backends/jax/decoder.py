@@ -5,8 +5,8 @@ token is chosen by the sampler the serving engine uses too
 
 The model runs the serving engine's paged step (:class:`~ttpu.backends.jax.paged.PagedModel`)
 wherever that step can carry it: each row owns a fixed run of blocks in the pools (and a
-recurrent-state slot), the prompts run as one flat batch, each decode as one token per
-row. Otherwise (a cache the paged pools cannot hold, a batch split over data axes, which
+recurrent-state slot), the prompts run as flat steps of a few whole rows each, each
+decode as one token per row. Otherwise (a cache the paged pools cannot hold, a batch split over data axes, which
 a pool shared by all rows would not split) it runs over the model's own dense cache, or
 recomputes the sequence for a model that keeps none.
 
@@ -35,6 +35,7 @@ from ttpu.backends.jax.kv_cache import CacheLayout, CacheState, TracedCache, pro
 from ttpu.backends.jax.paged import CacheArrays, NotPageable, PagedModel, RowGrid, row_grid
 from ttpu.backends.jax.paged_attention import PagedBatch
 from ttpu.backends.jax.sampling import ProcessorValues, RowSampling, SamplerMode, generation_sampling, sample
+from ttpu.errors import CompilationError
 from ttpu.generation.config import GenerationSettings
 from ttpu.sharding.mesh import DATA_AXES
 
@@ -68,7 +69,7 @@ class PromptSteps(NamedTuple):
 class DecodeState(NamedTuple):
     """Everything the loop carries from one token to the next."""
 
-    cache: CacheState | PagedCache  # the dense cache's arrays (keys and values, linear states, ...) or the paged
+    cache: CacheState | PagedCache  # the dense cache's arrays (keys and values, linear states, ...), or the paged pools
     tokens: jax.Array  # [batch, max_length] every token at its cache index
     mask: jax.Array  # [batch, max_length] 1 where a real token sits
     positions: jax.Array  # [batch] position id of the token fed next
@@ -144,11 +145,13 @@ class JaxDecoder(Decoder):
         sampling = jax.tree.map(lambda v: place.put(v, ()), sampling)
         batch, length = input_ids.shape
         paged = self.paged_for(batch, length, max_length)
+        if paged is not None and paged.has_states and _has_holes(prompt_mask):
+            paged = None  # a recurrent layer runs a masked token as a zeroed step; the paged rows drop it
         prompt = None
         if paged is None:
             cache = self.layout.empty(batch, max_length, place)
         else:
-            tables = 1 + np.arange(batch * (max_length // BLOCK_SIZE), dtype=np.int32).reshape(batch, -1)
+            tables = 1 + np.arange(batch * -(-max_length // BLOCK_SIZE), dtype=np.int32).reshape(batch, -1)
             arrays = paged.empty(1 + tables.size, BLOCK_SIZE, batch if paged.has_states else 0)
             cache = PagedCache(arrays, place.put(tables, ()), place.put(np.int32(0), ()))
             prompt = jax.tree.map(lambda v: place.put(v, ()), _prompt_steps(prompt_mask, tables, paged.has_states))
@@ -166,6 +169,9 @@ class JaxDecoder(Decoder):
                 self._paged = PagedModel(self._forward, self._module, self.layout)
             except NotPageable as reason:
                 self._paged = reason
+            except CompilationError as error:  # the probe itself failed: the dense cache and recomputing still run
+                logger.warning("the paged step's probe failed for %s: %s", type(self._module).__name__, error)
+                self._paged = NotPageable(f"its probe failed ({str(error).splitlines()[0][:300]})")
         if isinstance(self._paged, NotPageable):
             raise NotPageable(str(self._paged))
         return self._paged
@@ -180,7 +186,8 @@ class JaxDecoder(Decoder):
         except NotPageable:
             return None
         limit = paged.positions_limit
-        return None if limit is not None and max(max_length, batch * prompt_length) >= limit else paged
+        step_tokens = max(max_length, _rows_per_prefill_step(batch, prompt_length) * prompt_length, batch)
+        return None if limit is not None and step_tokens >= limit else paged
 
     def advance(self, state: Generation, steps: int) -> Generation:
         """``state`` is donated: use the returned one."""
@@ -236,8 +243,7 @@ class JaxDecoder(Decoder):
         """The paged step of one token per row (``ids``, ``positions`` [batch]): the
         next-token logits [batch, vocab] and the cache after it."""
         rows = jnp.arange(ids.shape[0], dtype=jnp.int32)
-        blocks = jnp.minimum(positions // BLOCK_SIZE, cache.tables.shape[1] - 1)
-        slots = cache.tables[rows, blocks] * BLOCK_SIZE + positions % BLOCK_SIZE
+        slots = cache.tables[rows, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         paged = self.paged_model()
         grid = RowGrid(rows, rows, rows + 1) if paged.has_states else None
         columns = jnp.full_like(positions, cache.length)  # the tokens' indices in the buffer, left padding counted
@@ -322,12 +328,24 @@ def _prompt_steps(mask: np.ndarray, tables: np.ndarray, rows_as_grid: bool) -> P
     paged model over groups of rows (as many as hold ``PREFILL_STEP_TOKENS`` and divide
     the batch), row ``r`` writing into the blocks ``tables[r]``."""
     batch, length = mask.shape
-    rows = max(1, PREFILL_STEP_TOKENS // length)
-    while batch % rows:
-        rows -= 1
+    rows = _rows_per_prefill_step(batch, length)
     steps = [_prompt_step(mask[at : at + rows], tables[at : at + rows], at, length, rows_as_grid)
              for at in range(0, batch, rows)]
     return jax.tree.map(lambda *parts: np.stack(parts), *steps)
+
+
+def _rows_per_prefill_step(batch: int, length: int) -> int:
+    """The rows of each prefill step: as many as ``PREFILL_STEP_TOKENS`` hold (one at
+    least) that divide the batch."""
+    rows = max(1, PREFILL_STEP_TOKENS // length)
+    while batch % rows:
+        rows -= 1
+    return rows
+
+
+def _has_holes(mask: np.ndarray) -> bool:
+    """Whether some row has a masked position after its first real token."""
+    return bool(((np.cumsum(mask, axis=1) > 0) & (mask == 0)).any())
 
 
 def _prompt_step(mask: np.ndarray, tables: np.ndarray, first_row: int, length: int, rows_as_grid: bool) -> PromptSteps:

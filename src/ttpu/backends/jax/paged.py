@@ -67,7 +67,7 @@ class CacheArrays(NamedTuple):
     """What each step reads and writes (donated to it): the paged KV pools
     [num_blocks, block_size, 2 * kv_heads, dim] (paged_attention's layout), one per
     attention call that writes keys (most layers make one; a call given another's keys
-    reads that one's pool), in the order of the runner's ``pool_of``; and per layer its
+    reads that one's pool), in the order of :class:`PagedModel`'s ``_pool_of``; and per layer its
     recurrent states by name [state slots + 1, ...] (empty without)."""
 
     pools: tuple[jax.Array, ...]

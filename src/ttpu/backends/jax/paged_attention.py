@@ -116,8 +116,9 @@ def xla_paged_attention(
       ``context_chunk`` positions that runs only over the chunks some token reaches
       (bounds computed on the device), and not at all in a step of new prompts.
 
-    A step of at most one token per request (decodes) has blocks of one token: each
-    reads its request's positions up to its own from the pool, with no dense part.
+    A step with fewer than two tokens per request on average (decodes) has blocks of one
+    token: each reads its request's positions up to its own from the pool (which holds
+    the step's keys already), with no dense part.
     Scores are laid out heads first (``[kv, g, queries, keys]``), as a dense attention's:
     on XLA:CPU the tokens-first layout took twice as long."""
     blocks, block_size, heads, dim = pool.shape
@@ -199,7 +200,7 @@ def xla_paged_attention(
         sink = sinks.astype(jnp.float32).reshape(high.shape[1:])
         peak = jnp.maximum(high, sink)
         acc, total = acc * jnp.exp(high - peak)[..., None], total * jnp.exp(high - peak) + jnp.exp(sink - peak)
-    out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # a padding token attends to nothing: 0
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # finite for padding tokens (their output is unread)
     return out.reshape(tokens, q_heads, dim).astype(query.dtype)
 
 
