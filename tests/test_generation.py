@@ -45,6 +45,7 @@ def test_generate_runs_the_serving_engines_paged_step(monkeypatch) -> None:
     module = next(arch for arch in CAUSAL if arch.name == "llama").build()
     ids, mask = left_padded([[5, 17, 33], list(range(40, 60)), [9] * 11, list(range(3, 17)), [60, 61]])
     expected = hf_generate(module, ids, mask, max_new_tokens=12)
+    monkeypatch.setenv("TTPU_PROGRAM_CACHE", "off")  # the steps are traced here, not read from an earlier run's store
     model = AutoModelForTPU.from_model(module, backend="jax")
     steps = []
     logits = PagedModel.logits
