@@ -13,7 +13,7 @@ import pytest
 
 from ttpu.backends.jax.attention import dot_product_attention
 from ttpu.backends.jax.paged_attention import (
-    PagedBatch, pallas_paged_attention, query_blocks, ragged_arguments, split_over_heads, write_kv, xla_paged_attention,
+    PagedBatch, pallas_paged_attention, query_blocks, ragged_arguments, per_device, write_kv, xla_paged_attention,
 )
 
 BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
@@ -132,7 +132,7 @@ def test_each_device_attends_over_its_own_heads(options) -> None:
 
     assert len(jax.devices()) >= KV_HEADS, "needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest)"
     mesh = Mesh(np.array(jax.devices()[:KV_HEADS]), ("tensor",))
-    run_step(*MIXED, seed=5, kernel=split_over_heads(SMALL_CHUNKS, mesh, "tensor"), **options)
+    run_step(*MIXED, seed=5, kernel=per_device(SMALL_CHUNKS, mesh, "tensor"), **options)
 
 
 def test_the_pallas_arguments_give_jax_reference_ragged_attention_the_same_result() -> None:

@@ -50,7 +50,7 @@ from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import (
     CONV, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer,
 )
-from ttpu.backends.jax.paged_attention import PagedBatch, paged_attention_kernel, split_over_heads, write_kv
+from ttpu.backends.jax.paged_attention import PagedBatch, paged_attention_kernel, per_device, write_kv
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.compat import DummyLayer
 from ttpu.errors import InvalidArgumentError
@@ -173,8 +173,8 @@ def paged_attention_forward(
     if chunk is not None:
         options["attention_chunk"] = chunk
     kernel = paged_attention_kernel(options)
-    if step.heads_axes[index] is not None:
-        kernel = split_over_heads(kernel, step.mesh, step.heads_axes[index])
+    if step.mesh is not None and step.mesh.size > 1:
+        kernel = per_device(kernel, step.mesh, step.heads_axes[index])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
     if step.grid is not None:
         out = out[step.grid.tokens_of_cells]

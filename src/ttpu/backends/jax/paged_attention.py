@@ -282,11 +282,15 @@ def paged_attention_kernel(options: Mapping[str, Any]) -> Callable[..., jax.Arra
     return xla_paged_attention
 
 
-def split_over_heads(kernel: Callable[..., jax.Array], mesh: Mesh, axis: str) -> Callable[..., jax.Array]:
-    """``kernel`` run by each device on its own heads (a ``shard_map``; GSPMD cannot split
-    a Pallas call): the queries, the pool, the sinks and ALiBi slopes split over mesh ``axis`` by head,
-    the batch whole. A pool interleaves each key head with its value head, so every
-    device holds whole pairs; with GQA, its query heads are those of its key heads."""
+def per_device(kernel: Callable[..., jax.Array], mesh: Mesh, heads_axis: str | None) -> Callable[..., jax.Array]:
+    """``kernel`` run by each device of ``mesh`` on its own data (a ``shard_map``): GSPMD
+    never partitions its inside, so its loop and branch (bounded by values on the device)
+    hold no collective, and a Pallas call (which GSPMD cannot split) runs as written.
+    With ``heads_axis``, the queries, the pool, the sinks and ALiBi slopes split over
+    that mesh axis by head, the batch whole: each device attends over its own key heads
+    (a pool interleaves each key head with its value head, so every device holds whole
+    pairs; with GQA, its query heads are those of its key heads). Without, every device
+    runs the whole kernel on its copy of a pool too few heads to split."""
 
     def run(query: jax.Array, pool: jax.Array, batch: PagedBatch, **options: Any) -> jax.Array:
         per_head = {name: options.pop(name) for name in PER_HEAD_OPTIONS if options.get(name) is not None}
@@ -294,13 +298,13 @@ def split_over_heads(kernel: Callable[..., jax.Array], mesh: Mesh, axis: str) ->
         def local(query: jax.Array, pool: jax.Array, batch: PagedBatch, per_head: dict[str, jax.Array]) -> jax.Array:
             return kernel(query, pool, batch, **options, **per_head)
 
-        if (pool.shape[2] // 2) % mesh.shape[axis]:
+        if heads_axis is not None and (pool.shape[2] // 2) % mesh.shape[heads_axis]:
             raise InvalidArgumentError(
-                f"{pool.shape[2] // 2} key heads do not split over the {mesh.shape[axis]} devices of mesh axis {axis!r}"
+                f"{pool.shape[2] // 2} key heads do not split over the {mesh.shape[heads_axis]} devices of mesh axis {heads_axis!r}"
             )
-        heads = P(None, axis)
-        split = jax.shard_map(local, mesh=mesh, in_specs=(heads, P(None, None, axis), P(), {n: P(axis) for n in per_head}),
-                              out_specs=heads, check_vma=False)
+        heads = P(None, heads_axis)
+        split = jax.shard_map(local, mesh=mesh, out_specs=heads, check_vma=False,
+                              in_specs=(heads, P(None, None, heads_axis), P(), {n: P(heads_axis) for n in per_head}))
         return split(query, pool, batch, per_head)
 
     return run
