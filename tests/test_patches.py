@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 from transformers import (
     JetMoeConfig,
     JetMoeForCausalLM,
@@ -71,11 +72,17 @@ def test_every_patch_documents_itself() -> None:
         assert patch.transformers_versions
 
 
+def patched_in_this_transformers(name: str) -> bool:
+    """Whether this transformers still needs ``name``'s experts patch (LongcatFlash's
+    experts take transformers' own implementations from 5.25)."""
+    return next(p for p in PATCHES if p.name == f"{name}.dense_experts").is_applicable(build(name))
+
+
 @pytest.mark.parametrize("name", PATCHED_MODELS)
 def test_patched_model_matches_eager(name: str) -> None:
     reference = build(name)
     model = AutoModelForTPU.from_model(build(name))
-    assert [p.name for p in model.patches] == [f"{name}.dense_experts"]
+    assert [p.name for p in model.patches] == ([f"{name}.dense_experts"] if patched_in_this_transformers(name) else [])
     with torch.no_grad():
         expected = reference(**{k: torch.from_numpy(v) for k, v in inputs(name).items()}).logits
     actual = np.asarray(model(**inputs(name)).logits)
@@ -84,6 +91,8 @@ def test_patched_model_matches_eager(name: str) -> None:
 
 @pytest.mark.parametrize("name", PATCHED_MODELS)
 def test_model_fails_without_its_patch(name: str, monkeypatch) -> None:
+    if not patched_in_this_transformers(name):
+        pytest.skip(f"transformers {transformers.__version__} needs no patch for {name} (the oldest supported runs this)")
     monkeypatch.setattr(registry, "PATCHES", [])
     model = AutoModelForTPU.from_model(build(name))
     with pytest.raises(CompilationError, match="Experts|TopKGating"):

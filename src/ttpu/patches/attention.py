@@ -48,7 +48,7 @@ def _alibi_slopes(build_alibi_tensor: Callable[..., torch.Tensor], heads: int, d
 
 
 def _interface_patch(model_type: str, qualified_class: str, forward: Callable[..., Any], *, why: str = "",
-                     needs_config: bool = False) -> None:
+                     needs_config: bool = False, transformers_versions: str = ">=5.0,<6") -> None:
     """Register ``forward`` for ``qualified_class``, a module that computes attention
     itself (``needs_config``: it is given the model's config, where the implementation
     is named)."""
@@ -60,7 +60,7 @@ def _interface_patch(model_type: str, qualified_class: str, forward: Callable[..
             reason=(f"{qualified_class.rsplit('.', 1)[1]} computes attention itself{why}, so the paged attention "
                     "reaches it only through this forward"),
             test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
-            transformers_versions=">=5.0,<6",
+            transformers_versions=transformers_versions,
             attributes=(lambda model, attention: {"config": model.config}) if needs_config else None,
         )
     )
@@ -166,7 +166,56 @@ def falcon_attention_through_the_interface(
     return self.dense(output.reshape(batch, length, self.num_heads * self.head_dim)), weights
 
 
-_interface_patch("falcon", FALCON_ATTENTION, falcon_attention_through_the_interface, why=" (sdpa or eager by name)")
+def falcon_alibi_slopes_to_the_interface(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``FalconAttention.forward`` from transformers 5.25, which calls the attention
+    interface and folds ALiBi into the mask; a positional attention function takes no
+    mask, so with ALiBi it is handed Falcon's slopes (scaled as the mask's bias is)."""
+    if self.config.alibi and positional_attention(self.config) is not None:
+        from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+        device = self.query_key_value.weight.device
+        kwargs["alibi_slopes"] = _alibi_slopes(build_alibi_tensor, self.num_heads, device) * self.inv_norm_factor
+    return type(self).forward(self, *args, **kwargs)
+
+
+def falcon_model_alibi_left_to_the_attention(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``FalconModel.forward`` from transformers 5.25, which folds ALiBi into a mask it
+    materialises; under a positional attention function (no mask: each layer is handed
+    the slopes) the model builds neither."""
+    if not (self.use_alibi and positional_attention(self.config) is not None):
+        return type(self).forward(self, *args, **kwargs)
+    self.use_alibi = False
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        self.use_alibi = True
+
+
+# transformers 5.25 moved Falcon's attention onto the interface and its ALiBi into the mask.
+_interface_patch("falcon", FALCON_ATTENTION, falcon_attention_through_the_interface, why=" (sdpa or eager by name)",
+                 transformers_versions=">=5.0,<5.25")
+register(
+    forward_patch(
+        "falcon.alibi_slopes_to_the_interface",
+        FALCON_ATTENTION,
+        falcon_alibi_slopes_to_the_interface,
+        reason=("FalconAttention with ALiBi adds its bias through the attention mask, which the paged attention "
+                "does not take; this forward hands the paged attention Falcon's slopes instead"),
+        test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
+        transformers_versions=">=5.25,<6",
+    )
+)
+register(
+    forward_patch(
+        "falcon.alibi_left_to_the_attention",
+        "transformers.models.falcon.modeling_falcon.FalconModel",
+        falcon_model_alibi_left_to_the_attention,
+        reason=("FalconModel with ALiBi folds the bias into a materialised attention mask, which the paged "
+                "attention does not take (its attention layers are handed the slopes instead)"),
+        test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
+        transformers_versions=">=5.25,<6",
+    )
+)
 
 
 def gpt_neox_japanese_attention_through_the_interface(

@@ -287,6 +287,8 @@ class _PagedHybridLayer(TracedLinearLayer, _PagedLayer):
         _PagedLayer.__init__(self)
         TracedLinearLayer.__init__(self, arrays, layout, empty)
 
+    get_seq_length = _PagedLayer.get_seq_length  # not the linear layer's count (transformers 5.25 keeps one)
+
 
 def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, empty: bool) -> Cache:
     """transformers' cache over the rows' recurrent ``states`` (traced), attention layers
