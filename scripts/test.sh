@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Two pytest workers, each taking whole files (a file's model fixtures load once): most of
 # the suite's time is single-threaded tracing and compiling, so two cores run it ~1.5x faster.
-# A worker that dies is replaced at most twice (xdist runs the test it died in again).
+# A worker that dies (its test fails) is replaced at most twice.
 workers=(-n 2 --dist loadfile --max-worker-restart 2)
 bash scripts/install.sh
 .venv/bin/python -m pytest "${workers[@]}"

@@ -154,16 +154,33 @@ def test_chunked_attention_layers_give_transformers_greedy_tokens() -> None:
 
 
 def test_a_tensor_parallel_hybrid_engine_gives_transformers_greedy_tokens() -> None:
-    """On 8 virtual devices: the attention pools split over heads, the state slots whole."""
+    """On 8 virtual devices: 2 key heads do not split over 8, so every device holds the
+    whole attention pool and runs the kernel on it (a shard_map: no collective inside the
+    kernel's branch and loop); the state slots are whole too."""
     eager, _ = tiny_causal_lm("qwen3_next")
     model = AutoModelForTPU.from_model(copy.deepcopy(eager), parallelism="tp")
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
+    assert engine.runner._paged._heads_axes == (None,)
     batch = prompts()[:4]
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    for program in engine.runner._step._compiled.values():  # every collective sits outside control flow
+        assert not collectives_inside_control_flow(program.as_text())
     compiled = engine.runner.compile_count
     engine._requests.clear()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     assert engine.runner.compile_count == compiled  # the state slots come back from a step as they went in
+
+
+def collectives_inside_control_flow(hlo: str) -> list[str]:
+    """The collectives of compiled ``hlo`` outside its entry computation (in a loop body,
+    a branch or a function they call)."""
+    found, computation = [], ""
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            computation = line
+        elif not computation.startswith("ENTRY") and re.search(r" (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(", line):
+            found.append(line.strip())
+    return found
 
 
 def test_a_preempted_hybrid_request_recomputes_its_state() -> None:

@@ -125,14 +125,22 @@ def test_one_context_chunk_gives_what_many_give() -> None:
     [{"sliding_window": 5, "softcap": 2.0}, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}, {"alibi_slopes": ALIBI_SLOPES}],
     ids=["window-softcap", "sinks", "alibi"],
 )
-def test_each_device_attends_over_its_own_heads(options) -> None:
-    """The kernel in a shard_map over the heads (as under tensor parallelism), queries,
-    pool and sinks (or ALiBi slopes) split over 2 devices (GQA: each holds one key head and its 2 query heads)."""
+@pytest.mark.parametrize(
+    "shape, heads_axis",
+    [((KV_HEADS,), "tensor"), ((4, KV_HEADS), "tensor"), ((4, KV_HEADS), None)],
+    ids=["tensor", "data-tensor", "data-tensor-whole-pool"],
+)
+def test_each_device_attends_over_its_own_heads(options, shape, heads_axis) -> None:
+    """The kernel in a shard_map: over the heads (as under tensor parallelism), queries,
+    pool and sinks (or ALiBi slopes) split over the tensor axis's 2 devices (GQA: each
+    holds one key head and its 2 query heads), whole over a data axis; or, with no heads
+    axis (a pool too few heads to split), whole on every device."""
     from jax.sharding import Mesh
 
-    assert len(jax.devices()) >= KV_HEADS, "needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest)"
-    mesh = Mesh(np.array(jax.devices()[:KV_HEADS]), ("tensor",))
-    run_step(*MIXED, seed=5, kernel=per_device(SMALL_CHUNKS, mesh, "tensor"), **options)
+    assert len(jax.devices()) >= 8, "needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest)"
+    names = ("tensor",) if len(shape) == 1 else ("data", "tensor")
+    mesh = Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), names)
+    run_step(*MIXED, seed=5, kernel=per_device(SMALL_CHUNKS, mesh, heads_axis), **options)
 
 
 def test_the_pallas_arguments_give_jax_reference_ragged_attention_the_same_result() -> None:

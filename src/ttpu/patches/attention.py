@@ -6,7 +6,8 @@ transformers' ``AttentionInterface``.
   token, but a fixed-length cache always holds its full length, so every step would read
   the last row (no window). Here the rows are those of the queries' positions in the cache.
 - Under an attention function of :data:`POSITIONAL_ATTENTION` (ttpu's paged attention,
-  which finds each token's keys by its position itself and takes no mask), GPT-Neo, Falcon,
+  which finds each token's keys by its position itself and takes no mask), GPT-Neo, Falcon
+  (before transformers 5.25; from 5.25 an ALiBi Falcon only adds its slopes),
   GPT-NeoX-Japanese and BLOOM hand their queries, keys and values to that function
   instead, with their own scaling, GPT-Neo's local window and BLOOM's and Falcon's ALiBi
   slopes (the function adds each head's slope times the key's distance from the query:

@@ -318,6 +318,8 @@ class TracedHybridLayer(TracedLinearLayer, TracedStaticLayer):
         TracedStaticLayer.__init__(self, arrays, length, layout.sliding, empty)
         TracedLinearLayer.__init__(self, arrays, layout, empty)
 
+    get_seq_length = TracedStaticLayer.get_seq_length  # its keys' length, not the linear count transformers 5.25 keeps
+
 
 class UnwrittenLayer(DynamicLayer):
     """transformers' empty attention layer (not initialised), as the default cache has it

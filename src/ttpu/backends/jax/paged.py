@@ -290,15 +290,23 @@ class _PagedHybridLayer(TracedLinearLayer, _PagedLayer):
     get_seq_length = _PagedLayer.get_seq_length  # not the linear layer's count (transformers 5.25 keeps one)
 
 
+class _PagedLinearLayer(TracedLinearLayer):
+    """A recurrent layer beside paged attention layers: transformers 5.25 counts its
+    length itself (and asks layer 0 for the cache's), but each request has its own."""
+
+    get_seq_length = _PagedLayer.get_seq_length
+
+
 def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, empty: bool) -> Cache:
     """transformers' cache over the rows' recurrent ``states`` (traced), attention layers
     paged, layers with neither transformers' dummy layer."""
     layers: list[Any] = []
+    linear = _PagedLinearLayer if any(KEYS in layer.names for layer in layout.layers) else TracedLinearLayer
     for arrays, layer in zip(states, layout.layers):
         traced = {name: to_traced(a) for name, a in arrays.items()}
         attention = KEYS in layer.names
         if traced:
-            layers.append(_PagedHybridLayer(traced, layer, empty) if attention else TracedLinearLayer(traced, layer, empty))
+            layers.append(_PagedHybridLayer(traced, layer, empty) if attention else linear(traced, layer, empty))
         else:
             layers.append(_PagedLayer() if attention else DummyLayer())
     return Cache(layers=layers)

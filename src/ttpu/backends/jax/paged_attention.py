@@ -289,8 +289,9 @@ def per_device(kernel: Callable[..., jax.Array], mesh: Mesh, heads_axis: str | N
     With ``heads_axis``, the queries, the pool, the sinks and ALiBi slopes split over
     that mesh axis by head, the batch whole: each device attends over its own key heads
     (a pool interleaves each key head with its value head, so every device holds whole
-    pairs; with GQA, its query heads are those of its key heads). Without, every device
-    runs the whole kernel on its copy of a pool too few heads to split."""
+    pairs; with GQA, its query heads are those of its key heads). Without (a pool too few
+    heads to split, or a mesh with no tensor axis), every device runs the whole kernel on
+    its copy."""
 
     def run(query: jax.Array, pool: jax.Array, batch: PagedBatch, **options: Any) -> jax.Array:
         per_head = {name: options.pop(name) for name in PER_HEAD_OPTIONS if options.get(name) is not None}
