@@ -124,6 +124,14 @@ register(
 )
 
 
+def _falcon_alibi_slopes(attention: torch.nn.Module) -> torch.Tensor:
+    """A Falcon attention module's ALiBi slopes, scaled with its scores as Falcon scales its bias."""
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    device = attention.query_key_value.weight.device
+    return _alibi_slopes(build_alibi_tensor, attention.num_heads, device) * attention.inv_norm_factor
+
+
 def falcon_attention_through_the_interface(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -146,7 +154,7 @@ def falcon_attention_through_the_interface(
         return type(self).forward(self, hidden_states, alibi, attention_mask, position_ids=position_ids,
                                   layer_past=layer_past, use_cache=use_cache, output_attentions=output_attentions,
                                   position_embeddings=position_embeddings, **kwargs)
-    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb, build_alibi_tensor
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
     fused = self.query_key_value(hidden_states)
     batch, length = fused.shape[:2]
@@ -159,8 +167,8 @@ def falcon_attention_through_the_interface(
     options = {}
     if alibi is None:
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-    else:  # scaled with the scores, as Falcon scales its bias
-        options["alibi_slopes"] = _alibi_slopes(build_alibi_tensor, self.num_heads, query.device) * self.inv_norm_factor
+    else:
+        options["alibi_slopes"] = _falcon_alibi_slopes(self)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
     output, weights = attend(self, query, key, value, None, scaling=self.inv_norm_factor, **options)
@@ -172,10 +180,7 @@ def falcon_alibi_slopes_to_the_interface(self: torch.nn.Module, *args: Any, **kw
     interface and folds ALiBi into the mask; a positional attention function takes no
     mask, so with ALiBi it is handed Falcon's slopes (scaled as the mask's bias is)."""
     if self.config.alibi and positional_attention(self.config) is not None:
-        from transformers.models.falcon.modeling_falcon import build_alibi_tensor
-
-        device = self.query_key_value.weight.device
-        kwargs["alibi_slopes"] = _alibi_slopes(build_alibi_tensor, self.num_heads, device) * self.inv_norm_factor
+        kwargs["alibi_slopes"] = _falcon_alibi_slopes(self)
     return type(self).forward(self, *args, **kwargs)
 
 

@@ -280,21 +280,19 @@ class _PagedLayer(DynamicLayer):
         )
 
 
-class _PagedHybridLayer(TracedLinearLayer, _PagedLayer):
-    """A layer with recurrent states and attention (paged)."""
-
-    def __init__(self, arrays: Mapping[str, torch.Tensor], layout: LayerLayout, empty: bool) -> None:
-        _PagedLayer.__init__(self)
-        TracedLinearLayer.__init__(self, arrays, layout, empty)
-
-    get_seq_length = _PagedLayer.get_seq_length  # not the linear layer's count (transformers 5.25 keeps one)
-
-
 class _PagedLinearLayer(TracedLinearLayer):
     """A recurrent layer beside paged attention layers: transformers 5.25 counts its
     length itself (and asks layer 0 for the cache's), but each request has its own."""
 
     get_seq_length = _PagedLayer.get_seq_length
+
+
+class _PagedHybridLayer(_PagedLinearLayer, _PagedLayer):
+    """A layer with recurrent states and attention (paged)."""
+
+    def __init__(self, arrays: Mapping[str, torch.Tensor], layout: LayerLayout, empty: bool) -> None:
+        _PagedLayer.__init__(self)
+        TracedLinearLayer.__init__(self, arrays, layout, empty)
 
 
 def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, empty: bool) -> Cache:
