@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -157,6 +158,7 @@ class AsyncEngine:
         self._last_token: dict[str, float] = {}  # request id -> when it got its latest token
         self._stopped = False
         self._ids = itertools.count()
+        self._released: queue.SimpleQueue[tuple[_Submission, threading.Event]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="ttpu-engine", daemon=True)
         self._thread.start()
 
@@ -207,11 +209,28 @@ class AsyncEngine:
 
     def release(self, submission: _Submission) -> None:
         """Abort ``submission``'s unfinished requests (their client is gone), counted as
-        aborted; a no-op once they all finished. Blocks while a step holds the lock."""
+        aborted; a no-op once they all finished. The engine thread aborts them before its
+        next step (waiting for the lock instead could wait for many steps, as the engine
+        thread takes it again at once); this returns once it has."""
         if not any(request_id in self._streams for request_id in submission.request_ids):
-            return  # all finished (each leaves _streams with its final update): no need to wait for the lock
-        with self._lock:
-            self.metrics.finished.labels("abort").inc(self._drop(submission))
+            return  # all finished (each leaves _streams with its final update)
+        done = threading.Event()
+        self._released.put((submission, done))
+        self._wake.set()
+        while not done.wait(0.1):
+            if not self.alive:  # no engine thread to do it (shut down)
+                self._abort_released()
+
+    def _abort_released(self) -> None:
+        """Abort the released submissions' unfinished requests, counted as aborted."""
+        while True:
+            try:
+                submission, done = self._released.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                self.metrics.finished.labels("abort").inc(self._drop(submission))
+            done.set()
 
     def _drop(self, submission: _Submission) -> int:
         """Abort ``submission``'s requests that are still running (under the lock); how many."""
@@ -233,6 +252,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopped:
+            self._abort_released()
             if not self.engine.has_unfinished_requests:
                 self._wake.wait(0.05)
                 self._wake.clear()
