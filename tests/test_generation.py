@@ -36,9 +36,8 @@ def test_greedy_matches_transformers(arch: Arch, backend_name: str) -> None:
 
 def test_generate_runs_the_serving_engines_paged_step(monkeypatch) -> None:
     """generate() runs the engine's paged step (one per model, shared with the engine):
-    the prompts in steps of a few rows each (here one row per step), then one token per
-    row per step; transformers' tokens."""
-    from ttpu.backends.jax import decoder
+    the prompts as one step of whole rows, then one token per row per step;
+    transformers' tokens."""
     from ttpu.backends.jax.paged import PagedModel
     from ttpu.serving.engine import EngineConfig, LLMEngine
 
@@ -49,11 +48,10 @@ def test_generate_runs_the_serving_engines_paged_step(monkeypatch) -> None:
     model = AutoModelForTPU.from_model(module, backend="jax")
     steps = []
     logits = PagedModel.logits
-    monkeypatch.setattr(PagedModel, "logits", lambda self, params, cache, ids, *rest: (
-        steps.append(ids.shape[0]), logits(self, params, cache, ids, *rest))[1])
-    monkeypatch.setattr(decoder, "PREFILL_STEP_TOKENS", 32)
+    monkeypatch.setattr(PagedModel, "logits", lambda self, params, cache, ids, *rest, **options: (
+        steps.append(ids.shape[0]), logits(self, params, cache, ids, *rest, **options))[1])
     np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, max_new_tokens=12), expected)
-    assert steps == [32, 8]  # traced once each: a prefill step of one 32-token row (run for each of the 8 rows), a decode
+    assert steps == [8 * 32, 8]  # traced once each: a prefill step of all rows (5 of up to 20 tokens, bucketed to 8 of 32), a decode
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64))
     assert engine.runner._paged is model.decoder().paged_model()
 

@@ -122,6 +122,38 @@ def test_one_context_chunk_gives_what_many_give() -> None:
 
 @pytest.mark.parametrize(
     "options",
+    [{}, {"sliding_window": 3, "softcap": 2.0}, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)},
+     {"alibi_slopes": ALIBI_SLOPES}, {"attention_chunk": 4}],
+    ids=["plain", "window-softcap", "sinks", "alibi", "chunked"],
+)
+def test_rows_of_new_prompts_give_what_the_ragged_step_gives(options) -> None:
+    """``new_rows``: prompts left-padded in rows of 8 (generate()'s prefill) attend within
+    their rows, as the same prompts laid out ragged (each one's tokens together, padding
+    last), which the tests above check against dense attention."""
+    rng = np.random.default_rng(5)
+    lengths, width = [5, 8, 1, 3], 8
+    tables = 1 + np.arange(len(lengths) * 2, dtype=np.int32).reshape(len(lengths), 2)
+    positions = np.full((len(lengths), width), -1, np.int32)
+    for row, length in enumerate(lengths):
+        positions[row, width - length:] = np.arange(length)
+    rows = np.repeat(np.arange(len(lengths), dtype=np.int32), width).reshape(positions.shape)
+    slots = np.where(positions >= 0, tables[rows, np.maximum(positions, 0) // BLOCK] * BLOCK + positions % BLOCK, 0)
+    query = jnp.asarray(rng.normal(size=(positions.size, Q_HEADS, DIM)), jnp.float32)
+    keys, values = (jnp.asarray(rng.normal(size=(positions.size, KV_HEADS, DIM)), jnp.float32) for _ in range(2))
+    as_rows = PagedBatch(*(jnp.asarray(a.reshape(-1)) for a in (positions, slots, rows)), jnp.asarray(tables))
+    pool = write_kv(jnp.zeros((BLOCKS, BLOCK, 2 * KV_HEADS, DIM)), keys, values, as_rows.slots)
+    by_rows = xla_paged_attention(query, pool, as_rows, scale=DIM**-0.5, new_rows=width, **options)
+    real = np.flatnonzero(positions.reshape(-1) >= 0)  # the same tokens, each prompt's together, padding last
+    order = np.concatenate([real, np.flatnonzero(positions.reshape(-1) < 0)])
+    ragged = PagedBatch(*(jnp.asarray(np.where(np.arange(order.size) < real.size, a.reshape(-1)[order], fill))
+                          for a, fill in ((positions, -1), (slots, 0), (rows, 0))), jnp.asarray(tables))
+    expected = SMALL_CHUNKS(query[order], pool, ragged, scale=DIM**-0.5, **options)
+    np.testing.assert_allclose(np.asarray(by_rows)[real], np.asarray(expected)[: real.size], rtol=2e-5, atol=2e-5)
+    assert np.isfinite(np.asarray(by_rows)).all()  # padding tokens too
+
+
+@pytest.mark.parametrize(
+    "options",
     [{"sliding_window": 5, "softcap": 2.0}, {"sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}, {"alibi_slopes": ALIBI_SLOPES}],
     ids=["window-softcap", "sinks", "alibi"],
 )

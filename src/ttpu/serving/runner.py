@@ -31,7 +31,7 @@ import numpy as np
 from ttpu.backends.base import CachedStepInputs
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
-from ttpu.backends.jax.paged import CacheArrays, NotPageable, PagedModel, RowGrid, row_grid, trace_error
+from ttpu.backends.jax.paged import CacheArrays, NotPageable, PagedModel, RowGrid, trace_error
 from ttpu.backends.jax.paged_attention import PagedBatch
 from ttpu.errors import InvalidArgumentError
 from ttpu.serving.scheduler import SchedulerOutput
@@ -175,17 +175,14 @@ class ModelRunner:
         zeros = np.zeros(tokens, np.int32)
         tables = np.zeros((requests, self.blocks_per_request), np.int32)
         batch = PagedBatch(positions, zeros, zeros, tables)
-        grid = None
-        if self.has_states:
-            cells = np.arange(tokens, dtype=np.int32)
-            grid = RowGrid(cells, cells, np.zeros(requests, np.int32))
+        grid = RowGrid(np.zeros(requests, np.int32)) if self.has_states else None
         return StepInputs(np.zeros(tokens, np.int32), positions, batch, np.zeros(requests, np.int32), [], grid)
 
     def prepare(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]],
                 state_slots: Mapping[str, int]) -> StepInputs:
         """The scheduled chunks as padded arrays (tokens and requests rounded up to
-        buckets); for a model with recurrent state, also as rows over the requests'
-        ``state_slots`` (request id -> slot; unread otherwise)."""
+        buckets); for a model with recurrent state, as rows instead (each request's chunk at the end of
+        its row) over the requests' ``state_slots`` (request id -> slot; unread otherwise)."""
         if self.recompute_reason is not None:
             return self._sequences(out)
         if not self.has_states:
@@ -199,11 +196,10 @@ class ModelRunner:
         else:
             length = bucket(max(c.count for c in out.chunks), MIN_TOKEN_BUCKET, self.max_model_len)
             rows = bucket(len(out.chunks), 1, self.max_num_seqs)
-        inputs = self._flat(out, block_ids, rows * length, rows)
+        inputs = self._flat(out, block_ids, rows * length, rows, row_length=length)
         slots = np.zeros(rows, np.int32)
         slots[: len(out.chunks)] = [state_slots[chunk.request.id] for chunk in out.chunks]
-        grid = row_grid(np.asarray([chunk.count for chunk in out.chunks]), length, slots)
-        return dataclasses.replace(inputs, grid=grid)
+        return dataclasses.replace(inputs, grid=RowGrid(slots))
 
     def _sequences(self, out: SchedulerOutput) -> StepInputs:
         """Each scheduled request's whole sequence up to its chunk's end, one per row,
@@ -222,8 +218,11 @@ class ModelRunner:
                 sampling_ids.append(chunk.request.id)
         return dataclasses.replace(inputs, sampling_ids=sampling_ids)
 
-    def _flat(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]], tokens: int, requests: int) -> StepInputs:
-        """The scheduled chunks one after another in ``tokens`` slots (padding last), with ``requests`` rows of block tables."""
+    def _flat(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]], tokens: int, requests: int,
+              row_length: int | None = None) -> StepInputs:
+        """The scheduled chunks one after another in ``tokens`` slots (padding last), with
+        ``requests`` rows of block tables; with ``row_length``, chunk ``r`` at the end of
+        row ``r`` of that many slots instead (rows left-padded)."""
         ids = np.zeros(tokens, np.int32)
         positions = np.full(tokens, -1, np.int32)
         slots = np.zeros(tokens, np.int32)  # padding writes into the null block
@@ -233,6 +232,8 @@ class ModelRunner:
         for row, chunk in enumerate(out.chunks):
             request = chunk.request
             table = block_ids[request.id]
+            if row_length is not None:
+                at = (row + 1) * row_length - chunk.count
             tables[row, : len(table)] = table
             span = np.arange(chunk.start, chunk.start + chunk.count)
             ids[at : at + chunk.count] = request.tokens[chunk.start : chunk.start + chunk.count]

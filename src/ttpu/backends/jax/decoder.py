@@ -5,8 +5,8 @@ token is chosen by the sampler the serving engine uses too
 
 The model runs the serving engine's paged step (:class:`~ttpu.backends.jax.paged.PagedModel`)
 wherever that step can carry it: each row owns a fixed run of blocks in the pools (and a
-recurrent-state slot), the prompts run as flat steps of a few whole rows each, each
-decode as one token per row. Otherwise (a cache the paged pools cannot hold, a batch split over data axes, which
+recurrent-state slot), the prompts run as one step of whole rows, each row attending
+within itself, each decode as one token per row. Otherwise (a cache the paged pools cannot hold, a batch split over data axes, which
 a pool shared by all rows would not split) it runs over the model's own dense cache, or
 recomputes the sequence for a model that keeps none.
 
@@ -32,7 +32,7 @@ from ttpu.backends.jax.backend import JaxForward
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import CacheLayout, CacheState, TracedCache, probe_layout
-from ttpu.backends.jax.paged import CacheArrays, NotPageable, PagedModel, RowGrid, row_grid
+from ttpu.backends.jax.paged import CacheArrays, NotPageable, PagedModel, RowGrid
 from ttpu.backends.jax.paged_attention import PagedBatch
 from ttpu.backends.jax.sampling import ProcessorValues, RowSampling, SamplerMode, generation_sampling, sample
 from ttpu.errors import CompilationError
@@ -42,7 +42,6 @@ from ttpu.sharding.mesh import DATA_AXES
 logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16  # positions per block of a generation's paged pools
-PREFILL_STEP_TOKENS = 512  # prompt tokens per paged step, at most (one prompt longer than this is one step)
 
 
 class PagedCache(NamedTuple):
@@ -54,15 +53,13 @@ class PagedCache(NamedTuple):
     length: jax.Array  # () indices of the token buffer run so far (the next one fed is at this index)
 
 
-class PromptSteps(NamedTuple):
-    """The left-padded prompts [batch, length] as steps of the paged model, each over a
-    group of ``rows`` rows (every array has the steps first): their real tokens one row
-    after another, padding last. Groups keep a step's tokens few, as the kernel attends
-    densely among a step's tokens (its cost grows with their square)."""
+class PromptStep(NamedTuple):
+    """The left-padded prompts [batch, length] as one step of the paged model, row after
+    row as they are (padding in place, position -1): each row attends within itself
+    (``new_rows``), as a dense cache's prefill does."""
 
-    order: jax.Array  # [steps, rows * length] the flat index into the prompts of each token of the step
-    batch: PagedBatch  # rows within the group; block tables [steps, rows, blocks]
-    last_tokens: jax.Array  # [steps, rows] each row's last token in the step
+    batch: PagedBatch  # row r writes into the blocks of its block table
+    last_tokens: jax.Array  # [batch] each row's last real token in the step
     grid: RowGrid | None  # models with recurrent state: the rows as they are
 
 
@@ -154,7 +151,7 @@ class JaxDecoder(Decoder):
             tables = 1 + np.arange(batch * -(-max_length // BLOCK_SIZE), dtype=np.int32).reshape(batch, -1)
             arrays = paged.empty(1 + tables.size, BLOCK_SIZE, batch if paged.has_states else 0)
             cache = PagedCache(arrays, place.put(tables, ()), place.put(np.int32(0), ()))
-            prompt = jax.tree.map(lambda v: place.put(v, ()), _prompt_steps(prompt_mask, tables, paged.has_states))
+            prompt = jax.tree.map(lambda v: place.put(v, ()), _prompt_step(prompt_mask, tables, paged.has_states))
         state = self._prefill(
             self._forward.params, cache, place.batch(input_ids.astype(np.int32)),
             place.batch(prompt_mask.astype(np.int32)), sampling, mode, max_length, prompt,
@@ -186,7 +183,7 @@ class JaxDecoder(Decoder):
         except NotPageable:
             return None
         limit = paged.positions_limit
-        step_tokens = max(max_length, _rows_per_prefill_step(batch, prompt_length) * prompt_length, batch)
+        step_tokens = max(max_length, batch * prompt_length)
         return None if limit is not None and step_tokens >= limit else paged
 
     def advance(self, state: Generation, steps: int) -> Generation:
@@ -245,26 +242,22 @@ class JaxDecoder(Decoder):
         rows = jnp.arange(ids.shape[0], dtype=jnp.int32)
         slots = cache.tables[rows, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         paged = self.paged_model()
-        grid = RowGrid(rows, rows, rows + 1) if paged.has_states else None
+        grid = RowGrid(rows + 1) if paged.has_states else None
         columns = jnp.full_like(positions, cache.length)  # the tokens' indices in the buffer, left padding counted
         arrays, logits = paged.logits(params, cache.arrays, ids, PagedBatch(positions, slots, rows, cache.tables), rows,
                                       grid, columns)
         return logits, cache._replace(arrays=arrays, length=cache.length + 1)
 
     def _prefill_program(self, params, cache, ids, prompt_mask, sampling: Sampling, mode: SamplerMode, max_length: int,
-                         prompt: PromptSteps | None):
+                         prompt: PromptStep | None):
         batch, prompt_length = ids.shape
         positions = _positions(prompt_mask)
         mask = jnp.zeros((batch, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
         tokens = jnp.full((batch, max_length), sampling.pad_id, jnp.int32).at[:, :prompt_length].set(ids)
         if prompt is not None:
-
-            def group(arrays: CacheArrays, step: PromptSteps) -> tuple[CacheArrays, jax.Array]:
-                return self.paged_model().logits(params, arrays, ids.reshape(-1)[step.order], step.batch,
-                                                 step.last_tokens, step.grid, step.order % prompt_length)
-
-            arrays, logits = jax.lax.scan(group, cache.arrays, prompt)
-            logits = logits.reshape(batch, logits.shape[-1])
+            columns = jnp.tile(jnp.arange(prompt_length, dtype=jnp.int32), batch)
+            arrays, logits = self.paged_model().logits(params, cache.arrays, ids.reshape(-1), prompt.batch,
+                                                       prompt.last_tokens, prompt.grid, columns, new_rows=prompt_length)
             cache = cache._replace(arrays=arrays, length=jnp.int32(prompt_length))
         elif self.layout.recompute:
             logits, cache = self._recompute_step(params, cache, tokens, mask, jnp.int32(prompt_length - 1))
@@ -323,46 +316,24 @@ class JaxDecoder(Decoder):
         return jax.lax.while_loop(more, step, state)
 
 
-def _prompt_steps(mask: np.ndarray, tables: np.ndarray, rows_as_grid: bool) -> PromptSteps:
-    """Left-padded prompts (``mask`` [batch, length]: 1 at real tokens) as steps of the
-    paged model over groups of rows (as many as hold ``PREFILL_STEP_TOKENS`` and divide
-    the batch), row ``r`` writing into the blocks ``tables[r]``."""
-    batch, length = mask.shape
-    rows = _rows_per_prefill_step(batch, length)
-    steps = [_prompt_step(mask[at : at + rows], tables[at : at + rows], at, length, rows_as_grid)
-             for at in range(0, batch, rows)]
-    return jax.tree.map(lambda *parts: np.stack(parts), *steps)
-
-
-def _rows_per_prefill_step(batch: int, length: int) -> int:
-    """The rows of each prefill step: as many as ``PREFILL_STEP_TOKENS`` hold (one at
-    least) that divide the batch."""
-    rows = max(1, PREFILL_STEP_TOKENS // length)
-    while batch % rows:
-        rows -= 1
-    return rows
-
-
 def _has_holes(mask: np.ndarray) -> bool:
     """Whether some row has a masked position after its first real token."""
     return bool(((np.cumsum(mask, axis=1) > 0) & (mask == 0)).any())
 
 
-def _prompt_step(mask: np.ndarray, tables: np.ndarray, first_row: int, length: int, rows_as_grid: bool) -> PromptSteps:
-    """One step of the rows ``first_row ...`` of the prompts (``mask`` and ``tables`` are theirs)."""
-    rows = mask.shape[0]
-    order = np.flatnonzero(mask.reshape(-1)).astype(np.int32)  # row after row, each in order
-    real = order.shape[0]
-    positions = np.full(rows * length, -1, np.int32)
-    positions[:real] = (np.cumsum(mask, axis=1) - 1).reshape(-1)[order]
-    row = np.zeros(rows * length, np.int32)
-    row[:real] = order // length
-    slots = np.zeros(rows * length, np.int32)  # padding writes into the null block
-    slots[:real] = tables[row[:real], positions[:real] // BLOCK_SIZE] * BLOCK_SIZE + positions[:real] % BLOCK_SIZE
-    counts = mask.sum(axis=1)
-    grid = row_grid(counts, length, first_row + np.arange(1, rows + 1)) if rows_as_grid else None
-    return PromptSteps(np.pad(order + first_row * length, (0, rows * length - real)),
-                       PagedBatch(positions, slots, row, tables), (np.cumsum(counts) - 1).astype(np.int32), grid)
+def _prompt_step(mask: np.ndarray, tables: np.ndarray, rows_as_grid: bool) -> PromptStep:
+    """The left-padded prompts (``mask`` [batch, length]: 1 at real tokens) as one paged
+    step, row ``r`` writing into the blocks ``tables[r]`` (padding into the null block)."""
+    rows, length = mask.shape
+    cells = np.arange(rows * length, dtype=np.int32)
+    row = cells // length
+    real = mask.reshape(-1) > 0
+    positions = np.where(real, np.cumsum(mask, axis=1).reshape(-1) - 1, -1).astype(np.int32)
+    at = np.maximum(positions, 0)
+    slots = np.where(real, tables[row, at // BLOCK_SIZE] * BLOCK_SIZE + at % BLOCK_SIZE, 0).astype(np.int32)
+    last = (np.arange(rows) * length + length - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)).astype(np.int32)
+    grid = RowGrid(np.arange(1, rows + 1, dtype=np.int32)) if rows_as_grid else None
+    return PromptStep(PagedBatch(positions, slots, row, tables), last, grid)
 
 
 def _positions(mask: jax.Array) -> jax.Array:

@@ -102,7 +102,8 @@ class _Step:
     batch: PagedBatch | None
     mesh: Mesh | None = None
     heads_axes: tuple[str | None, ...] = ()  # per pool: the mesh axis its heads are split over
-    grid: RowGrid | None = None  # rows of tokens (models with recurrent state): where each token sits
+    grid: RowGrid | None = None  # rows of tokens, one request per row (models with recurrent state)
+    new_rows: int | None = None  # the step's tokens are rows of this many, each a new prompt (attending within its row)
     pool_of: Mapping[Call, int] = field(default_factory=dict)  # the pool each call that writes keys writes
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
     calls_made: dict[int, int] = field(default_factory=dict)  # per layer, its calls so far in this trace
@@ -147,7 +148,7 @@ def paged_attention_forward(
     attention modules) bias each score by the key's distance from the query."""
     step = _current_step.get()
     rows, length = query.shape[0], query.shape[2]
-    q, k, v = (_tokens(x, step.grid) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
+    q, k, v = (_tokens(x) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
     chunk = _attention_chunk(module)
     this, source = step.call(module.layer_idx, key, value)  # source: another call's, if given its keys and values
     if step.pools is None:
@@ -172,12 +173,12 @@ def paged_attention_forward(
         options["alibi_slopes"] = torchax.interop.jax_view(alibi_slopes)
     if chunk is not None:
         options["attention_chunk"] = chunk
+    if step.new_rows is not None:
+        options["new_rows"] = step.new_rows
     kernel = paged_attention_kernel(options)
     if step.mesh is not None and step.mesh.size > 1:
         kernel = per_device(kernel, step.mesh, step.heads_axes[index])
     out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
-    if step.grid is not None:
-        out = out[step.grid.tokens_of_cells]
     return to_traced(out.reshape(rows, length, *out.shape[1:])), None
 
 
@@ -192,10 +193,9 @@ def _attention_chunk(module: torch.nn.Module) -> int | None:
     return None
 
 
-def _tokens(x: torch.Tensor, grid: RowGrid | None) -> jax.Array:
-    """[rows, heads, length, dim] as the step's tokens [tokens, heads, dim], in its batch's order."""
-    tokens = jnp.swapaxes(torchax.interop.jax_view(x), 1, 2).reshape(-1, x.shape[1], x.shape[3])
-    return tokens if grid is None else tokens[grid.cells]
+def _tokens(x: torch.Tensor) -> jax.Array:
+    """[rows, heads, length, dim] as the step's tokens [tokens, heads, dim], row after row (the batch's order)."""
+    return jnp.swapaxes(torchax.interop.jax_view(x), 1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
 def _pad_last(x: jax.Array, size: int) -> jax.Array:
@@ -241,12 +241,10 @@ def _positions_fed(modules: list[torch.nn.Module], positions: jax.Array | None) 
 
 
 class RowGrid(NamedTuple):
-    """A step's tokens as rows, one request per row, left-padded (models with recurrent
-    state); the step's :class:`PagedBatch` keeps the flat order the attention kernels
-    take (each request's tokens together, padding last)."""
+    """A step's tokens are rows, one request per row, in the batch's order (models with
+    recurrent state): a step of whole new prompts, each left-padded in its row (padding
+    at position -1; each row attends within itself), or of one decode per row."""
 
-    cells: jax.Array  # [tokens] the grid cell (row * length + column) of each token of the batch
-    tokens_of_cells: jax.Array  # [tokens] the batch's token at each grid cell (the inverse)
     state_slots: jax.Array  # [rows] each row's recurrent-state slot (0, padding's, for padding rows)
 
 
@@ -310,21 +308,6 @@ def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, e
     return Cache(layers=layers)
 
 
-
-
-def row_grid(counts: np.ndarray, length: int, state_slots: np.ndarray) -> RowGrid:
-    """The grid of a step whose flat batch holds, one sequence after another (padding
-    last), ``counts[r]`` tokens of row ``r``: each row's tokens at its end (left padding),
-    the padding tokens in the other cells."""
-    rows = state_slots.shape[0]
-    cells, at = np.zeros(rows * length, np.int32), 0
-    for row, count in enumerate(counts):
-        cells[at : at + count] = row * length + length - count + np.arange(count)
-        at += count
-    free = np.ones(rows * length, bool)
-    free[cells[:at]] = False
-    cells[at:] = np.flatnonzero(free)
-    return RowGrid(cells, np.argsort(cells).astype(np.int32), state_slots.astype(np.int32))
 
 
 class PagedModel:
@@ -435,13 +418,16 @@ class PagedModel:
 
     def logits(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
                sampling_rows: jax.Array, grid: RowGrid | None,
-               embedded: jax.Array | None = None) -> tuple[CacheArrays, jax.Array]:
+               embedded: jax.Array | None = None, new_rows: int | None = None) -> tuple[CacheArrays, jax.Array]:
         """Inside a trace: the cache after the step's tokens ``ids`` [tokens] (where
         ``batch`` places them) and the logits [sampling tokens, vocab] of the tokens at
         ``sampling_rows`` (with a ``grid``, of each row's last token instead).
         ``embedded`` [tokens], if given, are the positions that models numbering positions
-        themselves embed (transformers counts left padding there), in place of the tokens'."""
-        step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid, self._pool_of)
+        themselves embed (transformers counts left padding there), in place of the tokens'.
+        With ``new_rows``, the tokens are rows of that many, each one request's whole
+        prompt (padding anywhere in it): each row attends within itself only, densely."""
+        step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid, new_rows,
+                     self._pool_of)
         if grid is not None:
             logits, states = self._rows_traced(step, params, cache.states, ids)
             return CacheArrays(tuple(step.pools), states), logits
@@ -460,7 +446,7 @@ class PagedModel:
             positions = np.full(tokens, -1, np.int32)
             zeros = np.zeros(tokens, np.int32)
             batch = PagedBatch(positions, zeros, zeros, np.zeros((rows, 1), np.int32))
-            grid = row_grid(np.zeros(rows, np.int64), tokens // rows, np.zeros(rows, np.int32)) if self.has_states else None
+            grid = RowGrid(np.zeros(rows, np.int32)) if self.has_states else None
             message = trace_error(self.logits, self._forward.params, cache, zeros, batch, np.zeros(rows, np.int32), grid)
             if message is not None:
                 raise NotPageable(f"{type(self._module).__name__} fails {how} ({message})")
@@ -513,18 +499,17 @@ class PagedModel:
         rows = grid.state_slots.shape[0]
         length = ids.shape[0] // rows
 
-        def as_rows(tokens: jax.Array) -> jax.Array:
-            return tokens[grid.tokens_of_cells].reshape(rows, length)
-
-        positions = as_rows(step.batch.positions)
+        positions = step.batch.positions.reshape(rows, length)
         empty = length > 1  # prompts are scheduled whole (decodes are one token)
+        step.new_rows = length if empty else None  # each prompt attends within its row
         before = tuple(
             {n: jnp.zeros((rows, *a.shape[1:]), a.dtype) if empty else a[grid.state_slots] for n, a in layer.items()}
             for layer in states
         )
         cache = _rows_cache(before, self._layout, empty)
         mask = (positions >= 0).astype(jnp.int32)  # recurrent layers zero a prompt's padding (a decode has none)
-        inputs = self._step_inputs(to_traced(as_rows(ids)), to_traced(mask), cache, to_traced(jnp.maximum(positions, 0)))
+        inputs = self._step_inputs(to_traced(ids.reshape(rows, length)), to_traced(mask), cache,
+                                   to_traced(jnp.maximum(positions, 0)))
         logits = self._logits_traced(step, params, inputs)[:, -1]
         after = [layer.linear_arrays() if isinstance(layer, TracedLinearLayer) else {} for layer in cache.layers]
         written = grid.state_slots > 0  # padding rows' states go nowhere

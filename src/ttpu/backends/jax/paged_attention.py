@@ -97,6 +97,7 @@ def xla_paged_attention(
     attention_chunk: int | None = None,
     alibi_slopes: jax.Array | None = None,
     context_chunk: int = CONTEXT_CHUNK,
+    new_rows: int | None = None,
 ) -> jax.Array:
     """Each token's attention [tokens, q_heads, dim] over its request's cached positions
     ``<=`` its own (and ``> position - sliding_window``; with ``attention_chunk``, Llama
@@ -119,6 +120,9 @@ def xla_paged_attention(
     A step with fewer than two tokens per request on average (decodes) has blocks of one
     token: each reads its request's positions up to its own from the pool (which holds
     the step's keys already), with no dense part.
+    A step whose tokens are rows of ``new_rows`` tokens, each row one request's new
+    tokens (padding anywhere in it, position -1) with nothing cached before them (the
+    prompts ``generate()`` prefills), is only the dense part, within each row.
     Scores are laid out heads first (``[kv, g, queries, keys]``), as a dense attention's:
     on XLA:CPU the tokens-first layout took twice as long."""
     blocks, block_size, heads, dim = pool.shape
@@ -135,6 +139,15 @@ def xla_paged_attention(
         earliest = jnp.maximum(earliest, positions - sliding_window + 1)
     if attention_chunk is not None:
         earliest = jnp.maximum(earliest, positions // attention_chunk * attention_chunk)
+
+    if new_rows is not None:  # each row of new tokens attends within itself only
+        by_row = positions.reshape(-1, new_rows)
+        keys, queries = by_row[:, None, :], by_row[:, :, None]  # visible: [rows, queries, keys]
+        visible = (keys <= queries) & (keys >= earliest.reshape(by_row.shape)[..., None]) & (keys >= 0)
+        own = jnp.swapaxes(flat[batch.slots].reshape(-1, new_rows, heads, dim), 1, 2)
+        rowwise = jax.vmap(functools.partial(_own_softmax, scale=scale, softcap=softcap, slopes=slopes))
+        state = rowwise(q.reshape(-1, new_rows, *q.shape[1:]), own, visible, by_row)
+        return _normalized(*(part.reshape(tokens, *part.shape[2:]) for part in state), sinks, query)
 
     requests = batch.block_tables.shape[0]
     width = max(1, min(MAX_QUERY_BLOCK, 1 << max(tokens // requests - 1, 0).bit_length()))
@@ -196,12 +209,19 @@ def xla_paged_attention(
         high, total, acc = read_context(None)
     else:  # a step with nothing cached before its tokens (new prompts) skips the context part
         high, total, acc = jax.lax.cond(end > start, read_context, lambda own: own, carry)
-    if sinks is not None:  # each head's sink logit joins the softmax's denominator only
+    return _normalized(high, total, acc, sinks, query)
+
+
+def _normalized(high: jax.Array, total: jax.Array, acc: jax.Array, sinks: jax.Array | None, query: jax.Array) -> jax.Array:
+    """The attention (``query``'s shape and dtype) from each token's softmax state over
+    its keys ([tokens, kv, g, ...]), each head's sink logit, if any, joining the
+    denominator only."""
+    if sinks is not None:
         sink = sinks.astype(jnp.float32).reshape(high.shape[1:])
         peak = jnp.maximum(high, sink)
         acc, total = acc * jnp.exp(high - peak)[..., None], total * jnp.exp(high - peak) + jnp.exp(sink - peak)
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # finite for padding tokens (their output is unread)
-    return out.reshape(tokens, q_heads, dim).astype(query.dtype)
+    return out.reshape(query.shape).astype(query.dtype)
 
 
 def _own_softmax(query: jax.Array, own: jax.Array, visible: jax.Array, positions: jax.Array, scale: float,
@@ -270,7 +290,7 @@ def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
-XLA_ONLY_OPTIONS = ("sinks", "attention_chunk", "alibi_slopes")  # what the Pallas kernel does not take
+XLA_ONLY_OPTIONS = ("sinks", "attention_chunk", "alibi_slopes", "new_rows")  # what the Pallas kernel does not take
 
 
 def paged_attention_kernel(options: Mapping[str, Any]) -> Callable[..., jax.Array]:
