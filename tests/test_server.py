@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,6 +308,39 @@ def test_a_client_leaving_a_non_streaming_request_aborts_it(server) -> None:
             time.sleep(0.05)
     _engine_idle(server)
     assert _aborted(server) == before + 1
+
+
+def test_an_abort_that_raises_leaves_the_engine_serving(saved_model, monkeypatch) -> None:
+    """A release whose abort raises (on the engine thread) returns, and the engine
+    thread goes on serving the next request (beside the one it failed to abort)."""
+    from ttpu import LLM, AutoModelForTPU, SamplingParams
+    from ttpu.serving.server import AsyncEngine
+
+    llm = LLM(AutoModelForTPU.from_pretrained(saved_model[0]), max_num_seqs=2, max_model_len=256, block_size=8)
+    engine = AsyncEngine(llm)
+
+    def broken_abort(request_id: str) -> None:
+        raise RuntimeError("abort failed")
+
+    async def collect(submission) -> list[int]:
+        return [u async for u in engine.updates(submission)][-1].token_ids
+
+    async def run() -> list[int]:
+        first = await engine.submit([1, 2, 3], SamplingParams(max_tokens=200, min_tokens=200))
+        with monkeypatch.context() as patched:
+            patched.setattr(llm.engine, "abort", broken_abort)
+            releasing = threading.Thread(target=engine.release, args=(first,), daemon=True)  # not joined at exit
+            releasing.start()
+            await asyncio.to_thread(releasing.join, 30)
+            assert not releasing.is_alive(), "the release never returned"
+        second = await engine.submit([4, 5], SamplingParams(max_tokens=3))
+        return await asyncio.wait_for(collect(second), timeout=60)
+
+    try:
+        assert len(asyncio.run(run())) == 3
+        assert engine.alive
+    finally:
+        engine.shutdown()
 
 
 def test_a_stream_abandoned_before_its_response_starts_is_aborted(saved_model) -> None:

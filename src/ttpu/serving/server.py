@@ -228,9 +228,13 @@ class AsyncEngine:
                 submission, done = self._released.get_nowait()
             except queue.Empty:
                 return
-            with self._lock:
-                self.metrics.finished.labels("abort").inc(self._drop(submission))
-            done.set()
+            try:
+                with self._lock:
+                    self.metrics.finished.labels("abort").inc(self._drop(submission))
+            except Exception:  # noqa: BLE001  the engine thread goes on; the release returns
+                logger.exception("aborting a released request failed")
+            finally:
+                done.set()
 
     def _drop(self, submission: _Submission) -> int:
         """Abort ``submission``'s requests that are still running (under the lock); how many."""

@@ -9,7 +9,9 @@ whose block table lists ``b`` at ``index_in_table``; slot ``b * block_size + o``
 A step runs a flat, ragged batch of tokens from several requests (decodes, prompt chunks,
 both), each request's tokens contiguous and in order, padding last: each token's new key
 and value are written at its slot, then each token attends to its request's positions up
-to its own (and within the sliding window, if any).
+to its own (and within the sliding window, if any). A step of whole new prompts may
+instead be rows of equal width, one prompt per row with its padding in place
+(``new_rows``): each row attends within itself.
 """
 
 from __future__ import annotations
