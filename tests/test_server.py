@@ -311,8 +311,9 @@ def test_a_client_leaving_a_non_streaming_request_aborts_it(server) -> None:
 
 
 def test_an_abort_that_raises_leaves_the_engine_serving(saved_model, monkeypatch) -> None:
-    """A release whose abort raises (on the engine thread) returns, and the engine
-    thread goes on serving the next request (beside the one it failed to abort)."""
+    """A release whose abort raises (run by the engine thread) returns with that error,
+    and the engine thread goes on serving the next request (beside the one it failed to
+    abort)."""
     from ttpu import LLM, AutoModelForTPU, SamplingParams
     from ttpu.serving.server import AsyncEngine
 
@@ -329,10 +330,19 @@ def test_an_abort_that_raises_leaves_the_engine_serving(saved_model, monkeypatch
         first = await engine.submit([1, 2, 3], SamplingParams(max_tokens=200, min_tokens=200))
         with monkeypatch.context() as patched:
             patched.setattr(llm.engine, "abort", broken_abort)
-            releasing = threading.Thread(target=engine.release, args=(first,), daemon=True)  # not joined at exit
+            raised: list[Exception] = []
+
+            def release() -> None:
+                try:
+                    engine.release(first)
+                except RuntimeError as error:
+                    raised.append(error)
+
+            releasing = threading.Thread(target=release, daemon=True)  # not joined at exit
             releasing.start()
             await asyncio.to_thread(releasing.join, 30)
             assert not releasing.is_alive(), "the release never returned"
+            assert [str(e) for e in raised] == ["abort failed"]
         second = await engine.submit([4, 5], SamplingParams(max_tokens=3))
         return await asyncio.wait_for(collect(second), timeout=60)
 

@@ -10,14 +10,15 @@ OpenAI-shaped error body; an unknown model 404.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -145,6 +146,16 @@ class _Submission:
     request_ids: list[str]
 
 
+@dataclass
+class _Job:
+    """Work for the engine thread to run under its lock before its next step."""
+
+    work: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: Exception | None = None
+
+
 class AsyncEngine:
     """The engine stepping in its own thread; requests come and go from asyncio."""
 
@@ -158,7 +169,7 @@ class AsyncEngine:
         self._last_token: dict[str, float] = {}  # request id -> when it got its latest token
         self._stopped = False
         self._ids = itertools.count()
-        self._released: queue.SimpleQueue[tuple[_Submission, threading.Event]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="ttpu-engine", daemon=True)
         self._thread.start()
 
@@ -176,22 +187,21 @@ class AsyncEngine:
         before any response starts); their updates arrive on one queue. The engine's lock
         is taken off the event loop (a step holds it)."""
         submission = _Submission(asyncio.get_running_loop(), asyncio.Queue(), [])
-        await asyncio.to_thread(self._add, submission, prompt, params)
-        self._wake.set()
+        await asyncio.to_thread(self._on_engine_thread, functools.partial(self._add, submission, prompt, params))
         return submission
 
     def _add(self, submission: _Submission, prompt: list[int], params: SamplingParams) -> None:
+        """(Under the lock.)"""
         base = f"req-{next(self._ids)}"
-        with self._lock:
-            try:
-                for index, fork in enumerate(params.forks()):
-                    request_id = f"{base}-{index}"
-                    self.engine.add_request(request_id, prompt, fork)
-                    submission.request_ids.append(request_id)
-                    self._streams[request_id] = (submission, index)
-            except Exception:
-                self._drop(submission)
-                raise
+        try:
+            for index, fork in enumerate(params.forks()):
+                request_id = f"{base}-{index}"
+                self.engine.add_request(request_id, prompt, fork)
+                submission.request_ids.append(request_id)
+                self._streams[request_id] = (submission, index)
+        except Exception:
+            self._drop(submission)
+            raise
 
     async def updates(self, submission: _Submission) -> AsyncIterator[_Update]:
         """The forks' outputs after each step that changed them, until all finish;
@@ -209,32 +219,40 @@ class AsyncEngine:
 
     def release(self, submission: _Submission) -> None:
         """Abort ``submission``'s unfinished requests (their client is gone), counted as
-        aborted; a no-op once they all finished. The engine thread aborts them before its
-        next step (waiting for the lock instead could wait for many steps, as the engine
-        thread takes it again at once); this returns once it has."""
+        aborted, before the engine's next step; a no-op once they all finished."""
         if not any(request_id in self._streams for request_id in submission.request_ids):
             return  # all finished (each leaves _streams with its final update)
-        done = threading.Event()
-        self._released.put((submission, done))
-        self._wake.set()
-        while not done.wait(0.1):
-            if not self.alive:  # no engine thread to do it (shut down)
-                self._abort_released()
+        self._on_engine_thread(lambda: self.metrics.finished.labels("abort").inc(self._drop(submission)))
 
-    def _abort_released(self) -> None:
-        """Abort the released submissions' unfinished requests, counted as aborted."""
+    def _on_engine_thread(self, work: Callable[[], T]) -> T:
+        """``work()``'s result (or its exception, raised here), run by the engine thread
+        under its lock before its next step, so within one step. (Waiting for the lock here
+        instead could wait for many steps: the engine thread takes it again at once.) Run
+        here if the engine thread is gone. Blocks: call it off the event loop."""
+        job = _Job(work)
+        self._jobs.put(job)
+        self._wake.set()
+        while not job.done.wait(0.1):
+            if not self.alive:  # no engine thread to run it (shut down)
+                self._run_jobs()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _run_jobs(self) -> None:
+        """Run the queued jobs, in order, each under the lock."""
         while True:
             try:
-                submission, done = self._released.get_nowait()
+                job = self._jobs.get_nowait()
             except queue.Empty:
                 return
             try:
                 with self._lock:
-                    self.metrics.finished.labels("abort").inc(self._drop(submission))
-            except Exception:  # noqa: BLE001  the engine thread goes on; the release returns
-                logger.exception("aborting a released request failed")
+                    job.result = job.work()
+            except Exception as error:  # noqa: BLE001  raised to the job's caller, not the engine thread
+                job.error = error
             finally:
-                done.set()
+                job.done.set()
 
     def _drop(self, submission: _Submission) -> int:
         """Abort ``submission``'s requests that are still running (under the lock); how many."""
@@ -256,7 +274,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopped:
-            self._abort_released()
+            self._run_jobs()
             if not self.engine.has_unfinished_requests:
                 self._wake.wait(0.05)
                 self._wake.clear()
