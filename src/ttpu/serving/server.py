@@ -184,14 +184,14 @@ class AsyncEngine:
 
     async def submit(self, prompt: list[int], params: SamplingParams) -> _Submission:
         """Add ``params``' ``n`` forks to the engine now (a refused field raises here,
-        before any response starts); their updates arrive on one queue. The engine's lock
-        is taken off the event loop (a step holds it)."""
+        before any response starts); their updates arrive on one queue. The engine thread
+        adds them before its next step, waited for off the event loop."""
         submission = _Submission(asyncio.get_running_loop(), asyncio.Queue(), [])
         await asyncio.to_thread(self._on_engine_thread, functools.partial(self._add, submission, prompt, params))
         return submission
 
     def _add(self, submission: _Submission, prompt: list[int], params: SamplingParams) -> None:
-        """(Under the lock.)"""
+        """Run by the engine thread, under its lock (:meth:`_on_engine_thread`)."""
         base = f"req-{next(self._ids)}"
         try:
             for index, fork in enumerate(params.forks()):

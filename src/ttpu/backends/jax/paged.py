@@ -425,7 +425,11 @@ class PagedModel:
         ``embedded`` [tokens], if given, are the positions that models numbering positions
         themselves embed (transformers counts left padding there), in place of the tokens'.
         With ``new_rows``, the tokens are rows of that many, each one request's whole
-        prompt (padding anywhere in it): each row attends within itself only, densely."""
+        prompt (padding anywhere in it): each row attends within itself only, densely (a
+        ``grid``'s rows of more than one token are such rows)."""
+        if grid is not None:  # rows of whole new prompts, or of one decode each
+            length = ids.shape[0] // grid.state_slots.shape[0]
+            new_rows = length if length > 1 else None
         step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid, new_rows,
                      self._pool_of)
         if grid is not None:
@@ -501,7 +505,6 @@ class PagedModel:
 
         positions = step.batch.positions.reshape(rows, length)
         empty = length > 1  # prompts are scheduled whole (decodes are one token)
-        step.new_rows = length if empty else None  # each prompt attends within its row
         before = tuple(
             {n: jnp.zeros((rows, *a.shape[1:]), a.dtype) if empty else a[grid.state_slots] for n, a in layer.items()}
             for layer in states

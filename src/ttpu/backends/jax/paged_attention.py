@@ -144,8 +144,7 @@ def xla_paged_attention(
 
     if new_rows is not None:  # each row of new tokens attends within itself only
         by_row = positions.reshape(-1, new_rows)
-        keys, queries = by_row[:, None, :], by_row[:, :, None]  # visible: [rows, queries, keys]
-        visible = (keys <= queries) & (keys >= earliest.reshape(by_row.shape)[..., None]) & (keys >= 0)
+        visible = _visible(by_row[:, None, :], by_row[:, :, None], earliest.reshape(by_row.shape)[..., None])
         own = jnp.swapaxes(flat[batch.slots].reshape(-1, new_rows, heads, dim), 1, 2)
         rowwise = jax.vmap(functools.partial(_own_softmax, scale=scale, softcap=softcap, slopes=slopes))
         state = rowwise(q.reshape(-1, new_rows, *q.shape[1:]), own, visible, by_row)
@@ -160,8 +159,7 @@ def xla_paged_attention(
     else:
         # The step's own keys: token s is visible to token t of the same request at or after it.
         own = flat[batch.slots]  # [tokens, 2 * kv_heads, dim]
-        visible = (rows[:, None] == rows[None, :]) & (positions[None, :] <= positions[:, None]) & real[None, :]
-        visible &= positions[None, :] >= earliest[:, None]
+        visible = (rows[:, None] == rows[None, :]) & _visible(positions[None, :], positions[:, None], earliest[:, None])
         carry = _own_softmax(q, jnp.swapaxes(own, 0, 1), visible, positions, scale, softcap, slopes)
         # The cached positions, those before the request's first token in this step, by query block.
         first = jax.ops.segment_min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), rows, requests)
@@ -212,6 +210,13 @@ def xla_paged_attention(
     else:  # a step with nothing cached before its tokens (new prompts) skips the context part
         high, total, acc = jax.lax.cond(end > start, read_context, lambda own: own, carry)
     return _normalized(high, total, acc, sinks, query)
+
+
+def _visible(keys: jax.Array, queries: jax.Array, earliest: jax.Array) -> jax.Array:
+    """Whether a key at position ``keys`` is visible to a query of the same request at
+    ``queries`` whose window starts at ``earliest`` (broadcast together): real, at or
+    before the query, not before its window."""
+    return (keys >= 0) & (keys <= queries) & (keys >= earliest)
 
 
 def _normalized(high: jax.Array, total: jax.Array, acc: jax.Array, sinks: jax.Array | None, query: jax.Array) -> jax.Array:
