@@ -23,7 +23,7 @@ def test_doctor_reports_how_the_model_runs(model_dir, capsys) -> None:
                      "dtype:       float32", "attention:   ttpu", "patches:     0 applied",
                      "aten._grouped_mm", "compiles:    yes",
                      "generate:    compiled decode loop; cache: 2 full attention layers",
-                     "paged:       yes (the serving engine runs the paged step; generate too, unless a data axis splits its batch)"):
+                     "paged:       yes (the serving engine and generate run the paged step)"):
         assert expected in out
 
 

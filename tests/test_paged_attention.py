@@ -5,6 +5,7 @@ and sinks, with blocks scattered over the pool in any order."""
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,8 @@ import pytest
 
 from ttpu.backends.jax.attention import dot_product_attention
 from ttpu.backends.jax.paged_attention import (
-    PagedBatch, pallas_paged_attention, query_blocks, ragged_arguments, per_device, write_kv, xla_paged_attention,
+    PagedBatch, attend, pallas_paged_attention, query_blocks, ragged_arguments, per_device, write_kv,
+    xla_paged_attention,
 )
 
 BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
@@ -23,9 +25,22 @@ BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
 SMALL_CHUNKS = functools.partial(xla_paged_attention, context_chunk=2 * BLOCK)
 
 
-def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNKS, dim: int = DIM, **options):
-    """Requests with ``contexts[i]`` cached positions computing ``news[i]`` more: the
-    paged result for the new tokens (by ``kernel``) against the dense one, per request."""
+class RandomStep(NamedTuple):
+    """A step over random keys and values: its inputs, and each request's whole sequence."""
+
+    query: np.ndarray  # [tokens, q_heads, dim] the step's tokens' queries, padding last
+    new_keys: np.ndarray  # [tokens, kv_heads, dim] their keys and values
+    new_values: np.ndarray
+    pool: np.ndarray  # the pool before the step: the cached positions written
+    batch: PagedBatch
+    keys: list[np.ndarray]  # per request, its whole sequence's
+    values: list[np.ndarray]
+    queries: list[np.ndarray]  # per request, its new tokens'
+
+
+def random_step(contexts: list[int], news: list[int], seed: int, dim: int = DIM) -> RandomStep:
+    """Requests with ``contexts[i]`` cached positions computing ``news[i]`` more, their
+    blocks scattered over the pool in random order, 3 padding tokens last."""
     DIM = dim  # noqa: N806  the head width of this run
     rng = np.random.default_rng(seed)
     free = list(rng.permutation(np.arange(1, BLOCKS)))  # block 0 is the null block
@@ -61,8 +76,17 @@ def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNK
     query = np.concatenate(queries + [np.zeros((3, Q_HEADS, DIM), np.float32)])
     batch = PagedBatch(*(jnp.asarray(np.asarray(a, np.int32)) for a in (positions, slots, rows, tables)))
     pool = np.stack([key_pool, value_pool], axis=2).reshape(BLOCKS, BLOCK, 2 * KV_HEADS, DIM)
-    pool = write_kv(jnp.asarray(pool), jnp.asarray(new_keys), jnp.asarray(new_values), batch.slots)
-    paged = kernel(jnp.asarray(query), pool, batch, scale=DIM**-0.5, **options)
+    return RandomStep(query, new_keys, new_values, pool, batch, full_keys, full_values, queries)
+
+
+def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNKS, dim: int = DIM, **options):
+    """Requests with ``contexts[i]`` cached positions computing ``news[i]`` more: the
+    paged result for the new tokens (by ``kernel``) against the dense one, per request."""
+    DIM = dim  # noqa: N806  the head width of this run
+    step = random_step(contexts, news, seed, dim)
+    queries, full_keys, full_values, batch = step.queries, step.keys, step.values, step.batch
+    pool = write_kv(jnp.asarray(step.pool), jnp.asarray(step.new_keys), jnp.asarray(step.new_values), batch.slots)
+    paged = kernel(jnp.asarray(step.query), pool, batch, scale=DIM**-0.5, **options)
     paged = np.asarray(paged)
     dense, start = [], 0
     window = options.get("sliding_window")
@@ -172,7 +196,32 @@ def test_each_device_attends_over_its_own_heads(options, shape, heads_axis) -> N
     assert len(jax.devices()) >= 8, "needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest)"
     names = ("tensor",) if len(shape) == 1 else ("data", "tensor")
     mesh = Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), names)
-    run_step(*MIXED, seed=5, kernel=per_device(SMALL_CHUNKS, mesh, heads_axis), **options)
+    split = per_device(SMALL_CHUNKS, mesh, heads_axis)
+    run_step(*MIXED, seed=5, kernel=lambda *args, **given: split(*args, **given)[0], **options)
+
+
+@pytest.mark.parametrize("heads_axis", ["tensor", None], ids=["heads-split", "heads-whole"])
+def test_each_replica_writes_and_reads_its_own_part_of_the_pool(heads_axis) -> None:
+    """``replica_axes``: two steps side by side, split over a data axis of 2 (as
+    generate() splits a batch), each numbering its blocks, slots and requests in its own
+    half of the pool (its own null block 0): each half's attention and pool after the
+    write equal the kernel run on that step alone."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+    steps = [random_step(*MIXED, seed=seed) for seed in (6, 7)]
+    joined = [np.concatenate([getattr(step, name) for step in steps]) for name in ("query", "new_keys", "new_values", "pool")]
+    batch = PagedBatch(*(jnp.concatenate(parts) for parts in zip(*(step.batch for step in steps))))
+    options = {"scale": DIM**-0.5, "sliding_window": 5, "sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}
+    split = per_device(SMALL_CHUNKS, mesh, heads_axis, replica_axes="data")
+    out, pool = split(jnp.asarray(joined[0]), jnp.asarray(joined[3]), batch, (jnp.asarray(joined[1]), jnp.asarray(joined[2])), **options)
+    assert pool.sharding.shard_shape(pool.shape)[0] == BLOCKS
+    for half, step in enumerate(steps):
+        alone_out, alone_pool = attend(SMALL_CHUNKS, jnp.asarray(step.query), jnp.asarray(step.pool), step.batch,
+                                       (jnp.asarray(step.new_keys), jnp.asarray(step.new_values)), **options)
+        tokens = step.query.shape[0]
+        np.testing.assert_allclose(np.asarray(out)[half * tokens:(half + 1) * tokens], alone_out, rtol=2e-5, atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(pool)[half * BLOCKS:(half + 1) * BLOCKS], alone_pool)
 
 
 def test_the_pallas_arguments_give_jax_reference_ragged_attention_the_same_result() -> None:

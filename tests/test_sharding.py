@@ -51,13 +51,38 @@ def test_every_strategy_matches_the_unsharded_model(unsharded, strategy) -> None
     assert relative_error(np.asarray(model(**inputs).logits), logits, None) <= 1e-5
     generated = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=NEW_TOKENS)
     np.testing.assert_array_equal(generated, tokens)
-    # generate() runs the engine's paged step unless a data axis splits the batch (a pool serves all rows).
-    splits_batch = model.sharding.mesh.size("data") > 1 or model.sharding.mesh.size("fsdp") > 1
-    assert (model.decoder().paged_for(8, 16, 64) is None) == splits_batch
+    assert model.decoder().paged_for(8, 16, 64) is not None  # the engine's paged step, data axes too
     for name, array in model.params.items():
         found = model.sharding.parameters.get(name)  # (large buffers are replicated)
         expected = jax.sharding.NamedSharding(array.sharding.mesh, jax.sharding.PartitionSpec(*(found.spec if found else ())))
         assert array.sharding.is_equivalent_to(expected, array.ndim), name
+
+
+@pytest.mark.parametrize("strategy, replica_axes", [("dp", "data"), ("3d", ("data", "fsdp"))])
+def test_a_batch_split_over_data_axes_splits_the_paged_pools_by_block(strategy, replica_axes) -> None:
+    """generate() over 8 rows split by data parallelism: each replica holds its own part of
+    every pool (its rows' blocks and its own null block), the tokens are one device's, and
+    under pure data parallelism no floating-point value (pools, hidden states, logits)
+    crosses devices while decoding."""
+    module = llama()
+    ids = np.random.default_rng(2).integers(1, 256, (8, 12))
+    expected = AutoModelForTPU.from_model(module).generate(ids, max_new_tokens=NEW_TOKENS)
+    model = AutoModelForTPU.from_model(module, parallelism=strategy)
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=NEW_TOKENS), expected)
+    decoder = model.decoder()
+    (prefill,) = decoder._prefill._compiled.values()
+    pools = [out for out in jax.tree.leaves(prefill.executable.out_info) if out.ndim == 4]
+    assert len(pools) == 2  # one per layer
+    replicas = model.sharding.mesh.data_parallel_size
+    for pool in pools:
+        assert pool.sharding.spec[0] == replica_axes
+        assert pool.sharding.shard_shape(pool.shape)[0] * replicas == pool.shape[0]
+    if strategy != "dp":  # tensor parallelism's all-reduces move activations; pure data parallelism moves none
+        return
+    (decode,) = decoder._advance._compiled.values()
+    collectives = re.findall(r"= (\S+) (?:all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
+                             decode.as_text())
+    assert [shape for shape in collectives if shape.startswith(("f", "bf"))] == [], collectives
 
 
 def llama(layers: int = 2, **overrides) -> LlamaForCausalLM:

@@ -150,7 +150,7 @@ def doctor(args: argparse.Namespace) -> int:
 
             try:
                 decoder.paged_model()
-                print("paged:       yes (the serving engine runs the paged step; generate too, unless a data axis splits its batch)")
+                print("paged:       yes (the serving engine and generate run the paged step)")
             except NotPageable as reason:
                 print(f"paged:       no, generate runs the dense cache and the engine recomputes ({reason})")
     return 0

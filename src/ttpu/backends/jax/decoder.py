@@ -6,8 +6,9 @@ token is chosen by the sampler the serving engine uses too
 The model runs the serving engine's paged step (:class:`~ttpu.backends.jax.paged.PagedModel`)
 wherever that step can carry it: each row owns a fixed run of blocks in the pools (and a
 recurrent-state slot), the prompts run as one step of whole rows, each row attending
-within itself, each decode as one token per row. Otherwise (a cache the paged pools cannot hold, a batch split over data axes, which
-a pool shared by all rows would not split) it runs over the model's own dense cache, or
+within itself, each decode as one token per row; a batch split over data axes splits
+the pools with it, by block (each replica's rows own blocks of its own pool). Otherwise
+(a cache the paged pools cannot hold) it runs over the model's own dense cache, or
 recomputes the sequence for a model that keeps none.
 
 The prefill writes indices ``0..P-1`` of the cache and picks the first new token (index
@@ -37,7 +38,7 @@ from ttpu.backends.jax.paged_attention import PagedBatch
 from ttpu.backends.jax.sampling import ProcessorValues, RowSampling, SamplerMode, generation_sampling, sample
 from ttpu.errors import CompilationError
 from ttpu.generation.config import GenerationSettings
-from ttpu.sharding.mesh import DATA_AXES
+from ttpu.sharding.rules import Axis
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +149,14 @@ class JaxDecoder(Decoder):
         if paged is None:
             cache = self.layout.empty(batch, max_length, place)
         else:
-            tables = 1 + np.arange(batch * -(-max_length // BLOCK_SIZE), dtype=np.int32).reshape(batch, -1)
-            arrays = paged.empty(1 + tables.size, BLOCK_SIZE, batch if paged.has_states else 0)
+            replicas = self._replicas(batch)
+            local = 1 + np.arange(batch // replicas * -(-max_length // BLOCK_SIZE), dtype=np.int32)
+            tables = np.tile(local.reshape(batch // replicas, -1), (replicas, 1))  # each replica's rows: its own blocks
+            arrays = paged.empty(replicas * (1 + local.size), BLOCK_SIZE, batch if paged.has_states else 0,
+                                 self._replica_axes(batch))
             cache = PagedCache(arrays, place.put(tables, ()), place.put(np.int32(0), ()))
-            prompt = jax.tree.map(lambda v: place.put(v, ()), _prompt_step(prompt_mask, tables, paged.has_states))
+            prompt = jax.tree.map(lambda v: place.put(v, ()),
+                                  _prompt_step(prompt_mask, tables, replicas, paged.has_states))
         state = self._prefill(
             self._forward.params, cache, place.batch(input_ids.astype(np.int32)),
             place.batch(prompt_mask.astype(np.int32)), sampling, mode, max_length, prompt,
@@ -173,11 +178,16 @@ class JaxDecoder(Decoder):
             raise NotPageable(str(self._paged))
         return self._paged
 
+    def _replica_axes(self, batch: int) -> Axis:
+        """The mesh axes a batch of ``batch`` rows splits over (as the dense cache's does):
+        each part of it runs on its own replica of the paged pools."""
+        return self._placement.plan.batch_spec((batch,))[0]
+
+    def _replicas(self, batch: int) -> int:
+        return self._placement.plan.mesh.split(self._replica_axes(batch))
+
     def paged_for(self, batch: int, prompt_length: int, max_length: int) -> PagedModel | None:
         """The paged step if it carries this generation exactly, else None (the dense cache)."""
-        mesh = self._placement.plan.mesh
-        if any(mesh.size(axis) > 1 for axis in DATA_AXES):  # a pool shared by all rows would not split the batch
-            return None
         try:
             paged = self.paged_model()
         except NotPageable:
@@ -239,13 +249,15 @@ class JaxDecoder(Decoder):
     def _paged_decode(self, params: Any, cache: PagedCache, ids: jax.Array, positions: jax.Array):
         """The paged step of one token per row (``ids``, ``positions`` [batch]): the
         next-token logits [batch, vocab] and the cache after it."""
-        rows = jnp.arange(ids.shape[0], dtype=jnp.int32)
+        batch = ids.shape[0]
+        rows = jnp.arange(batch, dtype=jnp.int32)
         slots = cache.tables[rows, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         paged = self.paged_model()
         grid = RowGrid(rows + 1) if paged.has_states else None
         columns = jnp.full_like(positions, cache.length)  # the tokens' indices in the buffer, left padding counted
-        arrays, logits = paged.logits(params, cache.arrays, ids, PagedBatch(positions, slots, rows, cache.tables), rows,
-                                      grid, columns)
+        local = PagedBatch(positions, slots, rows % (batch // self._replicas(batch)), cache.tables)  # rows per replica
+        arrays, logits = paged.logits(params, cache.arrays, ids, local, None, grid, columns,
+                                      replica_axes=self._replica_axes(batch))
         return logits, cache._replace(arrays=arrays, length=cache.length + 1)
 
     def _prefill_program(self, params, cache, ids, prompt_mask, sampling: Sampling, mode: SamplerMode, max_length: int,
@@ -257,7 +269,8 @@ class JaxDecoder(Decoder):
         if prompt is not None:
             columns = jnp.tile(jnp.arange(prompt_length, dtype=jnp.int32), batch)
             arrays, logits = self.paged_model().logits(params, cache.arrays, ids.reshape(-1), prompt.batch,
-                                                       prompt.last_tokens, prompt.grid, columns, new_rows=prompt_length)
+                                                       prompt.last_tokens, prompt.grid, columns, new_rows=prompt_length,
+                                                       replica_axes=self._replica_axes(batch))
             cache = cache._replace(arrays=arrays, length=jnp.int32(prompt_length))
         elif self.layout.recompute:
             logits, cache = self._recompute_step(params, cache, tokens, mask, jnp.int32(prompt_length - 1))
@@ -321,9 +334,10 @@ def _has_holes(mask: np.ndarray) -> bool:
     return bool(((np.cumsum(mask, axis=1) > 0) & (mask == 0)).any())
 
 
-def _prompt_step(mask: np.ndarray, tables: np.ndarray, rows_as_grid: bool) -> PromptStep:
+def _prompt_step(mask: np.ndarray, tables: np.ndarray, replicas: int, rows_as_grid: bool) -> PromptStep:
     """The left-padded prompts (``mask`` [batch, length]: 1 at real tokens) as one paged
-    step, row ``r`` writing into the blocks ``tables[r]`` (padding into the null block)."""
+    step, row ``r`` writing into the blocks ``tables[r]`` (padding into the null block),
+    the rows split evenly over ``replicas`` (numbered from 0 in each)."""
     rows, length = mask.shape
     cells = np.arange(rows * length, dtype=np.int32)
     row = cells // length
@@ -333,7 +347,7 @@ def _prompt_step(mask: np.ndarray, tables: np.ndarray, rows_as_grid: bool) -> Pr
     slots = np.where(real, tables[row, at // BLOCK_SIZE] * BLOCK_SIZE + at % BLOCK_SIZE, 0).astype(np.int32)
     last = (np.arange(rows) * length + length - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)).astype(np.int32)
     grid = RowGrid(np.arange(1, rows + 1, dtype=np.int32)) if rows_as_grid else None
-    return PromptStep(PagedBatch(positions, slots, row, tables), last, grid)
+    return PromptStep(PagedBatch(positions, slots, row % (rows // replicas), tables), last, grid)
 
 
 def _positions(mask: jax.Array) -> jax.Array:

@@ -50,12 +50,13 @@ from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import (
     CONV, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer,
 )
-from ttpu.backends.jax.paged_attention import PagedBatch, paged_attention_kernel, per_device, write_kv
+from ttpu.backends.jax.paged_attention import PagedBatch, attend, paged_attention_kernel, per_device
 from ttpu.backends.jax.torchax_compat import import_torchax
 from ttpu.compat import DummyLayer
 from ttpu.errors import InvalidArgumentError
 from ttpu.inputs import positional_embeddings
 from ttpu.patches.attention import POSITIONAL_ATTENTION
+from ttpu.sharding.rules import Axis
 
 PAGED_ATTENTION = "ttpu_paged"
 PROBE_TOKENS = 16  # tokens of the traces that probe a model's attention calls
@@ -104,6 +105,7 @@ class _Step:
     heads_axes: tuple[str | None, ...] = ()  # per pool: the mesh axis its heads are split over
     grid: RowGrid | None = None  # rows of tokens, one request per row (models with recurrent state)
     new_rows: int | None = None  # the step's tokens are rows of this many, each a new prompt (attending within its row)
+    replica_axes: Axis = None  # mesh axes the requests and the pools' blocks split over (a replica's own pool each)
     pool_of: Mapping[Call, int] = field(default_factory=dict)  # the pool each call that writes keys writes
     calls: dict[int, list[AttentionCall]] = field(default_factory=dict)
     calls_made: dict[int, int] = field(default_factory=dict)  # per layer, its calls so far in this trace
@@ -162,9 +164,7 @@ def paged_attention_forward(
         raise NotPageable(f"layer {module.layer_idx} makes an attention call the construction-time probe did not see")
     pool = step.pools[index]
     padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
-    if source == this:  # a call given another's keys finds them written there
-        pool = write_kv(pool, padded(k), padded(v), step.batch.slots)
-        step.pools[index] = pool
+    written = (padded(k), padded(v)) if source == this else None  # a call given another's keys finds them written
     options = {"scale": scaling if scaling is not None else q.shape[-1] ** -0.5, "sliding_window": sliding_window,
                "softcap": softcap}
     if s_aux is not None:
@@ -177,8 +177,11 @@ def paged_attention_forward(
         options["new_rows"] = step.new_rows
     kernel = paged_attention_kernel(options)
     if step.mesh is not None and step.mesh.size > 1:
-        kernel = per_device(kernel, step.mesh, step.heads_axes[index])
-    out = kernel(padded(q), pool, step.batch, **options)[..., : v.shape[-1]]
+        run = per_device(kernel, step.mesh, step.heads_axes[index], step.replica_axes)
+    else:
+        run = functools.partial(attend, kernel)
+    out, step.pools[index] = run(padded(q), pool, step.batch, written, **options)
+    out = out[..., : v.shape[-1]]
     return to_traced(out.reshape(rows, length, *out.shape[1:])), None
 
 
@@ -394,11 +397,14 @@ class PagedModel:
         plan = self._forward.placement.plan
         self._heads_axes = tuple(plan.kv_cache_spec((1, call.kv_heads, 1, 1))[1] for call in self._pools)
 
-    def empty(self, num_blocks: int, block_size: int, state_slots: int) -> CacheArrays:
+    def empty(self, num_blocks: int, block_size: int, state_slots: int, replica_axes: Axis = None) -> CacheArrays:
         """Zeroed pools of ``num_blocks`` blocks (block 0 is the null block padding writes
-        into) and recurrent states of ``state_slots`` slots (slot 0 is padding's, besides)."""
+        into) and recurrent states of ``state_slots`` slots (slot 0 is padding's, besides).
+        With ``replica_axes``, each pool's blocks split over those mesh axes: one pool of
+        ``num_blocks / replicas`` blocks per replica, with its own null block."""
         place = self._forward.placement
-        pools = tuple(self._pool(call, axis, num_blocks, block_size) for call, axis in zip(self._pools, self._heads_axes))
+        pools = tuple(self._pool(call, axis, num_blocks, block_size, replica_axes)
+                      for call, axis in zip(self._pools, self._heads_axes))
         states = tuple(
             {n: jnp.zeros((state_slots + 1, *a.shape), a.dtype, device=place.replicated)
              for n, a in layer.arrays if n.startswith((CONV, RECURRENT))}
@@ -406,40 +412,48 @@ class PagedModel:
         )
         return CacheArrays(pools, states)
 
-    def _pool(self, call: AttentionCall, heads_axis: str | None, num_blocks: int, block_size: int) -> jax.Array:
+    def _pool(self, call: AttentionCall, heads_axis: str | None, num_blocks: int, block_size: int,
+              replica_axes: Axis) -> jax.Array:
         """One attention call's zeroed pool, [num_blocks, block_size, 2 * kv_heads, head_dim]
         for the keys and values it receives (the wider width if they differ), its heads
-        split over the tensor axis as ``generate``'s dense cache's are (a pool is shared
-        by all sequences: never split by batch)."""
+        split over the tensor axis as ``generate``'s dense cache's are, its blocks over
+        ``replica_axes``."""
         shape = (num_blocks, block_size, 2 * call.kv_heads, max(call.key_dim, call.value_dim))
         # Spelled as the step's outputs come back (no trailing Nones), so the donated pools keep one signature.
-        spec = (None, None, heads_axis) if heads_axis else ()
+        spec = (replica_axes, None, heads_axis) if heads_axis else (replica_axes,) if replica_axes else ()
         return jnp.zeros(shape, call.dtype, device=self._forward.placement.sharding(spec))
 
     def logits(self, params: Any, cache: CacheArrays, ids: jax.Array, batch: PagedBatch,
-               sampling_rows: jax.Array, grid: RowGrid | None,
-               embedded: jax.Array | None = None, new_rows: int | None = None) -> tuple[CacheArrays, jax.Array]:
+               sampling_rows: jax.Array | None, grid: RowGrid | None,
+               embedded: jax.Array | None = None, new_rows: int | None = None,
+               replica_axes: Axis = None) -> tuple[CacheArrays, jax.Array]:
         """Inside a trace: the cache after the step's tokens ``ids`` [tokens] (where
         ``batch`` places them) and the logits [sampling tokens, vocab] of the tokens at
-        ``sampling_rows`` (with a ``grid``, of each row's last token instead).
+        ``sampling_rows`` (None: of every token; with a ``grid``, of each row's last token instead).
         ``embedded`` [tokens], if given, are the positions that models numbering positions
         themselves embed (transformers counts left padding there), in place of the tokens'.
         With ``new_rows``, the tokens are rows of that many, each one request's whole
         prompt (padding anywhere in it): each row attends within itself only, densely (a
-        ``grid``'s rows of more than one token are such rows)."""
+        ``grid``'s rows of more than one token are such rows). With ``replica_axes``, the
+        tokens and requests split over those mesh axes as the pools' blocks do
+        (:meth:`empty`): each replica's requests number its own blocks, and their rows in
+        ``batch`` count from 0 in each replica."""
         if grid is not None:  # rows of whole new prompts, or of one decode each
             length = ids.shape[0] // grid.state_slots.shape[0]
             new_rows = length if length > 1 else None
-        step = _Step(list(cache.pools), batch, self._forward.placement.mesh, self._heads_axes, grid, new_rows,
+        place = self._forward.placement
+        if replica_axes is not None:  # the whole forward splits with its tokens, not only the attention
+            ids = jax.lax.with_sharding_constraint(ids, place.sharding((replica_axes,)))
+        step = _Step(list(cache.pools), batch, place.mesh, self._heads_axes, grid, new_rows, replica_axes,
                      self._pool_of)
         if grid is not None:
             logits, states = self._rows_traced(step, params, cache.states, ids)
             return CacheArrays(tuple(step.pools), states), logits
         inputs = {"input_ids": to_traced(ids[None]), "use_cache": False}
-        if self._keeps_logits:  # the vocabulary projection of the sampling tokens only
+        if self._keeps_logits and sampling_rows is not None:  # the vocabulary projection of the sampling tokens only
             inputs["logits_to_keep"] = to_traced(sampling_rows)
         logits = self._logits_traced(step, params, inputs, jnp.maximum(batch.positions, 0), embedded)[0]
-        logits = logits if self._keeps_logits else logits[sampling_rows]
+        logits = logits if self._keeps_logits or sampling_rows is None else logits[sampling_rows]
         return CacheArrays(tuple(step.pools), cache.states), logits
 
     def _check_step(self, how: str) -> None:

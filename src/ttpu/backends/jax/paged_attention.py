@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ttpu.errors import InvalidArgumentError
+from ttpu.sharding.rules import Axis
 
 
 
@@ -309,30 +310,56 @@ def paged_attention_kernel(options: Mapping[str, Any]) -> Callable[..., jax.Arra
     return xla_paged_attention
 
 
-def per_device(kernel: Callable[..., jax.Array], mesh: Mesh, heads_axis: str | None) -> Callable[..., jax.Array]:
-    """``kernel`` run by each device of ``mesh`` on its own data (a ``shard_map``): GSPMD
-    never partitions its inside, so its loop and branch (bounded by values on the device)
-    hold no collective, and a Pallas call (which GSPMD cannot split) runs as written.
-    With ``heads_axis``, the queries, the pool, the sinks and ALiBi slopes split over
-    that mesh axis by head, the batch whole: each device attends over its own key heads
-    (a pool interleaves each key head with its value head, so every device holds whole
-    pairs; with GQA, its query heads are those of its key heads). Without (a pool too few
-    heads to split, or a mesh with no tensor axis), every device runs the whole kernel on
-    its copy."""
+def attend(
+    kernel: Callable[..., jax.Array],
+    query: jax.Array,
+    pool: jax.Array,
+    batch: PagedBatch,
+    written: tuple[jax.Array, jax.Array] | None = None,
+    **options: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """``kernel``'s attention of ``query`` over ``pool`` after ``written`` (the step's new
+    keys and values [tokens, kv_heads, dim]; None for a call that reads another's pool)
+    are written at ``batch.slots``, and the pool after."""
+    if written is not None:
+        pool = write_kv(pool, *written, batch.slots)
+    return kernel(query, pool, batch, **options), pool
 
-    def run(query: jax.Array, pool: jax.Array, batch: PagedBatch, **options: Any) -> jax.Array:
+
+def per_device(
+    kernel: Callable[..., jax.Array], mesh: Mesh, heads_axis: str | None, replica_axes: Axis = None,
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """:func:`attend` with ``kernel`` run by each device of ``mesh`` on its own data (a
+    ``shard_map``): GSPMD never partitions its inside, so its loop and branch (bounded by
+    values on the device) hold no collective, and a Pallas call (which GSPMD cannot split)
+    runs as written.
+
+    - With ``heads_axis``, the queries, new keys and values, the pool, the sinks and ALiBi
+      slopes split over that mesh axis by head: each device attends over its own key
+      heads (a pool interleaves each key head with its value head, so every device holds
+      whole pairs; with GQA, its query heads are those of its key heads). Without (a pool
+      of too few heads to split, or a mesh with no tensor axis), every device holds them whole.
+    - With ``replica_axes`` (the mesh axes a batch is split over), the step's tokens and
+      requests split over them as they come, and each pool by block: every replica holds
+      its own pool, its own null block 0 first, which its requests' block tables and slots
+      number from (``generate()`` over a batch split by data parallelism). Without, every
+      device takes the whole batch and every block."""
+
+    def run(query: jax.Array, pool: jax.Array, batch: PagedBatch, written: tuple[jax.Array, jax.Array] | None = None,
+            **options: Any) -> tuple[jax.Array, jax.Array]:
         per_head = {name: options.pop(name) for name in PER_HEAD_OPTIONS if options.get(name) is not None}
 
-        def local(query: jax.Array, pool: jax.Array, batch: PagedBatch, per_head: dict[str, jax.Array]) -> jax.Array:
-            return kernel(query, pool, batch, **options, **per_head)
+        def local(query, pool, batch, written, per_head) -> tuple[jax.Array, jax.Array]:
+            return attend(kernel, query, pool, batch, written, **options, **per_head)
 
         if heads_axis is not None and (pool.shape[2] // 2) % mesh.shape[heads_axis]:
             raise InvalidArgumentError(
                 f"{pool.shape[2] // 2} key heads do not split over the {mesh.shape[heads_axis]} devices of mesh axis {heads_axis!r}"
             )
-        heads = P(None, heads_axis)
-        split = jax.shard_map(local, mesh=mesh, out_specs=heads, check_vma=False,
-                              in_specs=(heads, P(None, None, heads_axis), P(), {n: P(heads_axis) for n in per_head}))
-        return split(query, pool, batch, per_head)
+        tokens, blocks = P(replica_axes, heads_axis), P(replica_axes, None, heads_axis)
+        split = jax.shard_map(local, mesh=mesh, out_specs=(tokens, blocks), check_vma=False,
+                              in_specs=(tokens, blocks, P(replica_axes), None if written is None else tokens,
+                                        {n: P(heads_axis) for n in per_head}))
+        return split(query, pool, batch, written, per_head)
 
     return run
