@@ -51,7 +51,7 @@ class PagedCache(NamedTuple):
     and each row's blocks."""
 
     arrays: CacheArrays
-    tables: jax.Array  # [batch, max_length / BLOCK_SIZE] row r's blocks
+    tables: jax.Array  # [batch, max_length / BLOCK_SIZE] row r's blocks, numbered in its replica's part of the pools
     length: jax.Array  # () indices of the token buffer run so far (the next one fed is at this index)
 
 

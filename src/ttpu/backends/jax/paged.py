@@ -429,7 +429,8 @@ class PagedModel:
                replica_axes: Axis = None) -> tuple[CacheArrays, jax.Array]:
         """Inside a trace: the cache after the step's tokens ``ids`` [tokens] (where
         ``batch`` places them) and the logits [sampling tokens, vocab] of the tokens at
-        ``sampling_rows`` (None: of every token; with a ``grid``, of each row's last token instead).
+        ``sampling_rows`` (indices into the whole step's tokens; None: every token; with a
+        ``grid``, of each row's last token instead).
         ``embedded`` [tokens], if given, are the positions that models numbering positions
         themselves embed (transformers counts left padding there), in place of the tokens'.
         With ``new_rows``, the tokens are rows of that many, each one request's whole
