@@ -92,6 +92,8 @@ def test_a_sample_of_the_sweep_does_not_regress() -> None:
     installed = set(coverage.select_model_types(None))
     matched = sorted(t for t, r in recorded.items() if r.get("matches") and t in installed)
     sample = sorted(random.Random(0).sample(matched, SAMPLE_SIZE))
-    results = coverage.sweep(sample, workers=2, progress=False)
+    # A hang still fails; 120 s per model did not hold once transformers 5.25 resolved (its tiny
+    # sam3_tracker took 146 s here, same result).
+    results = coverage.sweep(sample, workers=2, progress=False, timeout=300)
     regressed = {r["model_type"]: coverage.classify(r) for r in results if not r.get("matches")}
     assert not regressed, f"matched in {RECORDED.name}, no longer: {regressed}"
