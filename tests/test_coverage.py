@@ -11,6 +11,7 @@ from ttpu import coverage
 
 RECORDED = Path(__file__).parent.parent / "docs" / "coverage.json"
 SAMPLE_SIZE = 10
+SAMPLE_MAX_SECONDS = 20  # a quick sample: the recorded sweep's times, eager and ttpu together
 
 
 def test_tiny_config_shrinks_a_model_generically() -> None:
@@ -85,15 +86,16 @@ def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
 def test_a_sample_of_the_sweep_does_not_regress() -> None:
     """A fixed sample of the model types that matched eager in the recorded sweep
     (docs/coverage.json) still match; a type missing from the installed transformers
-    (an older release) is left out of the sample."""
+    (an older release), or one whose recorded run took over ``SAMPLE_MAX_SECONDS`` (a few
+    keep their real widths, such as sam3_tracker's 41M parameters at 1008x1008 pixels:
+    the whole sweep runs those), is left out of the sample."""
     import random
 
     recorded = {r["model_type"]: r for r in json.loads(RECORDED.read_text())["results"]}
     installed = set(coverage.select_model_types(None))
-    matched = sorted(t for t, r in recorded.items() if r.get("matches") and t in installed)
+    matched = sorted(t for t, r in recorded.items() if r.get("matches") and t in installed
+                     and r["times"]["total"] <= SAMPLE_MAX_SECONDS)
     sample = sorted(random.Random(0).sample(matched, SAMPLE_SIZE))
-    # A hang still fails; 120 s per model did not hold once transformers 5.25 resolved (its tiny
-    # sam3_tracker took 146 s here, same result).
-    results = coverage.sweep(sample, workers=2, progress=False, timeout=300)
+    results = coverage.sweep(sample, workers=2, progress=False)
     regressed = {r["model_type"]: coverage.classify(r) for r in results if not r.get("matches")}
     assert not regressed, f"matched in {RECORDED.name}, no longer: {regressed}"

@@ -25,6 +25,18 @@ BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
 SMALL_CHUNKS = functools.partial(xla_paged_attention, context_chunk=2 * BLOCK)
 
 
+def compiled(kernel):
+    """``kernel`` as one compiled program, its array options traced and the others static
+    (a shard_map run eagerly dispatches each of its operations on every device: ~10x slower)."""
+
+    def run(*args, **options):
+        arrays = {name: value for name, value in options.items() if isinstance(value, jax.Array)}
+        static = {name: value for name, value in options.items() if name not in arrays}
+        return jax.jit(functools.partial(kernel, **static))(*args, **arrays)
+
+    return run
+
+
 class RandomStep(NamedTuple):
     """A step over random keys and values: its inputs, and each request's whole sequence."""
 
@@ -196,7 +208,7 @@ def test_each_device_attends_over_its_own_heads(options, shape, heads_axis) -> N
     assert len(jax.devices()) >= 8, "needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest)"
     names = ("tensor",) if len(shape) == 1 else ("data", "tensor")
     mesh = Mesh(np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape), names)
-    split = per_device(SMALL_CHUNKS, mesh, heads_axis)
+    split = compiled(per_device(SMALL_CHUNKS, mesh, heads_axis))
     run_step(*MIXED, seed=5, kernel=lambda *args, **given: split(*args, **given)[0], **options)
 
 
@@ -213,7 +225,7 @@ def test_each_replica_writes_and_reads_its_own_part_of_the_pool(heads_axis) -> N
     joined = [np.concatenate([getattr(step, name) for step in steps]) for name in ("query", "new_keys", "new_values", "pool")]
     batch = PagedBatch(*(jnp.concatenate(parts) for parts in zip(*(step.batch for step in steps))))
     options = {"scale": DIM**-0.5, "sliding_window": 5, "sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}
-    split = per_device(SMALL_CHUNKS, mesh, heads_axis, replica_axes="data")
+    split = compiled(per_device(SMALL_CHUNKS, mesh, heads_axis, replica_axes="data"))
     out, pool = split(jnp.asarray(joined[0]), jnp.asarray(joined[3]), batch, (jnp.asarray(joined[1]), jnp.asarray(joined[2])), **options)
     assert pool.sharding.shard_shape(pool.shape)[0] == BLOCKS
     for half, step in enumerate(steps):

@@ -42,7 +42,9 @@ def gemma():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prompt", GENERATION_PROMPTS[:3])
+# One prompt against transformers (the JAX backend checks all five in test_offline_models.py);
+# test_gemma_on_both_backends_agrees compares a padded batch with the JAX backend's tokens.
+@pytest.mark.parametrize("prompt", GENERATION_PROMPTS[:1])
 def test_gemma_greedy_generation_equals_transformers(gemma, prompt) -> None:
     model, torch_model = gemma
     ids = model.tokenizer([prompt], return_tensors="np")["input_ids"]
