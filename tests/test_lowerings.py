@@ -152,3 +152,29 @@ def test_type_as_a_slice_converts_a_copy() -> None:
     with lowerings.tensor_method_fixes():
         actual = run_traced(convert, x, other)
     np.testing.assert_array_equal(actual, convert(torch.from_numpy(x), torch.from_numpy(other)).numpy())
+
+
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("unitriangular", [False, True])
+def test_solve_triangular_runs_no_lapack_kernel(upper: bool, left: bool, unitriangular: bool) -> None:
+    """torch's answer, batches broadcast, an odd size; the program calls no LAPACK kernel
+    (jaxlib 0.10's deadlocks XLA:CPU's thread pool when every device of a mesh runs it)."""
+    rng = np.random.default_rng(1)
+    n = 7
+    a = rng.standard_normal((3, 1, n, n), np.float32) + 4 * np.eye(n, dtype=np.float32)  # well conditioned
+    b = rng.standard_normal((2, n, 5) if left else (2, 5, n), np.float32)
+
+    def solve(a, b):
+        return torch.linalg.solve_triangular(a, b, upper=upper, left=left, unitriangular=unitriangular)
+
+    expected = solve(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    np.testing.assert_allclose(run_traced(solve, a, b), expected, rtol=1e-5, atol=1e-5)
+    env = tracing_environment()
+
+    def traced(a, b):
+        with env:
+            return torchax.interop.jax_view(solve(*to_traced((a, b))))
+
+    program = jax.jit(traced).lower(a, b).compile().as_text()
+    assert "custom_call_target" not in program

@@ -86,20 +86,23 @@ def test_a_batch_split_over_data_axes_splits_the_paged_pools_by_block(strategy, 
     assert [shape for shape in collectives if re.search(r"\bb?f\d+\[", shape)] == [], collectives
 
 
-def test_recurrent_states_in_a_batch_split_over_data_axes_keep_the_dense_cache() -> None:
-    """A hybrid's states in a split batch run on the dense cache (a paged prefill hung under
-    2d, not diagnosed): one device's tokens; on one replica the paged step."""
+def test_a_hybrid_batch_split_over_data_and_tensor_axes_runs_the_paged_step() -> None:
+    """A tiny Qwen3-Next (gated delta nets beside attention) under 2d: the paged step with
+    state slots gives one device's tokens. Its chunked delta rule solves triangular systems,
+    which jaxlib's LAPACK kernel did by waiting on XLA:CPU's thread pool from inside it:
+    with every device running it at once, this prefill hung (ttpu's solve_triangular
+    lowering runs none)."""
     from transformers import AutoModelForCausalLM
 
     from ttpu.coverage import tiny_config
 
     torch.manual_seed(0)
-    module = AutoModelForCausalLM.from_config(tiny_config("mamba")).eval()
+    module = AutoModelForCausalLM.from_config(tiny_config("qwen3_next")).eval()
     ids = np.random.default_rng(3).integers(1, 64, (8, 6))
     single = AutoModelForTPU.from_model(module)
-    assert single.decoder().paged_for(8, 6, 16) is not None
-    model = AutoModelForTPU.from_model(module, parallelism="dp")
-    assert model.decoder().paged_for(8, 6, 16) is None
+    model = AutoModelForTPU.from_model(module, parallelism="2d")
+    paged = model.decoder().paged_for(8, 6, 16)
+    assert paged is not None and paged.has_states
     np.testing.assert_array_equal(model.generate(ids, max_new_tokens=4), single.generate(ids, max_new_tokens=4))
 
 

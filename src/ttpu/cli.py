@@ -149,12 +149,8 @@ def doctor(args: argparse.Namespace) -> int:
             from ttpu.backends.jax.paged import NotPageable
 
             try:
-                paged = decoder.paged_model()
-                if paged.has_states and model.sharding.mesh.data_parallel_size > 1:
-                    print("paged:       yes (the serving engine runs the paged step; generate keeps the dense cache "
-                          "for recurrent states in a batch split over data axes)")
-                else:
-                    print("paged:       yes (the serving engine and generate run the paged step)")
+                decoder.paged_model()
+                print("paged:       yes (the serving engine and generate run the paged step)")
             except NotPageable as reason:
                 print(f"paged:       no, generate runs the dense cache and the engine recomputes ({reason})")
     return 0

@@ -8,8 +8,7 @@ wherever that step can carry it: each row owns a fixed run of blocks in the pool
 recurrent-state slot), the prompts run as one step of whole rows, each row attending
 within itself, each decode as one token per row; a batch split over data axes splits
 the pools with it, by block (each replica's rows own blocks of its own pool). Otherwise
-(a cache the paged pools cannot hold, recurrent states in a batch split over data axes)
-it runs over the model's own dense cache, or recomputes the sequence for a model that
+(a cache the paged pools cannot hold) it runs over the model's own dense cache, or recomputes the sequence for a model that
 keeps none.
 
 The prefill writes indices ``0..P-1`` of the cache and picks the first new token (index
@@ -192,10 +191,6 @@ class JaxDecoder(Decoder):
         try:
             paged = self.paged_model()
         except NotPageable:
-            return None
-        if paged.has_states and self._replicas(batch) > 1:
-            # Recurrent states with a batch split over replicas: a tiny Qwen3-Next's paged prefill hung on 8 CPU
-            # devices under "2d" (not diagnosed; "dp" and Mamba ran), so these keep the dense cache.
             return None
         limit = paged.positions_limit
         step_tokens = max(max_length, batch * prompt_length)

@@ -110,6 +110,37 @@ def copy_into(target: Any, source: Any, non_blocking: bool = False, *, env: Any)
     return target
 
 
+def solve_triangular(a: jax.Array, b: jax.Array, *, upper: bool = True, left: bool = True,
+                     unitriangular: bool = False) -> jax.Array:
+    """``torch.linalg.solve_triangular`` by blocked substitution in matrix products.
+
+    jax lowers a triangular solve on CPU to jaxlib's LAPACK kernel, which in jaxlib 0.10
+    splits a batch over XLA:CPU's thread pool and blocks a pool thread waiting for it;
+    when every pool thread runs such a kernel (one per device on a multi-device CPU
+    mesh) none of them returns. Here each half of the unknowns is solved in turn and the
+    second half's right-hand side updated by one matrix product, so no custom call runs."""
+    if not left:  # X A = B is A^T X^T = B^T
+        return jnp.matrix_transpose(solve_triangular(jnp.matrix_transpose(a), jnp.matrix_transpose(b),
+                                                     upper=not upper, unitriangular=unitriangular))
+    if upper:  # reversing the unknowns' order makes an upper triangle lower
+        return jnp.flip(_solve_lower(jnp.flip(a, (-2, -1)), jnp.flip(b, -2), unitriangular), -2)
+    return _solve_lower(a, b, unitriangular)
+
+
+def _solve_lower(a: jax.Array, b: jax.Array, unitriangular: bool) -> jax.Array:
+    """X with ``a @ X == b``, ``a`` [..., n, n] lower triangular, ``b`` [..., n, k]."""
+    n = a.shape[-1]
+    if n == 1:
+        return b if unitriangular else b / a[..., :1, :1]
+    half = n // 2
+    first = _solve_lower(a[..., :half, :half], b[..., :half, :], unitriangular)
+    rest = b[..., half:, :] - jnp.matmul(a[..., half:, :half], first, precision=jax.lax.Precision.HIGHEST)
+    second = _solve_lower(a[..., half:, half:], rest, unitriangular)
+    batch = jnp.broadcast_shapes(first.shape[:-2], second.shape[:-2])
+    return jnp.concatenate([jnp.broadcast_to(first, (*batch, *first.shape[-2:])),
+                            jnp.broadcast_to(second, (*batch, *second.shape[-2:]))], axis=-2)
+
+
 LOWERINGS: list[OpLowering] = [
     OpLowering(
         torch.ops.aten._grouped_mm.default,
@@ -146,6 +177,13 @@ LOWERINGS: list[OpLowering] = [
         "tests/test_lowerings.py::test_copy_from_a_slice",
         copy_into,
         view_op=True,
+    ),
+    OpLowering(
+        torch.ops.aten.linalg_solve_triangular.default,
+        "torchax's solve_triangular runs jaxlib's LAPACK kernel on CPU, which deadlocks XLA:CPU's thread "
+        "pool when every device runs it at once (gated delta nets under data parallelism: Qwen3-Next, Qwen3.5)",
+        "tests/test_lowerings.py::test_solve_triangular_runs_no_lapack_kernel",
+        solve_triangular,
     ),
     *(
         OpLowering(
