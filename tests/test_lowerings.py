@@ -157,11 +157,11 @@ def test_type_as_a_slice_converts_a_copy() -> None:
 @pytest.mark.parametrize("upper", [False, True])
 @pytest.mark.parametrize("left", [True, False])
 @pytest.mark.parametrize("unitriangular", [False, True])
-def test_solve_triangular_runs_no_lapack_kernel(upper: bool, left: bool, unitriangular: bool) -> None:
+@pytest.mark.parametrize("n", [7, 1])
+def test_solve_triangular_runs_no_lapack_kernel(n: int, upper: bool, left: bool, unitriangular: bool) -> None:
     """torch's answer, batches broadcast, an odd size; the program calls no LAPACK kernel
     (jaxlib 0.10's deadlocks XLA:CPU's thread pool when every device of a mesh runs it)."""
     rng = np.random.default_rng(1)
-    n = 7
     a = rng.standard_normal((3, 1, n, n), np.float32) + 4 * np.eye(n, dtype=np.float32)  # well conditioned
     b = rng.standard_normal((2, n, 5) if left else (2, 5, n), np.float32)
 

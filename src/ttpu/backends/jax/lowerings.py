@@ -131,14 +131,13 @@ def _solve_lower(a: jax.Array, b: jax.Array, unitriangular: bool) -> jax.Array:
     """X with ``a @ X == b``, ``a`` [..., n, n] lower triangular, ``b`` [..., n, k]."""
     n = a.shape[-1]
     if n == 1:
-        return b if unitriangular else b / a[..., :1, :1]
+        x = b if unitriangular else b / a[..., :1, :1]
+        return jnp.broadcast_to(x, (*jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]), *b.shape[-2:]))
     half = n // 2
     first = _solve_lower(a[..., :half, :half], b[..., :half, :], unitriangular)
     rest = b[..., half:, :] - jnp.matmul(a[..., half:, :half], first, precision=jax.lax.Precision.HIGHEST)
     second = _solve_lower(a[..., half:, half:], rest, unitriangular)
-    batch = jnp.broadcast_shapes(first.shape[:-2], second.shape[:-2])
-    return jnp.concatenate([jnp.broadcast_to(first, (*batch, *first.shape[-2:])),
-                            jnp.broadcast_to(second, (*batch, *second.shape[-2:]))], axis=-2)
+    return jnp.concatenate([first, second], axis=-2)
 
 
 LOWERINGS: list[OpLowering] = [
