@@ -8,8 +8,8 @@ wherever that step can carry it: each row owns a fixed run of blocks in the pool
 recurrent-state slot), the prompts run as one step of whole rows, each row attending
 within itself, each decode as one token per row; a batch split over data axes splits
 the pools with it, by block (each replica's rows own blocks of its own pool). Otherwise
-(a cache the paged pools cannot hold) it runs over the model's own dense cache, or recomputes the sequence for a model that
-keeps none.
+(a cache the paged pools cannot hold) it runs over the model's own dense cache, or
+recomputes the sequence for a model that keeps none.
 
 The prefill writes indices ``0..P-1`` of the cache and picks the first new token (index
 ``P``); each step feeds the token at index ``cache.length`` and writes the next one
