@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import torch
 
 from ttpu.backends.jax.attention import scaled_dot_product_attention
@@ -112,13 +113,15 @@ def copy_into(target: Any, source: Any, non_blocking: bool = False, *, env: Any)
 
 def solve_triangular(a: jax.Array, b: jax.Array, *, upper: bool = True, left: bool = True,
                      unitriangular: bool = False) -> jax.Array:
-    """``torch.linalg.solve_triangular`` by blocked substitution in matrix products.
+    """``torch.linalg.solve_triangular``; on CPU by forward substitution in a loop over the rows.
 
     jax lowers a triangular solve on CPU to jaxlib's LAPACK kernel, which in jaxlib 0.10
     splits a batch over XLA:CPU's thread pool and blocks a pool thread waiting for it;
     when every pool thread runs such a kernel (one per device on a multi-device CPU
-    mesh) none of them returns. Here each half of the unknowns is solved in turn and the
-    second half's right-hand side updated by one matrix product, so no custom call runs."""
+    mesh) none of them returns. A ``fori_loop`` runs no custom call and compiles one
+    small body whatever the size (an unrolled blocked solve made a tiny Qwen3-Next's
+    forward compile 4x slower). Other platforms keep jax's own solve, which runs no
+    LAPACK kernel there."""
     if not left:  # X A = B is A^T X^T = B^T
         return jnp.matrix_transpose(solve_triangular(jnp.matrix_transpose(a), jnp.matrix_transpose(b),
                                                      upper=not upper, unitriangular=unitriangular))
@@ -128,16 +131,23 @@ def solve_triangular(a: jax.Array, b: jax.Array, *, upper: bool = True, left: bo
 
 
 def _solve_lower(a: jax.Array, b: jax.Array, unitriangular: bool) -> jax.Array:
-    """X with ``a @ X == b``, ``a`` [..., n, n] lower triangular, ``b`` [..., n, k]."""
-    n = a.shape[-1]
-    if n == 1:
-        x = b if unitriangular else b / a[..., :1, :1]
-        return jnp.broadcast_to(x, (*jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]), *b.shape[-2:]))
-    half = n // 2
-    first = _solve_lower(a[..., :half, :half], b[..., :half, :], unitriangular)
-    rest = b[..., half:, :] - jnp.matmul(a[..., half:, :half], first, precision=jax.lax.Precision.HIGHEST)
-    second = _solve_lower(a[..., half:, half:], rest, unitriangular)
-    return jnp.concatenate([first, second], axis=-2)
+    """X with ``a @ X == b``, ``a`` [..., n, n] lower triangular (its other entries unread),
+    ``b`` [..., n, k]; batches broadcast."""
+    if jax.default_backend() != "cpu":
+        return jax.scipy.linalg.solve_triangular(a, b, lower=True, unit_diagonal=unitriangular)
+    batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    b = jnp.broadcast_to(b, (*batch, *b.shape[-2:])).astype(jnp.result_type(a, b))
+    below = jnp.tril(a, -1)  # rows not solved yet are zeros in x, so a row's product reads only solved ones
+    diagonal = jnp.diagonal(a, axis1=-2, axis2=-1)[..., None]
+
+    def solve_row(i: jax.Array, x: jax.Array) -> jax.Array:
+        row = jax.lax.dynamic_slice_in_dim(below, i, 1, axis=-2)
+        value = jax.lax.dynamic_slice_in_dim(b, i, 1, axis=-2) - jnp.matmul(row, x, precision=jax.lax.Precision.HIGHEST)
+        if not unitriangular:
+            value = value / jax.lax.dynamic_slice_in_dim(diagonal, i, 1, axis=-2)
+        return jax.lax.dynamic_update_slice_in_dim(x, value, i, axis=-2)
+
+    return jax.lax.fori_loop(0, a.shape[-1], solve_row, jnp.zeros_like(b))
 
 
 LOWERINGS: list[OpLowering] = [
