@@ -16,14 +16,19 @@ torchax = import_torchax()
 get_backend("jax")  # installs the lowerings
 
 
-def run_traced(fn, *arrays: np.ndarray) -> np.ndarray:
+def jitted(fn):
+    """``fn`` (torch in, torch out) as a jitted function of jax arrays, traced in ttpu's environment."""
     env = tracing_environment()
 
     def traced(*jax_arrays):
         with env:
             return torchax.interop.jax_view(fn(*to_traced(jax_arrays)))
 
-    return np.asarray(jax.jit(traced)(*arrays))
+    return jax.jit(traced)
+
+
+def run_traced(fn, *arrays: np.ndarray) -> np.ndarray:
+    return np.asarray(jitted(fn)(*arrays))
 
 
 def test_grouped_mm_matches_torch_including_rows_past_the_last_offset() -> None:
@@ -170,11 +175,5 @@ def test_solve_triangular_runs_no_lapack_kernel(n: int, upper: bool, left: bool,
 
     expected = solve(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     np.testing.assert_allclose(run_traced(solve, a, b), expected, rtol=1e-5, atol=1e-5)
-    env = tracing_environment()
-
-    def traced(a, b):
-        with env:
-            return torchax.interop.jax_view(solve(*to_traced((a, b))))
-
-    program = jax.jit(traced).lower(a, b).compile().as_text()
+    program = jitted(solve).lower(a, b).compile().as_text()
     assert "custom_call_target" not in program
