@@ -91,8 +91,8 @@ def arange(
 
 
 # XLA:CPU (jaxlib 0.10) multiplies a few rows by a [out, in] weight 1.4-2x faster as
-# ``weight @ rows.T`` than as ``rows @ weight.T``, from about 48 rows up no faster or slower
-# (docs/PERFORMANCE.md): decode steps run 32 rows, prefills hundreds.
+# ``weight @ rows.T`` than as ``rows @ weight.T``; about as fast at 64 rows and slower from
+# about 96 (docs/PERFORMANCE.md). Decode steps run tens of rows, prefills hundreds.
 CPU_WEIGHT_FIRST_MAX_ROWS = 48
 
 
