@@ -94,8 +94,9 @@ class LLMEngine:
         return self.runner.compile_count + len(self._sample)
 
     def warm_up(self, progress: bool = True) -> float:
-        """Compile every bucket pair's step and sampler before serving (a progress bar);
-        returns the seconds it took. Afterwards no request mix compiles anything.
+        """Compile and run every bucket pair's step, and compile its samplers, before
+        serving (a progress bar); returns the seconds it took, the runs included.
+        Afterwards no request mix compiles anything.
 
         The samplers (pure JAX) compile in a second thread while the steps are traced
         and compiled in this one."""
@@ -114,6 +115,7 @@ class LLMEngine:
                     compiling.append(samplers.submit(self._sample.compiled, logits, rows, mode, self._processor_values))
             for done in compiling:
                 done.result()  # raises what a sampler's compile raised
+        jax.block_until_ready(self.runner.cache)  # the warm-up steps run asynchronously: the first request must not wait for them
         return time.perf_counter() - start
 
     @property

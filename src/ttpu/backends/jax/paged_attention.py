@@ -178,18 +178,20 @@ def xla_paged_attention(
         """``carry`` ([blocks, kv, g, width, ...]) joined by positions ``index * span ...``."""
         ids = jax.lax.dynamic_slice_in_dim(tables, index * per_chunk, per_chunk, axis=1)
         slots = (ids[:, :, None] * block_size + offsets).reshape(requests, span)
-        gathered = jnp.swapaxes(flat[slots][grid.requests], 1, 2)  # [blocks, 2 * kv_heads, span, dim]: a gather per request
+        # [blocks, kv_heads, span, dim] each, keys and values gathered apart (one gather of
+        # both, sliced after, took XLA:CPU longer): a gather per request
+        keys, values = (jnp.swapaxes(flat[:, part::2][slots][grid.requests], 1, 2) for part in (0, 1))
         context = index * span + jnp.arange(span)
         allowed = (context < cached[..., None]) & (context >= block_earliest[..., None])  # [blocks, width, span]
         allowed = allowed[:, None, None]
-        scores = jnp.einsum("bhgwd,bhnd->bhgwn", block_q, gathered[:, 0::2], preferred_element_type=jnp.float32) * scale
+        scores = _context_scores(block_q, keys) * scale
         scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
         if slopes is not None:
             scores = scores + slopes[..., None] * (context - block_positions[..., None])[:, None, None]
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         high = scores.max(axis=-1)
         weights = jnp.where(allowed, jnp.exp(scores - high[..., None]), 0.0)
-        weighted = jnp.einsum("bhgwn,bhnd->bhgwd", weights.astype(gathered.dtype), gathered[:, 1::2],
+        weighted = jnp.einsum("bhgwn,bhnd->bhgwd", weights.astype(values.dtype), values,
                               preferred_element_type=jnp.float32)
         return _merge(carry, (high, weights.sum(axis=-1), weighted))
 
@@ -211,6 +213,17 @@ def xla_paged_attention(
     else:  # a step with nothing cached before its tokens (new prompts) skips the context part
         high, total, acc = jax.lax.cond(end > start, read_context, lambda own: own, carry)
     return _normalized(high, total, acc, sinks, query)
+
+
+def _context_scores(queries: jax.Array, keys: jax.Array) -> jax.Array:
+    """Query blocks' scores [blocks, kv, g, width, span] (float32) against their
+    context's ``keys`` [blocks, kv, span, dim]. On CPU the keys go first and the product
+    is transposed after, behind an optimization barrier: XLA:CPU otherwise copies every
+    gathered key block transposed, which took longer than the products themselves."""
+    if jax.default_backend() != "cpu":
+        return jnp.einsum("bhgwd,bhnd->bhgwn", queries, keys, preferred_element_type=jnp.float32)
+    keys_first = jnp.einsum("bhnd,bhgwd->bhngw", keys, queries, preferred_element_type=jnp.float32)
+    return jnp.moveaxis(jax.lax.optimization_barrier(keys_first), 2, -1)
 
 
 def _visible(keys: jax.Array, queries: jax.Array, earliest: jax.Array) -> jax.Array:
