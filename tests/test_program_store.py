@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 from ttpu.backends.jax import program_store
 from ttpu.backends.jax.program_store import ProgramStore, StoredProgram
@@ -55,9 +57,22 @@ def stored_files(store: Path) -> list[Path]:
     return sorted(store.rglob("*.program"))
 
 
-def test_second_process_runs_stored_programs_without_tracing(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A store written by a first process, and what that process returned."""
+    store = tmp_path_factory.mktemp("first") / "programs"
+    return store, run(store)
+
+
+def copy_of_first(first_run: tuple[Path, dict], tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the first process's store (a test's own to change) and its result."""
     store = tmp_path / "programs"
-    first = run(store)
+    shutil.copytree(first_run[0], store)
+    return store, first_run[1]
+
+
+def test_second_process_runs_stored_programs_without_tracing(first_run, tmp_path) -> None:
+    store, first = copy_of_first(first_run, tmp_path)
     assert first["traces"] >= 3  # forward, prefill, decode loop
     files = stored_files(store)
     assert len(files) >= 5  # those, the forward's output shapes and the cache layout
@@ -72,9 +87,8 @@ def test_second_process_runs_stored_programs_without_tracing(tmp_path) -> None:
     assert changed["logits"] != first["logits"]
 
 
-def test_unreadable_entries_are_replaced(tmp_path) -> None:
-    store = tmp_path / "programs"
-    first = run(store)
+def test_unreadable_entries_are_replaced(first_run, tmp_path) -> None:
+    store, first = copy_of_first(first_run, tmp_path)
     for path in stored_files(store):
         path.write_bytes(b"not a program")
     again = run(store)
