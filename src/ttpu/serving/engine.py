@@ -104,9 +104,10 @@ class LLMEngine:
         pairs = self.runner.buckets()
         sampled: set[int] = set()  # logits rows whose sampler modes are compiled
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttpu-sampler-warm-up") as samplers:
-            compiling = []
+            compiling, outputs = [], []
             for tokens, requests in tqdm(pairs, desc="compiling serving steps", unit="bucket", disable=not progress):
                 logits = self.runner.run(self.runner.empty_step(tokens, requests))
+                outputs.append(logits)
                 if logits.shape[0] in sampled:
                     continue
                 sampled.add(logits.shape[0])
@@ -115,7 +116,8 @@ class LLMEngine:
                     compiling.append(samplers.submit(self._sample.compiled, logits, rows, mode, self._processor_values))
             for done in compiling:
                 done.result()  # raises what a sampler's compile raised
-        jax.block_until_ready(self.runner.cache)  # the warm-up steps run asynchronously: the first request must not wait for them
+        # The steps run asynchronously: the first request must not wait for them.
+        jax.block_until_ready((outputs, self.runner.cache))
         return time.perf_counter() - start
 
     @property

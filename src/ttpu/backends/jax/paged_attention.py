@@ -48,14 +48,14 @@ def write_kv(pool: jax.Array, keys: jax.Array, values: jax.Array, slots: jax.Arr
 
 PER_HEAD_OPTIONS = ("sinks", "alibi_slopes")  # kernel options holding a value per query head
 CONTEXT_CHUNK = 128  # cached positions the XLA kernel gathers per query block per loop iteration
-MAX_QUERY_BLOCK = 16  # queries of one request that share one gather of its context
+MAX_QUERY_BLOCK = 16  # queries of one request that share one read of its context
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # online softmax: running max, sum of exp, weighted values
 
 
 class QueryBlocks(NamedTuple):
     """A step's tokens cut into blocks of ``width`` consecutive tokens of one request
     each (a request's last block padded), so that a block's queries read its request's
-    cached keys with one gather and one matrix product."""
+    cached keys and values with one gather each and one matrix product each."""
 
     tokens: jax.Array  # [blocks, width] the token in each query slot (clipped into range)
     real: jax.Array  # [blocks, width] whether the slot holds a real token of the block's request
@@ -115,7 +115,7 @@ def xla_paged_attention(
     - the step's own tokens attend to each other densely (``tokens x tokens``): a prompt
       chunk reads its own keys once, not once per token;
     - the positions cached before each request's first token in the step are read in
-      query blocks (:func:`query_blocks`: a block's queries share one gather of their
+      query blocks (:func:`query_blocks`: a block's queries share one read of their
       request's context and one matrix product), in a loop over chunks of
       ``context_chunk`` positions that runs only over the chunks some token reaches
       (bounds computed on the device), and not at all in a step of new prompts.
