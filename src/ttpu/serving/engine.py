@@ -104,10 +104,13 @@ class LLMEngine:
         pairs = self.runner.buckets()
         sampled: set[int] = set()  # logits rows whose sampler modes are compiled
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttpu-sampler-warm-up") as samplers:
-            compiling, outputs = [], []
+            compiling, previous = [], None
             for tokens, requests in tqdm(pairs, desc="compiling serving steps", unit="bucket", disable=not progress):
                 logits = self.runner.run(self.runner.empty_step(tokens, requests))
-                outputs.append(logits)
+                # The steps run asynchronously, each beside the next one's compile; waiting
+                # for the one before keeps at most two steps' logits alive.
+                jax.block_until_ready(previous)
+                previous = logits
                 if logits.shape[0] in sampled:
                     continue
                 sampled.add(logits.shape[0])
@@ -116,8 +119,7 @@ class LLMEngine:
                     compiling.append(samplers.submit(self._sample.compiled, logits, rows, mode, self._processor_values))
             for done in compiling:
                 done.result()  # raises what a sampler's compile raised
-        # The steps run asynchronously: the first request must not wait for them.
-        jax.block_until_ready((outputs, self.runner.cache))
+        jax.block_until_ready((previous, self.runner.cache))  # the first request must not wait for them
         return time.perf_counter() - start
 
     @property
