@@ -126,6 +126,7 @@ def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNK
 
 
 MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after cached positions
+MANY_DECODES = [3, 21, 7, 13, 0, 9, 17, 5, 2, 11]  # contexts of decodes in more query blocks than one group holds
 ALIBI_SLOPES = jnp.asarray([0.5, 0.25, 0.125, 0.0625])[:Q_HEADS]
 
 
@@ -144,9 +145,12 @@ ALIBI_SLOPES = jnp.asarray([0.5, 0.25, 0.125, 0.0625])[:Q_HEADS]
         ([20, 14], [1, 2], {"attention_chunk": 8}),  # every chunk starts past the first context chunk: the loop may too
         (*MIXED, {"alibi_slopes": ALIBI_SLOPES}),  # BLOOM's linear biases
         ([40, 9], [1, 20], {"alibi_slopes": ALIBI_SLOPES}),  # contexts over several context chunks
+        (MANY_DECODES, [1] * len(MANY_DECODES), {}),  # blocks in two groups, each looping over its own chunks
+        (MANY_DECODES, [1] * len(MANY_DECODES), {"sliding_window": 6}),
+        ([9, 0, 12, 5, 3], [30, 25, 1, 2, 1], {}),  # nine query blocks of prompt chunks: two groups
     ],
     ids=["decode", "prefill", "mixed", "blocks-after-context", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
-         "far-chunked", "mixed-alibi", "long-alibi"],
+         "far-chunked", "mixed-alibi", "long-alibi", "many-decodes", "many-decodes-window", "many-blocks"],
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
     run_step(contexts, news, seed=len(contexts), **options)
@@ -272,24 +276,26 @@ def test_the_pallas_kernel_matches_dense_attention_in_interpret_mode() -> None:
 @pytest.mark.parametrize("width", [1, 4, 16])
 def test_query_blocks_hold_each_token_once_and_one_request_each(width: int) -> None:
     """Random splits of a step's tokens over its requests (some with none, padding
-    last): each real token sits in exactly one real slot, the one ``slot_of_token``
-    names, of a block of its own request, at most ``width`` to a block."""
+    last), all chosen or those of some requests only: each chosen token sits in exactly
+    one real slot, the one ``slot_of_token`` names, of a block of its own request, at
+    most ``width`` to a block, and no other token does."""
     rng = np.random.default_rng(width)
     blocks_of = jax.jit(query_blocks, static_argnums=1)  # one shape: 48 tokens, 8 requests
     requests, tokens = 8, 48
     draws = [np.full(requests, tokens // requests)]  # every token slot real: the most blocks
     draws += [rng.integers(0, 6, requests) * rng.integers(0, 2, requests) for _ in range(20)]  # some requests have none
-    for counts in draws:
+    for counts, some in [(counts, some) for counts in draws for some in (False, True)]:
         real_tokens = int(counts.sum())
         rows = np.concatenate([np.repeat(np.arange(requests), counts), np.zeros(tokens - real_tokens, int)])
         positions = np.concatenate([np.arange(real_tokens), np.full(tokens - real_tokens, -1)])
         batch = PagedBatch(*(jnp.asarray(a, jnp.int32) for a in (positions, positions * 0, rows, np.zeros((requests, 1)))))
-        grid = jax.tree.map(np.asarray, blocks_of(batch, width))
+        chosen = (positions >= 0) & (rng.integers(0, 2, requests)[rows] == 1 if some else True)
+        grid = jax.tree.map(np.asarray, blocks_of(batch, width, jnp.asarray(chosen)))
         held = grid.tokens[grid.real]
-        assert sorted(held.tolist()) == list(range(real_tokens))  # every real token once, padding never
+        assert sorted(held.tolist()) == np.flatnonzero(chosen).tolist()  # every chosen token once, no other
         assert (rows[grid.tokens] == grid.requests[:, None])[grid.real].all()  # a block's tokens are its request's
-        slots = grid.slot_of_token[:real_tokens]
-        assert (grid.tokens.reshape(-1)[slots] == np.arange(real_tokens)).all() and grid.real.reshape(-1)[slots].all()
+        slots = grid.slot_of_token[chosen]
+        assert (grid.tokens.reshape(-1)[slots] == np.flatnonzero(chosen)).all() and grid.real.reshape(-1)[slots].all()
 
 
 def test_context_reads_on_cpu_multiply_keys_first() -> None:

@@ -49,31 +49,34 @@ def write_kv(pool: jax.Array, keys: jax.Array, values: jax.Array, slots: jax.Arr
 PER_HEAD_OPTIONS = ("sinks", "alibi_slopes")  # kernel options holding a value per query head
 CONTEXT_CHUNK = 128  # cached positions the XLA kernel gathers per query block per loop iteration
 MAX_QUERY_BLOCK = 16  # queries of one request that share one read of its context
+QUERY_BLOCK_GROUP = 8  # query blocks whose contexts one turn of the context loop reads
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # online softmax: running max, sum of exp, weighted values
 
 
 class QueryBlocks(NamedTuple):
-    """A step's tokens cut into blocks of ``width`` consecutive tokens of one request
-    each (a request's last block padded), so that a block's queries read its request's
-    cached keys and values with one gather each and one matrix product each."""
+    """Some of a step's tokens cut into blocks of ``width`` consecutive tokens of one
+    request each (a request's last block padded), so that a block's queries read its
+    request's cached keys and values with one gather each and one matrix product each."""
 
     tokens: jax.Array  # [blocks, width] the token in each query slot (clipped into range)
     real: jax.Array  # [blocks, width] whether the slot holds a real token of the block's request
     requests: jax.Array  # [blocks] each block's request
-    slot_of_token: jax.Array  # [tokens] each token's query slot (block * width + offset)
+    slot_of_token: jax.Array  # [tokens] each token's query slot (block * width + offset; 0 for tokens left out)
 
 
-def query_blocks(batch: PagedBatch, width: int) -> QueryBlocks:
-    """``batch``'s tokens (each request's contiguous, in request order, padding last) in
+def query_blocks(batch: PagedBatch, width: int, chosen: jax.Array | None = None) -> QueryBlocks:
+    """The ``chosen`` tokens (default: the real ones; a request's are all chosen or none)
+    of ``batch`` (each request's contiguous, in request order, padding last) in
     ``(tokens + requests * (width - 1)) / width`` blocks, enough for any split of the
     tokens (each request's last block wastes at most ``width - 1`` slots)."""
     tokens, requests = batch.positions.shape[0], batch.block_tables.shape[0]
-    real = batch.positions >= 0
+    chosen = batch.positions >= 0 if chosen is None else chosen
     if width == 1:  # a block per token, in the tokens' order
         order = jnp.arange(tokens)
-        return QueryBlocks(order[:, None], real[:, None], batch.rows, order)
-    counts = jax.ops.segment_sum(real.astype(jnp.int32), batch.rows, requests)
-    starts = jnp.cumsum(counts) - counts  # each request's first token
+        return QueryBlocks(order[:, None], chosen[:, None], batch.rows, order)
+    index = jnp.arange(tokens)
+    counts = jax.ops.segment_sum(chosen.astype(jnp.int32), batch.rows, requests)
+    starts = jax.ops.segment_min(jnp.where(chosen, index, tokens), batch.rows, requests)  # each request's first token
     per_request = -(-counts // width)
     first_block = jnp.cumsum(per_request) - per_request
     blocks = -(-(tokens + requests * (width - 1)) // width)
@@ -82,10 +85,10 @@ def query_blocks(batch: PagedBatch, width: int) -> QueryBlocks:
     offset = (block - first_block[owner]) * width  # the block's first token within its request
     within = offset[:, None] + jnp.arange(width)[None, :]
     slot_real = (within < counts[owner][:, None]) & (block < (first_block + per_request)[-1])[:, None]
-    index = jnp.clip(starts[owner][:, None] + within, 0, tokens - 1)
-    rank = jnp.arange(tokens) - starts[batch.rows]  # a token's index within its request
+    at = jnp.clip(jnp.minimum(starts[owner], tokens)[:, None] + within, 0, tokens - 1)
+    rank = index - starts[batch.rows]  # a token's index within its request
     slot = (first_block[batch.rows] + rank // width) * width + rank % width
-    return QueryBlocks(index, slot_real, owner, jnp.where(real, slot, 0))
+    return QueryBlocks(at, slot_real, owner, jnp.where(chosen, slot, 0))
 
 
 def xla_paged_attention(
@@ -116,9 +119,12 @@ def xla_paged_attention(
       chunk reads its own keys once, not once per token;
     - the positions cached before each request's first token in the step are read in
       query blocks (:func:`query_blocks`: a block's queries share one read of their
-      request's context and one matrix product), in a loop over chunks of
-      ``context_chunk`` positions that runs only over the chunks some token reaches
-      (bounds computed on the device), and not at all in a step of new prompts.
+      request's context and one matrix product), a few blocks at a time, each few in a
+      loop over the chunks of ``context_chunk`` positions that its queries reach
+      (:func:`_read_context`; bounds computed on the device), and not at all in a step
+      of new prompts. The requests with one token in the step (decodes) have blocks of
+      one token, read apart from the other requests' (prompt chunks), so that a decode
+      never pays for a prompt chunk's block width.
 
     A step with fewer than two tokens per request on average (decodes) has blocks of one
     token: each reads its request's positions up to its own from the pool (which holds
@@ -151,68 +157,122 @@ def xla_paged_attention(
         state = rowwise(q.reshape(-1, new_rows, *q.shape[1:]), own, visible, by_row)
         return _normalized(*(part.reshape(tokens, *part.shape[2:]) for part in state), sinks, query)
 
+    read = functools.partial(
+        _read_context, q, flat, batch.block_tables, earliest, positions,
+        block_size=block_size, context_chunk=context_chunk, scale=scale, softcap=softcap, slopes=slopes,
+    )
     requests = batch.block_tables.shape[0]
     width = max(1, min(MAX_QUERY_BLOCK, 1 << max(tokens // requests - 1, 0).bit_length()))
-    grid = query_blocks(batch, width)
     if width == 1:  # a query per block: each token reads its request's positions up to its own from the pool
-        carry = None
-        cached = jnp.where(real, positions + 1, 0)[:, None]  # [tokens, 1]: reads positions < it
-    else:
-        # The step's own keys: token s is visible to token t of the same request at or after it.
-        own = flat[batch.slots]  # [tokens, 2 * kv_heads, dim]
-        visible = (rows[:, None] == rows[None, :]) & _visible(positions[None, :], positions[:, None], earliest[:, None])
-        carry = _own_softmax(q, jnp.swapaxes(own, 0, 1), visible, positions, scale, softcap, slopes)
-        # The cached positions, those before the request's first token in this step, by query block.
-        first = jax.ops.segment_min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), rows, requests)
-        cached = jnp.where(grid.real, jnp.where(real, first[rows], 0)[grid.tokens], 0)  # [blocks, width]: reads < it
-    block_earliest = earliest[grid.tokens]
-    block_q = jnp.moveaxis(q[grid.tokens], 1, 3)  # [blocks, kv, g, width, dim]: heads first, as a dense attention's
-    block_positions = positions[grid.tokens]
-    per_chunk = max(1, min(context_chunk // block_size, batch.block_tables.shape[1]))
-    chunks = -(-batch.block_tables.shape[1] // per_chunk)
-    tables = jnp.pad(batch.block_tables, ((0, 0), (0, chunks * per_chunk - batch.block_tables.shape[1])))
+        grid = query_blocks(batch, 1)
+        high, total, acc = (part[:, 0] for part in read(grid, jnp.where(real, positions + 1, 0)[:, None]))
+        return _normalized(high, total, acc, sinks, query)
+
+    # The step's own keys: token s is visible to token t of the same request at or after it.
+    own = flat[batch.slots]  # [tokens, 2 * kv_heads, dim]
+    visible = (rows[:, None] == rows[None, :]) & _visible(positions[None, :], positions[:, None], earliest[:, None])
+    state = _own_softmax(q, jnp.swapaxes(own, 0, 1), visible, positions, scale, softcap, slopes)
+    # The cached positions, those before each request's first token in this step: each
+    # token reads those < its request's first position.
+    counts = jax.ops.segment_sum(real.astype(jnp.int32), rows, requests)
+    first = jax.ops.segment_min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), rows, requests)
+    alone = real & (counts[rows] == 1)  # a request's only token in the step (a decode)
+    # Decodes read in blocks of one, a block per request (masked for a request with more
+    # tokens), apart from the other requests' tokens in blocks of ``width``.
+    only = jax.ops.segment_min(jnp.where(alone, jnp.arange(tokens), tokens), rows, requests)
+    single = QueryBlocks(jnp.minimum(only, tokens - 1)[:, None], (counts == 1)[:, None], jnp.arange(requests), rows)
+    grids = (single, query_blocks(batch, width, real & ~alone))
+    for grid, chosen in zip(grids, (alone, real & ~alone)):
+        cached = jnp.where(grid.real, first[grid.requests][:, None], 0)  # [blocks, width]: reads < it
+
+        def joined(state: Carry, grid: QueryBlocks = grid, cached: jax.Array = cached, chosen: jax.Array = chosen) -> Carry:
+            context = read(grid, cached)
+            context = (part.reshape(-1, *part.shape[2:])[grid.slot_of_token] for part in context)
+            low = jnp.finfo(jnp.float32).min
+            return _merge(state, tuple(jnp.where(chosen.reshape(-1, *(1,) * (part.ndim - 1)), part, empty)
+                                       for part, empty in zip(context, (low, 0.0, 0.0))))
+
+        state = jax.lax.cond(jnp.any(cached > earliest[grid.tokens]), joined, lambda state: state, state)
+    return _normalized(*state, sinks, query)
+
+
+def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: jax.Array, positions: jax.Array,
+                  grid: QueryBlocks, cached: jax.Array, *, block_size: int, context_chunk: int, scale: float,
+                  softcap: float | None, slopes: jax.Array | None) -> Carry:
+    """The softmax state [blocks, width, kv, g, ...] of ``grid``'s queries (``q`` [tokens,
+    kv, g, dim]) over their requests' positions from their ``earliest`` to before
+    ``cached`` [blocks, width], read from ``flat`` (the pool's slots) by block ``tables``.
+
+    The blocks that read anything go in groups of :data:`QUERY_BLOCK_GROUP`, those reading
+    furthest first, and each group loops over the chunks of ``context_chunk`` positions
+    that its own queries reach: a step pays for each block's context, not for the
+    longest one times the blocks (and nothing for blocks of padding or new prompts)."""
+    requests, per_request = tables.shape
+    blocks, width = cached.shape
+    per_chunk = max(1, min(context_chunk // block_size, per_request))
+    chunks = -(-per_request // per_chunk)
+    tables = jnp.pad(tables, ((0, 0), (0, chunks * per_chunk - per_request)))
     span = per_chunk * block_size
     offsets = jnp.arange(block_size)
+    block_q = jnp.moveaxis(q[grid.tokens], 1, 3)  # [blocks, kv, g, width, dim]: heads first, as a dense attention's
+    block_earliest, block_positions = earliest[grid.tokens], positions[grid.tokens]
+    reads = cached > block_earliest  # [blocks, width]: the query reads some cached position
 
-    def chunk(index: jax.Array, carry: Carry) -> Carry:
-        """``carry`` ([blocks, kv, g, width, ...]) joined by positions ``index * span ...``."""
-        ids = jax.lax.dynamic_slice_in_dim(tables, index * per_chunk, per_chunk, axis=1)
-        slots = (ids[:, :, None] * block_size + offsets).reshape(requests, span)
-        # [blocks, kv_heads, span, dim] each, keys and values gathered apart (one gather of
-        # both, sliced after, took XLA:CPU longer): a gather per request
-        keys, values = (jnp.swapaxes(flat[:, part::2][slots][grid.requests], 1, 2) for part in (0, 1))
-        context = index * span + jnp.arange(span)
-        allowed = (context < cached[..., None]) & (context >= block_earliest[..., None])  # [blocks, width, span]
-        allowed = allowed[:, None, None]
-        scores = _context_scores(block_q, keys) * scale
-        scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
-        if slopes is not None:
-            scores = scores + slopes[..., None] * (context - block_positions[..., None])[:, None, None]
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        high = scores.max(axis=-1)
-        weights = jnp.where(allowed, jnp.exp(scores - high[..., None]), 0.0)
-        weighted = jnp.einsum("bhgwn,bhnd->bhgwd", weights.astype(values.dtype), values,
-                              preferred_element_type=jnp.float32)
-        return _merge(carry, (high, weights.sum(axis=-1), weighted))
+    def read_group(members: jax.Array) -> Carry:
+        """The state [group, kv, g, width, ...] of blocks ``members`` (a member ``blocks``,
+        past the last block, is padding and reads nothing)."""
+        take = functools.partial(jnp.take, indices=members, axis=0, mode="clip")
+        limit = jnp.where((members < blocks)[:, None], take(jnp.where(reads, cached, 0)), 0)
+        first = take(block_earliest)
+        group_q, group_positions, group_tables = take(block_q), take(block_positions), tables[take(grid.requests)]
 
-    start = jnp.min(jnp.where(real, earliest, jnp.max(cached))) // span  # the earliest position any token reaches
-    end = (jnp.max(cached) - 1) // span + 1
+        def chunk(index: jax.Array, carry: Carry) -> Carry:
+            """``carry`` joined by positions ``index * span ...``."""
+            ids = jax.lax.dynamic_slice_in_dim(group_tables, index * per_chunk, per_chunk, axis=1)
+            slots = (ids[:, :, None] * block_size + offsets).reshape(-1, span)
+            # [group, kv_heads, span, dim] each, keys and values gathered apart (one gather
+            # of both, sliced after, took XLA:CPU longer)
+            keys, values = (jnp.swapaxes(flat[:, part::2][slots], 1, 2) for part in (0, 1))
+            context = index * span + jnp.arange(span)
+            allowed = (context < limit[..., None]) & (context >= first[..., None])  # [group, width, span]
+            allowed = allowed[:, None, None]
+            scores = _context_scores(group_q, keys) * scale
+            scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+            if slopes is not None:
+                scores = scores + slopes[..., None] * (context - group_positions[..., None])[:, None, None]
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+            high = scores.max(axis=-1)
+            weights = jnp.where(allowed, jnp.exp(scores - high[..., None]), 0.0)
+            weighted = jnp.einsum("bhgwn,bhnd->bhgwd", weights.astype(values.dtype), values,
+                                  preferred_element_type=jnp.float32)
+            return _merge(carry, (high, weights.sum(axis=-1), weighted))
 
-    def read_context(own: Carry | None) -> Carry:
-        """``own`` joined by the cached positions' part, in the tokens' order."""
-        empty = (jnp.full(block_q.shape[:-1], jnp.finfo(jnp.float32).min), jnp.zeros(block_q.shape[:-1]),
-                 jnp.zeros(block_q.shape, jnp.float32))
-        context = chunk(0, empty) if chunks == 1 else jax.lax.fori_loop(start, end, chunk, empty)
-        context = (jnp.moveaxis(part, 3, 1) for part in context)  # [blocks, width, kv, g, ...]
-        if own is None:  # blocks of one token are in the tokens' order already
-            return tuple(part[:, 0] for part in context)
-        return _merge(own, tuple(part.reshape(-1, *part.shape[2:])[grid.slot_of_token] for part in context))
+        empty = _empty_state(group_q.shape)
+        if chunks == 1:
+            return chunk(0, empty)
+        start = jnp.min(jnp.where(limit > 0, first, jnp.iinfo(jnp.int32).max)) // span
+        end = (jnp.max(limit) - 1) // span + 1
+        return jax.lax.fori_loop(jnp.minimum(start, end), end, chunk, empty)
 
-    if carry is None:
-        high, total, acc = read_context(None)
-    else:  # a step with nothing cached before its tokens (new prompts) skips the context part
-        high, total, acc = jax.lax.cond(end > start, read_context, lambda own: own, carry)
-    return _normalized(high, total, acc, sinks, query)
+    group = min(QUERY_BLOCK_GROUP, blocks)
+    if group == blocks:
+        state = read_group(jnp.arange(blocks))
+    else:
+        reach = jnp.max(jnp.where(reads, cached, 0), axis=1)
+        groups = -(-blocks // group)
+        order = jnp.pad(jnp.argsort(-reach, stable=True), (0, groups * group - blocks), constant_values=blocks)
+
+        def read_next(index: jax.Array, state: Carry) -> Carry:
+            members = jax.lax.dynamic_slice_in_dim(order, index * group, group)
+            return tuple(whole.at[members].set(part, mode="drop") for whole, part in zip(state, read_group(members)))
+
+        state = jax.lax.fori_loop(0, -(-jnp.sum(reach > 0) // group), read_next, _empty_state(block_q.shape))
+    return tuple(jnp.moveaxis(part, 3, 1) for part in state)  # [blocks, width, kv, g, ...]
+
+
+def _empty_state(shape: tuple[int, ...]) -> Carry:
+    """The softmax state of queries ``shape`` (``[..., dim]``) over no positions."""
+    return (jnp.full(shape[:-1], jnp.finfo(jnp.float32).min), jnp.zeros(shape[:-1]), jnp.zeros(shape, jnp.float32))
 
 
 def _context_scores(queries: jax.Array, keys: jax.Array) -> jax.Array:
