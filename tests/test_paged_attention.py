@@ -147,10 +147,13 @@ ALIBI_SLOPES = jnp.asarray([0.5, 0.25, 0.125, 0.0625])[:Q_HEADS]
         ([40, 9], [1, 20], {"alibi_slopes": ALIBI_SLOPES}),  # contexts over several context chunks
         (MANY_DECODES, [1] * len(MANY_DECODES), {}),  # blocks in two groups, each looping over its own chunks
         (MANY_DECODES, [1] * len(MANY_DECODES), {"sliding_window": 6}),
-        ([9, 0, 12, 5, 3], [30, 25, 1, 2, 1], {}),  # nine query blocks of prompt chunks: two groups
+        ([20, 3, 2, 4, 6], [9, 9, 9, 9, 2], {}),  # nine query blocks of prompt chunks reading: two groups
+        ([3, 21, 7, 13, 0, 9, 2, 5, 2, 11, 4], [1] * 10 + [12], {}),  # two groups of decodes beside a prompt chunk
+        (MANY_DECODES, [1] * len(MANY_DECODES), {"context_chunk": 128}),  # two groups, one context chunk each
     ],
     ids=["decode", "prefill", "mixed", "blocks-after-context", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
-         "far-chunked", "mixed-alibi", "long-alibi", "many-decodes", "many-decodes-window", "many-blocks"],
+         "far-chunked", "mixed-alibi", "long-alibi", "many-decodes", "many-decodes-window", "many-blocks",
+         "many-decodes-beside-a-chunk", "many-decodes-one-chunk"],
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
     run_step(contexts, news, seed=len(contexts), **options)

@@ -61,7 +61,7 @@ class QueryBlocks(NamedTuple):
     tokens: jax.Array  # [blocks, width] the token in each query slot (clipped into range)
     real: jax.Array  # [blocks, width] whether the slot holds a real token of the block's request
     requests: jax.Array  # [blocks] each block's request
-    slot_of_token: jax.Array  # [tokens] each token's query slot (block * width + offset; 0 for tokens left out)
+    slot_of_token: jax.Array  # [tokens] each token's query slot (block * width + offset; any slot for tokens left out)
 
 
 def query_blocks(batch: PagedBatch, width: int, chosen: jax.Array | None = None) -> QueryBlocks:
@@ -177,20 +177,19 @@ def xla_paged_attention(
     counts = jax.ops.segment_sum(real.astype(jnp.int32), rows, requests)
     first = jax.ops.segment_min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), rows, requests)
     alone = real & (counts[rows] == 1)  # a request's only token in the step (a decode)
+    in_chunks = real & ~alone  # the tokens of requests with more (prompt chunks)
     # Decodes read in blocks of one, a block per request (masked for a request with more
     # tokens), apart from the other requests' tokens in blocks of ``width``.
     only = jax.ops.segment_min(jnp.where(alone, jnp.arange(tokens), tokens), rows, requests)
     single = QueryBlocks(jnp.minimum(only, tokens - 1)[:, None], (counts == 1)[:, None], jnp.arange(requests), rows)
-    grids = (single, query_blocks(batch, width, real & ~alone))
-    for grid, chosen in zip(grids, (alone, real & ~alone)):
+    for grid, chosen in ((single, alone), (query_blocks(batch, width, in_chunks), in_chunks)):
         cached = jnp.where(grid.real, first[grid.requests][:, None], 0)  # [blocks, width]: reads < it
 
         def joined(state: Carry, grid: QueryBlocks = grid, cached: jax.Array = cached, chosen: jax.Array = chosen) -> Carry:
             context = read(grid, cached)
             context = (part.reshape(-1, *part.shape[2:])[grid.slot_of_token] for part in context)
-            low = jnp.finfo(jnp.float32).min
             return _merge(state, tuple(jnp.where(chosen.reshape(-1, *(1,) * (part.ndim - 1)), part, empty)
-                                       for part, empty in zip(context, (low, 0.0, 0.0))))
+                                       for part, empty in zip(context, _empty_state(q.shape))))
 
         state = jax.lax.cond(jnp.any(cached > earliest[grid.tokens]), joined, lambda state: state, state)
     return _normalized(*state, sinks, query)
@@ -206,9 +205,9 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
     The blocks that read anything go in groups of :data:`QUERY_BLOCK_GROUP`, those reading
     furthest first, and each group loops over the chunks of ``context_chunk`` positions
     that its own queries reach: a step pays for each block's context, not for the
-    longest one times the blocks (and nothing for blocks of padding or new prompts)."""
-    requests, per_request = tables.shape
-    blocks, width = cached.shape
+    longest one times the blocks (and, past one group, nothing for blocks that read nothing)."""
+    per_request = tables.shape[1]
+    blocks = cached.shape[0]
     per_chunk = max(1, min(context_chunk // block_size, per_request))
     chunks = -(-per_request // per_chunk)
     tables = jnp.pad(tables, ((0, 0), (0, chunks * per_chunk - per_request)))
@@ -216,14 +215,14 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
     offsets = jnp.arange(block_size)
     block_q = jnp.moveaxis(q[grid.tokens], 1, 3)  # [blocks, kv, g, width, dim]: heads first, as a dense attention's
     block_earliest, block_positions = earliest[grid.tokens], positions[grid.tokens]
-    reads = cached > block_earliest  # [blocks, width]: the query reads some cached position
+    limits = jnp.where(cached > block_earliest, cached, 0)  # [blocks, width]: 0 for a query reading nothing
 
     def read_group(members: jax.Array) -> Carry:
         """The state [group, kv, g, width, ...] of blocks ``members`` (a member ``blocks``,
         past the last block, is padding and reads nothing)."""
         take = functools.partial(jnp.take, indices=members, axis=0, mode="clip")
-        limit = jnp.where((members < blocks)[:, None], take(jnp.where(reads, cached, 0)), 0)
-        first = take(block_earliest)
+        limit = jnp.where((members < blocks)[:, None], take(limits), 0)
+        since = take(block_earliest)
         group_q, group_positions, group_tables = take(block_q), take(block_positions), tables[take(grid.requests)]
 
         def chunk(index: jax.Array, carry: Carry) -> Carry:
@@ -234,7 +233,7 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
             # of both, sliced after, took XLA:CPU longer)
             keys, values = (jnp.swapaxes(flat[:, part::2][slots], 1, 2) for part in (0, 1))
             context = index * span + jnp.arange(span)
-            allowed = (context < limit[..., None]) & (context >= first[..., None])  # [group, width, span]
+            allowed = (context < limit[..., None]) & (context >= since[..., None])  # [group, width, span]
             allowed = allowed[:, None, None]
             scores = _context_scores(group_q, keys) * scale
             scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
@@ -250,7 +249,7 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
         empty = _empty_state(group_q.shape)
         if chunks == 1:
             return chunk(0, empty)
-        start = jnp.min(jnp.where(limit > 0, first, jnp.iinfo(jnp.int32).max)) // span
+        start = jnp.min(jnp.where(limit > 0, since, jnp.iinfo(jnp.int32).max)) // span
         end = (jnp.max(limit) - 1) // span + 1
         return jax.lax.fori_loop(jnp.minimum(start, end), end, chunk, empty)
 
@@ -258,7 +257,7 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
     if group == blocks:
         state = read_group(jnp.arange(blocks))
     else:
-        reach = jnp.max(jnp.where(reads, cached, 0), axis=1)
+        reach = jnp.max(limits, axis=1)
         groups = -(-blocks // group)
         order = jnp.pad(jnp.argsort(-reach, stable=True), (0, groups * group - blocks), constant_values=blocks)
 
