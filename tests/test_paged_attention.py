@@ -149,7 +149,7 @@ ALIBI_SLOPES = jnp.asarray([0.5, 0.25, 0.125, 0.0625])[:Q_HEADS]
         (MANY_DECODES, [1] * len(MANY_DECODES), {"sliding_window": 6}),
         ([20, 3, 2, 4, 6], [9, 9, 9, 9, 2], {}),  # nine query blocks of prompt chunks reading: two groups
         ([3, 21, 7, 13, 0, 9, 2, 5, 2, 11, 4], [1] * 10 + [12], {}),  # two groups of decodes beside a prompt chunk
-        (MANY_DECODES, [1] * len(MANY_DECODES), {"context_chunk": 128}),  # two groups, one context chunk each
+        (MANY_DECODES, [1] * len(MANY_DECODES), {"context_chunk": 128}),  # one chunk holds every context: one read of all
     ],
     ids=["decode", "prefill", "mixed", "blocks-after-context", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
          "far-chunked", "mixed-alibi", "long-alibi", "many-decodes", "many-decodes-window", "many-blocks",

@@ -124,7 +124,9 @@ def xla_paged_attention(
       (:func:`_read_context`; bounds computed on the device), and not at all in a step
       of new prompts. The requests with one token in the step (decodes) have blocks of
       one token, read apart from the other requests' (prompt chunks), so that a decode
-      never pays for a prompt chunk's block width.
+      never pays for a prompt chunk's block width. Where one chunk holds every context
+      (``max_model_len`` up to ``context_chunk``), there is nothing to bound: all
+      blocks are read at once, decodes among them (a smaller program to compile).
 
     A step with fewer than two tokens per request on average (decodes) has blocks of one
     token: each reads its request's positions up to its own from the pool (which holds
@@ -174,15 +176,19 @@ def xla_paged_attention(
     state = _own_softmax(q, jnp.swapaxes(own, 0, 1), visible, positions, scale, softcap, slopes)
     # The cached positions, those before each request's first token in this step: each
     # token reads those < its request's first position.
-    counts = jax.ops.segment_sum(real.astype(jnp.int32), rows, requests)
     first = jax.ops.segment_min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), rows, requests)
-    alone = real & (counts[rows] == 1)  # a request's only token in the step (a decode)
-    in_chunks = real & ~alone  # the tokens of requests with more (prompt chunks)
-    # Decodes read in blocks of one, a block per request (masked for a request with more
-    # tokens), apart from the other requests' tokens in blocks of ``width``.
-    only = jax.ops.segment_min(jnp.where(alone, jnp.arange(tokens), tokens), rows, requests)
-    single = QueryBlocks(jnp.minimum(only, tokens - 1)[:, None], (counts == 1)[:, None], jnp.arange(requests), rows)
-    for grid, chosen in ((single, alone), (query_blocks(batch, width, in_chunks), in_chunks)):
+    if _context_chunks(batch.block_tables.shape[1], block_size, context_chunk)[1] == 1:
+        reads = ((query_blocks(batch, width), real),)  # one chunk holds every context: one read of all
+    else:
+        # Decodes read in blocks of one, a block per request (masked for a request with
+        # more tokens), apart from the other requests' tokens in blocks of ``width``.
+        counts = jax.ops.segment_sum(real.astype(jnp.int32), rows, requests)
+        alone = real & (counts[rows] == 1)  # a request's only token in the step (a decode)
+        in_chunks = real & ~alone  # the tokens of requests with more (prompt chunks)
+        only = jax.ops.segment_min(jnp.where(alone, jnp.arange(tokens), tokens), rows, requests)
+        single = QueryBlocks(jnp.minimum(only, tokens - 1)[:, None], (counts == 1)[:, None], jnp.arange(requests), rows)
+        reads = ((single, alone), (query_blocks(batch, width, in_chunks), in_chunks))
+    for grid, chosen in reads:
         cached = jnp.where(grid.real, first[grid.requests][:, None], 0)  # [blocks, width]: reads < it
 
         def joined(state: Carry, grid: QueryBlocks = grid, cached: jax.Array = cached, chosen: jax.Array = chosen) -> Carry:
@@ -208,8 +214,7 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
     longest one times the blocks (and, past one group, nothing for blocks that read nothing)."""
     per_request = tables.shape[1]
     blocks = cached.shape[0]
-    per_chunk = max(1, min(context_chunk // block_size, per_request))
-    chunks = -(-per_request // per_chunk)
+    per_chunk, chunks = _context_chunks(per_request, block_size, context_chunk)
     tables = jnp.pad(tables, ((0, 0), (0, chunks * per_chunk - per_request)))
     span = per_chunk * block_size
     offsets = jnp.arange(block_size)
@@ -253,7 +258,7 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
         end = (jnp.max(limit) - 1) // span + 1
         return jax.lax.fori_loop(jnp.minimum(start, end), end, chunk, empty)
 
-    group = min(QUERY_BLOCK_GROUP, blocks)
+    group = blocks if chunks == 1 else min(QUERY_BLOCK_GROUP, blocks)  # one chunk: nothing to bound
     if group == blocks:
         state = read_group(jnp.arange(blocks))
     else:
@@ -267,6 +272,13 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
 
         state = jax.lax.fori_loop(0, -(-jnp.sum(reach > 0) // group), read_next, _empty_state(block_q.shape))
     return tuple(jnp.moveaxis(part, 3, 1) for part in state)  # [blocks, width, kv, g, ...]
+
+
+def _context_chunks(per_request: int, block_size: int, context_chunk: int) -> tuple[int, int]:
+    """How many of a request's ``per_request`` blocks one chunk of the context read
+    holds (about ``context_chunk`` positions), and how many chunks hold them all."""
+    per_chunk = max(1, min(context_chunk // block_size, per_request))
+    return per_chunk, -(-per_request // per_chunk)
 
 
 def _empty_state(shape: tuple[int, ...]) -> Carry:
