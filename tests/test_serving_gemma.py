@@ -9,6 +9,7 @@ import importlib.metadata
 
 import pytest
 import torch
+from references import transformers_greedy
 from transformers import AutoModelForCausalLM
 
 from ttpu import AutoModelForTPU, models
@@ -31,13 +32,7 @@ def gemma():
     ids = model.tokenizer(text)["input_ids"]
     # Half the prompts start at the text's start (shared prefixes), half further on.
     prompts = [ids[: n] if i % 2 else [ids[0], *ids[1000 + 37 * i : 1000 + 37 * i + n - 1]] for i, n in enumerate(LENGTHS)]
-    expected = []
-    for prompt in prompts:
-        with torch.no_grad():
-            out = eager.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 do_sample=False)
-        expected.append(out[0, len(prompt) :].tolist())
-    return model, prompts, expected
+    return model, prompts, transformers_greedy(eager, prompts, NEW_TOKENS)
 
 
 # Both prefill in chunks (a 128-token budget); preemption with prefix caching on is
