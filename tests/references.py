@@ -12,7 +12,9 @@ def transformers_greedy(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
     """transformers' greedy ``generate`` of exactly ``new_tokens`` after each prompt (token
     ids), prompts of similar lengths run together in left-padded batches of ``batch``: a
     real model's step reads its whole vocabulary projection however many rows share it,
-    so batches cost about what one prompt does."""
+    so batches cost about what one prompt does. On Gemma 3 270M's test prompts the
+    tokens equal those of one prompt at a time (padding is masked out exactly; only the
+    products' shapes differ)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: dict[int, list[int]] = {}
     for start in range(0, len(order), batch):

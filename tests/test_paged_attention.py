@@ -127,6 +127,7 @@ def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNK
 
 MIXED = ([12, 0, 3, 8], [1, 11, 6, 1])  # decodes, a new prompt, a chunk after cached positions
 MANY_DECODES = [3, 21, 7, 13, 0, 9, 17, 5, 2, 11]  # contexts of decodes in more query blocks than one group holds
+DECODES_BESIDE_A_CHUNK = ([3, 21, 7, 13, 0, 9, 2, 5, 2, 11, 4], [1] * 10 + [12])
 ALIBI_SLOPES = jnp.asarray([0.5, 0.25, 0.125, 0.0625])[:Q_HEADS]
 
 
@@ -148,12 +149,15 @@ ALIBI_SLOPES = jnp.asarray([0.5, 0.25, 0.125, 0.0625])[:Q_HEADS]
         (MANY_DECODES, [1] * len(MANY_DECODES), {}),  # blocks in two groups, each looping over its own chunks
         (MANY_DECODES, [1] * len(MANY_DECODES), {"sliding_window": 6}),
         ([20, 3, 2, 4, 6], [9, 9, 9, 9, 2], {}),  # nine query blocks of prompt chunks reading: two groups
-        ([3, 21, 7, 13, 0, 9, 2, 5, 2, 11, 4], [1] * 10 + [12], {}),  # two groups of decodes beside a prompt chunk
+        (*DECODES_BESIDE_A_CHUNK, {}),  # two groups of decodes beside a prompt chunk
         (MANY_DECODES, [1] * len(MANY_DECODES), {"context_chunk": 128}),  # one chunk holds every context: one read of all
+        (*DECODES_BESIDE_A_CHUNK, {"context_chunk": 128}),  # the mixed step's one read of all, more blocks than a group
+        (*DECODES_BESIDE_A_CHUNK, {"context_chunk": 128, "sliding_window": 6}),
     ],
     ids=["decode", "prefill", "mixed", "blocks-after-context", "mixed-window", "far-window", "mixed-softcap", "mixed-sinks", "mixed-chunked",
          "far-chunked", "mixed-alibi", "long-alibi", "many-decodes", "many-decodes-window", "many-blocks",
-         "many-decodes-beside-a-chunk", "many-decodes-one-chunk"],
+         "many-decodes-beside-a-chunk", "many-decodes-one-chunk", "beside-a-chunk-one-chunk",
+         "beside-a-chunk-one-chunk-window"],
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
     run_step(contexts, news, seed=len(contexts), **options)

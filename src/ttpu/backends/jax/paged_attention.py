@@ -124,9 +124,10 @@ def xla_paged_attention(
       (:func:`_read_context`; bounds computed on the device), and not at all in a step
       of new prompts. The requests with one token in the step (decodes) have blocks of
       one token, read apart from the other requests' (prompt chunks), so that a decode
-      never pays for a prompt chunk's block width. Where one chunk holds every context
-      (``max_model_len`` up to ``context_chunk``), there is nothing to bound: all
-      blocks are read at once, decodes among them (a smaller program to compile).
+      never pays for a prompt chunk's block width. Where one chunk holds a whole block
+      table (``max_model_len`` up to ``context_chunk``), bounds would save little: all
+      blocks (padding's too) are read at once, decodes among them, in a program about
+      half the size to compile; a decode step's too.
 
     A step with fewer than two tokens per request on average (decodes) has blocks of one
     token: each reads its request's positions up to its own from the pool (which holds
@@ -177,7 +178,8 @@ def xla_paged_attention(
     # The cached positions, those before each request's first token in this step: each
     # token reads those < its request's first position.
     first = jax.ops.segment_min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max), rows, requests)
-    if _context_chunks(batch.block_tables.shape[1], block_size, context_chunk)[1] == 1:
+    _, chunks = _context_chunks(batch.block_tables.shape[1], block_size, context_chunk)
+    if chunks == 1:
         reads = ((query_blocks(batch, width), real),)  # one chunk holds every context: one read of all
     else:
         # Decodes read in blocks of one, a block per request (masked for a request with
@@ -211,7 +213,8 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
     The blocks that read anything go in groups of :data:`QUERY_BLOCK_GROUP`, those reading
     furthest first, and each group loops over the chunks of ``context_chunk`` positions
     that its own queries reach: a step pays for each block's context, not for the
-    longest one times the blocks (and, past one group, nothing for blocks that read nothing)."""
+    longest one times the blocks (and, past one group, nothing for blocks that read nothing).
+    Where one chunk holds a whole block table, every block reads that chunk at once."""
     per_request = tables.shape[1]
     blocks = cached.shape[0]
     per_chunk, chunks = _context_chunks(per_request, block_size, context_chunk)
