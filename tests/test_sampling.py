@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from ttpu.generation.config import GenerationSettings
-from ttpu.backends.jax.sampling import draw_logits, generation_sampling, sample
+from ttpu.backends.jax.sampling import draw_logits, generation_sampling, greedy_tokens, sample
 
 VOCAB = 16
 DRAWS = 20000
@@ -204,3 +204,27 @@ def test_any_integer_seed_is_taken() -> None:
     for seed in (-1, 2**70):
         _, rows, _ = generation_sampling(GenerationSettings(max_new_tokens=1, do_sample=True), 2, VOCAB, seed)
         assert rows.seeds.dtype == jnp.uint32
+
+
+@pytest.mark.parametrize("vocab", [300, 1024, 1500], ids=["under-a-block", "whole-blocks", "a-part-block"])
+def test_greedy_tokens_are_argmax_without_the_banned_stop_tokens(vocab: int) -> None:
+    """The two-level choice equals ``jnp.argmax`` over the logits with each banned row's
+    stop tokens at -inf: ties (the first wins), a banned stop token as the best, two stop
+    tokens in one block, stop ids padded past the vocabulary, a row all -inf."""
+    rng = np.random.default_rng(vocab)
+    rows = 10
+    logits = rng.standard_normal((rows, vocab)).astype(np.float32).round(1)  # many ties
+    stop_ids = np.stack([rng.integers(0, vocab, rows), rng.integers(0, vocab, rows), np.full(rows, vocab)], axis=1)
+    stop_ids[3, 1] = stop_ids[3, 0] ^ 1  # two stop tokens of one block
+    logits[np.arange(rows), stop_ids[:, 0]] = 9.0  # the best token is a stop token
+    logits[np.arange(rows), stop_ids[:, 1]] = 8.0
+    logits[5, vocab - 1] = 9.0  # the last token ties the stop token (in the last block)
+    logits[7] = -np.inf
+    banned = np.arange(rows) % 2 == 0
+    for ban in (banned, ~banned):
+        masked = logits.copy()
+        for row in np.flatnonzero(ban):
+            masked[row, stop_ids[row][stop_ids[row] < vocab]] = -np.inf
+        expected = jnp.argmax(jnp.asarray(masked), axis=-1)
+        actual = jax.jit(greedy_tokens)(jnp.asarray(logits), jnp.asarray(stop_ids, jnp.int32), jnp.asarray(ban))
+        np.testing.assert_array_equal(actual, expected)

@@ -28,6 +28,7 @@ from ttpu.generation.config import GenerationSettings
 NEG_INF = -jnp.inf
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top tokens a request may ask for
 MAX_CANDIDATES = 256  # the most likely tokens among which top-k, top-p and min-p cut (see filtered)
+GREEDY_BLOCK = 512  # logits per block of the greedy choice's two-level argmax (see greedy_tokens)
 
 
 class Processors(NamedTuple):
@@ -172,14 +173,13 @@ def sample(
         logits = _penalized(logits, rows)
     if mode.processors != Processors():
         logits = _processed(logits, rows, mode.processors, processor_values)
-    # Compared, not scattered, so that it fuses with the producer of the logits.
-    stops = jnp.any(jnp.arange(vocab)[None, None, :] == rows.stop_ids[:, :, None], axis=1)
-    logits = jnp.where((rows.steps < rows.min_tokens)[:, None] & stops, NEG_INF, logits)
-    if mode.processors != Processors():
-        logits = _forced(logits, rows, mode.processors, processor_values)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    banned = rows.steps < rows.min_tokens  # rows whose stop tokens may not come yet
+    if mode.processors != Processors():  # a forced token wins over the ban: ban, then force
+        logits = _forced(_without(logits, rows.stop_ids, banned), rows, mode.processors, processor_values)
+        banned = jnp.zeros_like(banned)
+    tokens = greedy_tokens(logits, rows.stop_ids, banned)
     if mode.draws:
-        scaled = draw_logits(logits, rows, mode)
+        scaled = draw_logits(_without(logits, rows.stop_ids, banned), rows, mode)
         keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(rows.seeds, rows.steps)
         drawn = categorical(keys, scaled)
         tokens = jnp.where(rows.temperature == 0.0, tokens, drawn)
@@ -190,6 +190,40 @@ def sample(
     ranks = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1).astype(jnp.int32)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, vocab))
     return SampledTokens(tokens, chosen, ranks, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _without(logits: jax.Array, stop_ids: jax.Array, banned: jax.Array) -> jax.Array:
+    """``logits`` with the ``stop_ids`` [rows, n] of the ``banned`` [rows] rows at -inf
+    (compared, not scattered, so that it fuses with the producer of the logits)."""
+    stops = jnp.any(jnp.arange(logits.shape[-1])[None, None, :] == stop_ids[:, :, None], axis=1)
+    return jnp.where(banned[:, None] & stops, NEG_INF, logits)
+
+
+def greedy_tokens(logits: jax.Array, stop_ids: jax.Array, banned: jax.Array) -> jax.Array:
+    """Each row's most likely token, the first of equals (``jnp.argmax``'s choice; not
+    for logits holding a NaN, which XLA:CPU's vectorized maximum may pass over),
+    ``stop_ids`` [rows, n] left out where ``banned`` [rows].
+
+    In two levels: the maximum of each block of :data:`GREEDY_BLOCK` logits, then the best
+    block's logits. XLA:CPU runs a plain maximum over the vocabulary vectorized, while an
+    argmax over it, or a maximum with the ban compared in, ran 20x slower (21 ms against
+    1 ms for 32 rows of Gemma's 262,144 logits); so only the blocks holding a banned
+    token, and the best block, are looked at token by token."""
+    rows, vocab = logits.shape
+    padded = -(-vocab // GREEDY_BLOCK) * GREEDY_BLOCK
+    blocks = jnp.pad(logits, ((0, 0), (0, padded - vocab)), constant_values=NEG_INF).reshape(rows, -1, GREEDY_BLOCK)
+
+    def read(chosen: jax.Array) -> jax.Array:
+        """The blocks ``chosen`` [rows, k] of each row, banned tokens at -inf: [rows, k, block]."""
+        ids = chosen[..., None] * GREEDY_BLOCK + jnp.arange(GREEDY_BLOCK)
+        hit = jnp.any(ids[..., None] == stop_ids[:, None, None, :], axis=-1)
+        values = jnp.take_along_axis(blocks, chosen[..., None], axis=1)
+        return jnp.where(banned[:, None, None] & hit, NEG_INF, values)
+
+    touched = jnp.minimum(stop_ids // GREEDY_BLOCK, blocks.shape[1] - 1)  # (padding past the vocabulary: the last)
+    highs = jnp.max(blocks, axis=-1).at[jnp.arange(rows)[:, None], touched].set(jnp.max(read(touched), axis=-1))
+    best = jnp.argmax(highs, axis=-1)
+    return (best * GREEDY_BLOCK + jnp.argmax(read(best[:, None])[:, 0], axis=-1)).astype(jnp.int32)
 
 
 def draw_logits(logits: jax.Array, rows: RowSampling, mode: SamplerMode) -> jax.Array:
