@@ -210,21 +210,28 @@ def test_any_integer_seed_is_taken() -> None:
 def test_greedy_tokens_are_argmax_without_the_banned_stop_tokens(vocab: int) -> None:
     """The two-level choice equals ``jnp.argmax`` over the logits with each banned row's
     stop tokens at -inf: ties (the first wins), a banned stop token as the best, two stop
-    tokens in one block, stop ids padded past the vocabulary, a row all -inf."""
+    tokens in one block, a stop id twice, ids outside the vocabulary (padding), a row all
+    -inf; no stop ids at all; one row."""
     rng = np.random.default_rng(vocab)
     rows = 10
     logits = rng.standard_normal((rows, vocab)).astype(np.float32).round(1)  # many ties
     stop_ids = np.stack([rng.integers(0, vocab, rows), rng.integers(0, vocab, rows), np.full(rows, vocab)], axis=1)
     stop_ids[3, 1] = stop_ids[3, 0] ^ 1  # two stop tokens of one block
+    stop_ids[4, 1] = stop_ids[4, 0]
+    stop_ids[8] = [1, 2, -1]  # an id outside the vocabulary, below it
     logits[np.arange(rows), stop_ids[:, 0]] = 9.0  # the best token is a stop token
     logits[np.arange(rows), stop_ids[:, 1]] = 8.0
     logits[5, vocab - 1] = 9.0  # the last token ties the stop token (in the last block)
+    logits[8, vocab - 1], logits[8, 3] = 9.5, 9.2  # the best token, last of the last block
     logits[7] = -np.inf
     banned = np.arange(rows) % 2 == 0
     for ban in (banned, ~banned):
         masked = logits.copy()
         for row in np.flatnonzero(ban):
-            masked[row, stop_ids[row][stop_ids[row] < vocab]] = -np.inf
-        expected = jnp.argmax(jnp.asarray(masked), axis=-1)
-        actual = jax.jit(greedy_tokens)(jnp.asarray(logits), jnp.asarray(stop_ids, jnp.int32), jnp.asarray(ban))
-        np.testing.assert_array_equal(actual, expected)
+            ids = stop_ids[row]
+            masked[row, ids[(ids >= 0) & (ids < vocab)]] = -np.inf
+        for chosen in (slice(None), slice(2, 3)):
+            for ids in (stop_ids, stop_ids[:, :0]):
+                expected = jnp.argmax(jnp.asarray(masked if ids.shape[1] else logits)[chosen], axis=-1)
+                actual = jax.jit(greedy_tokens)(*(jnp.asarray(a[chosen]) for a in (logits, ids.astype(np.int32), ban)))
+                np.testing.assert_array_equal(actual, expected)

@@ -176,7 +176,7 @@ def sample(
     banned = rows.steps < rows.min_tokens  # rows whose stop tokens may not come yet
     if mode.processors != Processors():  # a forced token wins over the ban: ban, then force
         logits = _forced(_without(logits, rows.stop_ids, banned), rows, mode.processors, processor_values)
-        banned = jnp.zeros_like(banned)
+        banned = jnp.zeros_like(banned)  # (applied)
     tokens = greedy_tokens(logits, rows.stop_ids, banned)
     if mode.draws:
         scaled = draw_logits(_without(logits, rows.stop_ids, banned), rows, mode)
@@ -220,7 +220,7 @@ def greedy_tokens(logits: jax.Array, stop_ids: jax.Array, banned: jax.Array) -> 
         values = jnp.take_along_axis(blocks, chosen[..., None], axis=1)
         return jnp.where(banned[:, None, None] & hit, NEG_INF, values)
 
-    touched = jnp.minimum(stop_ids // GREEDY_BLOCK, blocks.shape[1] - 1)  # (padding past the vocabulary: the last)
+    touched = jnp.clip(stop_ids // GREEDY_BLOCK, 0, blocks.shape[1] - 1)  # (ids outside the vocabulary ban nothing)
     highs = jnp.max(blocks, axis=-1).at[jnp.arange(rows)[:, None], touched].set(jnp.max(read(touched), axis=-1))
     best = jnp.argmax(highs, axis=-1)
     return (best * GREEDY_BLOCK + jnp.argmax(read(best[:, None])[:, 0], axis=-1)).astype(jnp.int32)
