@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from architectures import ARCHITECTURES
+from references import transformers_greedy
 
 from ttpu import AutoModelForTPU
 from ttpu.errors import InvalidArgumentError
@@ -38,10 +39,8 @@ def prompts(seed: int = 0, prefix: list[int] | None = None) -> list[list[int]]:
 
 
 def expected_tokens(eager: torch.nn.Module, prompt: list[int]) -> list[int]:
-    with torch.no_grad():
-        out = eager.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(prompt) :].tolist()
+    """transformers' ``NEW_TOKENS`` greedy tokens after ``prompt`` alone (unpadded)."""
+    return transformers_greedy(eager, [prompt], NEW_TOKENS, batch=1)[0]
 
 
 def serve(engine: LLMEngine, all_prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:

@@ -116,11 +116,8 @@ GENERATION_PROMPTS = [
 
 
 def hf_greedy(torch_model, ids: np.ndarray, new_tokens: int) -> np.ndarray:
-    with torch.no_grad():
-        out = torch_model.generate(
-            torch.from_numpy(ids), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens
-        )
-    return out.numpy()
+    """The prompts ``ids`` [rows, length] (unpadded) and transformers' greedy tokens after each."""
+    return np.concatenate([ids, transformers_greedy(torch_model, ids.tolist(), new_tokens, batch=1)], axis=1)
 
 
 @pytest.fixture(scope="module")
