@@ -16,13 +16,14 @@ transformers' ``AttentionInterface``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ttpu.patches.registry import forward_patch, register
+from ttpu.patches.registry import Patch, forward_patch, instances_of, register
 
 GPT_NEO_ATTENTION = "transformers.models.gpt_neo.modeling_gpt_neo.GPTNeoSelfAttention"
 FALCON_ATTENTION = "transformers.models.falcon.modeling_falcon.FalconAttention"
@@ -293,3 +294,112 @@ def bloom_attention_through_the_interface(
 
 _interface_patch("bloom", BLOOM_ATTENTION, bloom_attention_through_the_interface,
                  why=", its ALiBi bias built from the batch's mask", needs_config=True)
+
+
+def mpt_attention_at_cache_positions(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_bias: torch.Tensor,
+    cache: Any | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values: Any | None = None,  # the cache's name before transformers 5.24
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``MptAttention.forward`` with its ALiBi bias [heads, 1, max_seq_len] sliced by the
+    keys' length alone: its one row serves every query, where the stock forward finds
+    that row from the cache's length (a traced value in a compiled step). Under a
+    positional attention function, the queries, keys and values go to that function with
+    MPT's slopes (its bias, the slope times the key's position, up to a constant per query)."""
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    batch, length = hidden_states.shape[:2]
+    fused = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        fused = fused.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    query, key, value = (x.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+                         for x in fused.chunk(3, dim=2))
+    cache = cache if cache is not None else past_key_values
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    attend = positional_attention(self.config)
+    if attend is not None:
+        bias = build_mpt_alibi_tensor(self.n_heads, 2, device=query.device).reshape(self.n_heads, 2)
+        output, weights = attend(self, query, key, value, None, scaling=self.softmax_scale,
+                                 alibi_slopes=bias[:, 1] - bias[:, 0])
+    else:
+        scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale
+        if position_bias is not None:
+            scores = scores + position_bias[:, :, max(0, position_bias.size(2) - key.shape[-2]):]
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask, torch.finfo(query.dtype).min)
+        weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+        weights = torch.nn.functional.dropout(weights, p=self.attn_dropout_p, training=self.training)
+        output = torch.matmul(weights, value).transpose(1, 2)
+    return self.out_proj(output.reshape(batch, length, self.hidden_size)), weights
+
+
+def projected_attention_through_the_interface(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    key_value_states: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward of a BART-era attention module (``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``, ``scaling``, computing its scores itself: XGLM's, TrOCR's); under a
+    positional attention function, its self-attention's queries, keys and values go to
+    that function. Cross-attention stays stock."""
+    attend = positional_attention(self.config)
+    if attend is None or key_value_states is not None:
+        return type(self).forward(self, hidden_states, key_value_states, **kwargs)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name before transformers 5.24
+    batch, length = hidden_states.shape[:2]
+    query, key, value = (projection(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+                         for projection in (self.q_proj, self.k_proj, self.v_proj))
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    output, weights = attend(self, query, key, value, None, scaling=self.scaling)
+    return self.out_proj(output.reshape(batch, length, self.embed_dim)), weights
+
+
+for _model_type, _attention in (("xglm", "transformers.models.xglm.modeling_xglm.XGLMAttention"),
+                                ("trocr", "transformers.models.trocr.modeling_trocr.TrOCRAttention")):
+    _interface_patch(_model_type, _attention, projected_attention_through_the_interface, needs_config=True)
+
+
+MPT_ATTENTION = "transformers.models.mpt.modeling_mpt.MptAttention"
+_interface_patch("mpt", MPT_ATTENTION, mpt_attention_at_cache_positions,
+                 why=", its ALiBi bias sliced by the cache's length", needs_config=True)
+
+
+@contextlib.contextmanager
+def _mpt_mask_of_nothing_while_tracing(module: torch.nn.Module) -> Iterator[None]:
+    """MPT's ``create_causal_mask``, where transformers builds no mask (an attention
+    function with no mask function, as the paged one), returns a mask that masks nothing
+    (MPT's masks are True where masked) instead of None, which MptModel cannot convert."""
+    from transformers.models.mpt import modeling_mpt
+
+    stock = modeling_mpt.create_causal_mask
+
+    def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
+        mask = stock(*args, **kwargs)
+        return torch.zeros((), dtype=torch.bool) if mask is None else mask
+
+    modeling_mpt.create_causal_mask = causal_mask
+    try:
+        yield
+    finally:
+        modeling_mpt.create_causal_mask = stock
+
+
+register(
+    Patch(
+        name="mpt.no_mask_for_the_interface",
+        reason=("MptModel converts its causal mask to booleans, and transformers builds none for an attention "
+                "function without a mask function (the paged attention): the conversion failed on None"),
+        test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
+        applies_to=lambda module: bool(instances_of(module, MPT_ATTENTION)),
+        apply=lambda module: None,
+        while_tracing=_mpt_mask_of_nothing_while_tracing,
+        transformers_versions=">=5.0,<6",
+    )
+)
