@@ -205,8 +205,9 @@ def test_generate_with_a_local_window_matches_transformers(patched: bool, monkey
         ("mpt", {"n_heads": 6, "d_model": 48, "initializer_range": 0.3}),  # ALiBi over 6 heads (interleaved slopes)
         ("xglm", {}),  # sinusoidal positions from a table grown by the cache's length
         ("trocr", {}),  # learned positions numbered from the cache's length
+        ("mvp", {}),  # the same, and an attention module shared with its encoder
     ],
-    ids=["gpt_neo", "falcon-mqa", "falcon-gqa", "falcon-alibi", "gpt_neox_japanese", "bloom", "mpt", "xglm", "trocr"],
+    ids=["gpt_neo", "falcon-mqa", "falcon-gqa", "falcon-alibi", "gpt_neox_japanese", "bloom", "mpt", "xglm", "trocr", "mvp"],
 )
 def test_modules_that_compute_attention_themselves_are_paged(model_type: str, changes: dict[str, Any]) -> None:
     """Attention modules that compute their scores themselves reach the serving engine's

@@ -5,13 +5,17 @@ transformers' ``AttentionInterface``.
   it attends to: right for transformers' dynamic cache, whose keys end at the newest
   token, but a fixed-length cache always holds its full length, so every step would read
   the last row (no window). Here the rows are those of the queries' positions in the cache.
+- MPT finds the row of its ALiBi bias from the cache's length, a traced value in a
+  compiled step; its bias has one row, which serves every query, so here it is sliced by
+  the keys' length alone.
 - Under an attention function of :data:`POSITIONAL_ATTENTION` (ttpu's paged attention,
   which finds each token's keys by its position itself and takes no mask), GPT-Neo, Falcon
   (before transformers 5.25; from 5.25 an ALiBi Falcon only adds its slopes),
-  GPT-NeoX-Japanese and BLOOM hand their queries, keys and values to that function
-  instead, with their own scaling, GPT-Neo's local window and BLOOM's and Falcon's ALiBi
-  slopes (the function adds each head's slope times the key's distance from the query:
-  their own biases, up to a constant per query, which the softmax ignores).
+  GPT-NeoX-Japanese, BLOOM, MPT, XGLM, TrOCR and MVP hand their queries, keys and values to
+  that function instead, with their own scaling, GPT-Neo's local window and BLOOM's,
+  MPT's and Falcon's ALiBi slopes (the function adds each head's slope times the key's
+  distance from the query: their own biases, up to a constant per query, which the
+  softmax ignores).
 """
 
 from __future__ import annotations
@@ -345,11 +349,12 @@ def projected_attention_through_the_interface(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The forward of a BART-era attention module (``q_proj``, ``k_proj``, ``v_proj``,
-    ``out_proj``, ``scaling``, computing its scores itself: XGLM's, TrOCR's); under a
-    positional attention function, its self-attention's queries, keys and values go to
-    that function. Cross-attention stays stock."""
+    ``out_proj``, ``scaling``, computing its scores itself: XGLM's, TrOCR's, MVP's); under
+    a positional attention function, a decoder's self-attention queries, keys and values go
+    to that function. Cross-attention, an encoder's attention and MVP's prompt keys stay
+    stock."""
     attend = positional_attention(self.config)
-    if attend is None or key_value_states is not None:
+    if attend is None or key_value_states is not None or not self.is_decoder or kwargs.get("attn_prompt") is not None:
         return type(self).forward(self, hidden_states, key_value_states, **kwargs)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name before transformers 5.24
     batch, length = hidden_states.shape[:2]
@@ -362,7 +367,8 @@ def projected_attention_through_the_interface(
 
 
 for _model_type, _attention in (("xglm", "transformers.models.xglm.modeling_xglm.XGLMAttention"),
-                                ("trocr", "transformers.models.trocr.modeling_trocr.TrOCRAttention")):
+                                ("trocr", "transformers.models.trocr.modeling_trocr.TrOCRAttention"),
+                                ("mvp", "transformers.models.mvp.modeling_mvp.MvpAttention")):
     _interface_patch(_model_type, _attention, projected_attention_through_the_interface, needs_config=True)
 
 

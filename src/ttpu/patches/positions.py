@@ -5,7 +5,7 @@ every token and the serving engine could not page them.
 - XGLM's sinusoidal table grows when a position passes its end, a check made on the
   length; a traced length skips the check (generation and the engine keep positions
   below ``max_position_embeddings``, the table's size).
-- TrOCR's learned positions are ``arange(cache_length, cache_length + length)``, whose
+- TrOCR's and MVP's learned positions are ``arange(cache_length, cache_length + length)``, whose
   bounds must be numbers; here they are the length's positions plus the cache's length.
 
 Before transformers 5.24 their length argument was named ``past_key_values_length``.
@@ -44,10 +44,11 @@ register(
 )
 
 
-def trocr_positions_after_the_cache(self: torch.nn.Module, input_ids: torch.Tensor, length: Any = 0,
-                                    position_ids: torch.Tensor | None = None, **named_length: Any) -> torch.Tensor:
-    """``TrOCRLearnedPositionalEmbedding.forward``, numbering the tokens from the cache's
-    length by adding it to their own positions (a traced length cannot bound a range)."""
+def learned_positions_after_the_cache(self: torch.nn.Module, input_ids: torch.Tensor, length: Any = 0,
+                                      position_ids: torch.Tensor | None = None, **named_length: Any) -> torch.Tensor:
+    """The forward of a BART-era learned positional embedding (TrOCR's, MVP's), numbering
+    the tokens from the cache's length by adding it to their own positions (a traced
+    length cannot bound a range)."""
     length = next(iter(named_length.values()), length)
     if position_ids is None:
         batch, tokens = input_ids.shape[:2]
@@ -57,14 +58,18 @@ def trocr_positions_after_the_cache(self: torch.nn.Module, input_ids: torch.Tens
     return torch.nn.Embedding.forward(self, position_ids + self.offset)
 
 
-register(
-    forward_patch(
-        "trocr.positions_after_the_cache",
-        "transformers.models.trocr.modeling_trocr.TrOCRLearnedPositionalEmbedding",
-        trocr_positions_after_the_cache,
-        reason=("TrOCRLearnedPositionalEmbedding bounds a range by its cache's length; in a compiled step that "
-                "length is traced, so generation could not keep a cache for TrOCR"),
-        test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
-        transformers_versions=">=5.0,<6",
+for _model_type, _embedding in (
+    ("trocr", "transformers.models.trocr.modeling_trocr.TrOCRLearnedPositionalEmbedding"),
+    ("mvp", "transformers.models.mvp.modeling_mvp.MvpLearnedPositionalEmbedding"),
+):
+    register(
+        forward_patch(
+            f"{_model_type}.positions_after_the_cache",
+            _embedding,
+            learned_positions_after_the_cache,
+            reason=(f"{_embedding.rsplit('.', 1)[1]} bounds a range by its cache's length; in a compiled step that "
+                    "length is traced, so generation could not keep a cache for the model"),
+            test="tests/test_patches.py::test_modules_that_compute_attention_themselves_are_paged",
+            transformers_versions=">=5.0,<6",
+        )
     )
-)
