@@ -1,6 +1,7 @@
 """Compiled generation of models whose cache is not (only) attention keys and values:
 SSM (Mamba), hybrid attention + SSM (Falcon-H1), hybrid attention + gated delta net
-(Qwen3-Next) and sparse attention with an indexer (DeepSeek-V3.2: past 8 positions the
+(Qwen3-Next), hybrid attention + lightning attention kept by a cache class of its own
+(MiniMax) and sparse attention with an indexer (DeepSeek-V3.2: past 8 positions the
 tokens depend on each indexer key sitting at its own position) layers, each layer's
 state carried through the compiled loop; and the models it carries no cache for."""
 
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from ttpu import AutoModelForTPU
 from ttpu.backends.jax.kv_cache import CONV, INDEXER, KEYS, RECURRENT, UNWRITTEN, VALUES
 from ttpu.coverage import tiny_config
+from ttpu.patches import registry
 
 NEW_TOKENS = 32
 PROMPTS = [[5, 17, 33, 4, 90], [7, 8, 9, 10, 11, 12, 13, 14, 15], list(range(20, 34))]
@@ -36,11 +38,12 @@ STATE_KINDS = {
     "mamba": {CONV, RECURRENT},
     "falcon_h1": {KEYS, VALUES, CONV, RECURRENT},
     "qwen3_next": {KEYS, VALUES, CONV, RECURRENT},
+    "minimax": {KEYS, VALUES, RECURRENT},
     "deepseek_v32": {KEYS, VALUES, INDEXER},
 }
 # generate() runs these on the serving engine's paged step (state slots beside paged keys); DeepSeek-V3.2's
 # indexer keys are not paged, so it runs over its dense cache.
-PAGED = {"mamba", "falcon_h1", "qwen3_next"}
+PAGED = {"mamba", "falcon_h1", "qwen3_next", "minimax"}
 # DeepSeek-V3.2's indexer keeps the top 8 of its cached keys by a sum over its heads of
 # ReLU scores: with the tiny config's 4 heads, random weights leave many keys at exactly 0
 # (ties that torch and XLA break differently); 16 heads leave none.
@@ -111,14 +114,17 @@ def test_cross_attention_layers_without_their_inputs_stay_empty(cross_attention_
     "model_type, reason",
     [
         ("openai-gpt", "the forward returns no cache"),
-        ("xglm", "its cached step reads a traced value in Python (modeling_xglm.py"),
+        ("prophetnet", "its cached step reads a traced value in Python (modeling_prophetnet.py"),
         ("minimax", "the model keeps a cache of its own (MiniMaxCache)"),
     ],
 )
-def test_a_model_generate_cannot_carry_a_cache_for_recomputes_each_step(model_type: str, reason: str, caplog) -> None:
-    """GPT-1 returns no cache, XGLM's cached step compares the cache length in Python,
-    MiniMax refuses any cache but its own: each step runs the forward over the whole
-    (masked) token buffer, in the same compiled loop, and says why."""
+def test_a_model_generate_cannot_carry_a_cache_for_recomputes_each_step(
+    model_type: str, reason: str, caplog, monkeypatch
+) -> None:
+    """GPT-1 returns no cache, ProphetNet's cached step compares the cache length in
+    Python, MiniMax without its patches refuses any cache but its own: each step runs the
+    forward over the whole (masked) token buffer, in the same compiled loop, and says why."""
+    monkeypatch.setattr(registry, "PATCHES", [p for p in registry.PATCHES if not p.name.startswith("minimax.")])
     torch.manual_seed(0)
     module = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
     eager = copy.deepcopy(module)

@@ -220,3 +220,20 @@ def test_modules_that_compute_attention_themselves_are_paged(model_type: str, ch
         assert {pool.shape[2] for pool in engine.runner.cache.pools} == {2 * changes["num_kv_heads"]}
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+
+
+def test_a_model_with_a_cache_of_its_own_keeps_a_standard_one() -> None:
+    """MiniMax keeps its lightning-attention states in a cache class of its own; patched,
+    they live in transformers' standard linear-attention cache layers, which the engine
+    keeps in a state slot per request beside its attention layers' pools (without the
+    patches it recomputes whole sequences): transformers' greedy tokens (on its own
+    cache), the new prompts split over steps by a 48-token budget and prefilled in
+    lightning blocks of 8 tokens."""
+    eager, model = tiny_causal_lm("minimax", block_size=8)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
+    assert engine.runner.recompute_reason is None and engine.runner.has_states
+    layer_types = eager.config.layer_types
+    assert len(engine.runner.cache.pools) == layer_types.count("full_attention") < len(layer_types)
+    batch = prompts()
+    assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
+    assert engine.kv.used_state_slots == 0

@@ -1,6 +1,6 @@
 """Per-architecture and generic patches; importing this package registers them."""
 
-from ttpu.patches import attention, moe, ordering, positions  # noqa: F401  (register their patches)
+from ttpu.patches import attention, caches, moe, ordering, positions  # noqa: F401  (register their patches)
 from ttpu.patches.registry import (
     PATCHES,
     Patch,
