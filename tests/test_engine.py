@@ -486,22 +486,27 @@ def test_a_request_that_raises_in_its_step_fails_alone(model_type: str, monkeypa
 
 
 @pytest.mark.parametrize(
-    "model_type, reason",
+    "model_type, changes, reason",
     [
-        ("moss_transcribe_diarize", "takes no position_ids \\(it numbers positions itself.*no positional-embedding module"),
-        ("bert", "BertLMHeadModel has none: the forward returns no cache"),
-        ("prophetnet", "ProphetNetForCausalLM has none: its cached step reads a traced value"),  # no logits_to_keep
-        ("inkling2_text", "Inkling2ForCausalLM does not run with the paged attention \\(CompilationError"),  # attention over layers
-        ("axk2", "AXK2ForCausalLM has 2 full attention \\+ indexer layers"),
-        ("inkling_text", "InklingForCausalLM fails one request per row .*reads its cache's length"),  # relative positions
+        ("moss_transcribe_diarize", {}, "takes no position_ids \\(it numbers positions itself.*no positional-embedding module"),
+        ("bert", {}, "BertLMHeadModel has none: the forward returns no cache"),
+        ("prophetnet", {}, "ProphetNetForCausalLM has none: its cached step reads a traced value"),  # no logits_to_keep
+        ("inkling2_text", {}, "Inkling2ForCausalLM does not run with the paged attention \\(CompilationError"),  # attention over layers
+        ("axk2", {}, "AXK2ForCausalLM has 2 full attention \\+ indexer layers"),
+        ("inkling_text", {}, "InklingForCausalLM fails one request per row .*reads its cache's length"),  # relative positions
+        # sinusoidal positions numbered from the padding in its ids, by a module that takes no position ids
+        ("trocr", {"use_learned_position_embeddings": False}, "TrOCRForCausalLM.forward takes no position_ids .*no "
+         "positional-embedding module of it takes them"),
     ],
+    ids=["moss", "bert", "prophetnet", "inkling2", "axk2", "inkling", "trocr-sinusoidal"],
 )
-def test_models_the_paged_cache_cannot_hold_are_served_by_recomputing(model_type: str, reason: str) -> None:
+def test_models_the_paged_cache_cannot_hold_are_served_by_recomputing(model_type: str, changes: dict[str, Any],
+                                                                       reason: str) -> None:
     """A model whose cache or attention the paged pool cannot hold is served without a
     cache, each step recomputing its requests' whole sequences (as ``generate`` runs a
     model that keeps none): transformers' greedy tokens, the new prompts under a 48-token
     budget in steps of their own, prefix caching off."""
-    eager, model = tiny_causal_lm(model_type)
+    eager, model = tiny_causal_lm(model_type, **changes)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, block_size=4))
     assert re.search(reason, engine.runner.recompute_reason)
     assert engine.scheduler.whole_prefills and not engine.kv.prefix_caching

@@ -225,10 +225,13 @@ def _paged_attention_named(module: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _positions_fed(modules: list[torch.nn.Module], positions: jax.Array | None) -> Iterator[None]:
-    """Each positional-embedding module of ``modules`` embeds ``positions`` (the step's
-    tokens', [tokens]) in place of the ones its model numbered itself (from 0 or its
-    cache's length, wrong for a flat batch of many requests); nothing without positions."""
-    if positions is None:
+    """Each positional-embedding module of ``modules`` that takes position ids embeds
+    ``positions`` (the step's tokens', [tokens]) in place of the ones its model numbered
+    itself (from 0 or its cache's length, wrong for a flat batch of many requests);
+    nothing without positions. (A model with a module that takes none is refused by
+    :meth:`PagedModel._check_positions`, after the probe's trace.)"""
+    modules = [m for m in modules if "position_ids" in inspect.signature(m.forward).parameters]
+    if positions is None or not modules:
         yield
         return
 
