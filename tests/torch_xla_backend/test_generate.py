@@ -4,7 +4,10 @@ sampling code."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import pytest
 import torch
 from test_generation import (  # noqa: F401 (pytest collects these here, on torch_xla)
     PROMPTS,
@@ -21,8 +24,17 @@ from test_generation import (  # noqa: F401 (pytest collects these here, on torc
     test_same_seed_same_tokens_and_top_k_1_is_greedy,
     test_stream_yields_the_generated_text,
 )
-from transformers import LogitsProcessorList, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from test_generation_states import PROMPTS as STATE_PROMPTS
+from test_generation_states import left_padded
+from transformers import (
+    AutoModelForCausalLM,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 
+from ttpu import AutoModelForTPU
+from ttpu.coverage import tiny_config
 from ttpu.generation.config import GenerationSettings
 
 
@@ -56,3 +68,20 @@ def test_repetition_penalty_and_min_new_tokens_as_transformers() -> None:
         expected = processors(seen, logits.clone()).argmax(-1)
         actual = chooser(logits, seen, torch.ones_like(seen), torch.tensor(generated))
         torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "minimax"])
+def test_hybrid_models_greedy_matches_transformers(model_type: str) -> None:
+    """Linear-attention layers beside attention layers, their states in transformers'
+    StaticCache on the XLA device: Qwen3-Next's convolution and recurrent states, and
+    MiniMax's recurrent state alone (in the standard cache by ttpu's patches, which mark
+    the layer's previous state themselves: transformers marks it on a convolution update)."""
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    eager = copy.deepcopy(module)  # from_model patches the module it wraps
+    ids, mask = left_padded(STATE_PROMPTS, pad=0)
+    settings = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = eager.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings).numpy()
+    actual = AutoModelForTPU.from_model(module, backend="torch_xla").generate(ids, mask, **settings)
+    np.testing.assert_array_equal(actual, expected)

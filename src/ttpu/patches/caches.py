@@ -43,6 +43,9 @@ class _LinearStates:
 
     def set_linear_cache(self, layer_idx: int, state: torch.Tensor) -> None:
         self._cache.update_recurrent_state(state, layer_idx)
+        # transformers' layers mark a previous state on their first convolution update; this
+        # layer has none, so its first state marks it (as MiniMaxCache's list does).
+        self._cache.layers[layer_idx].has_previous_state[0] = True
 
 
 def minimax_lightning_attention_on_a_standard_cache(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
