@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
 import numpy as np
@@ -237,3 +239,31 @@ def test_a_model_with_a_cache_of_its_own_keeps_a_standard_one() -> None:
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     assert engine.kv.used_state_slots == 0
+
+
+@pytest.mark.parametrize("first_layer", ["full_attention", "linear_attention"])
+def test_minimax_on_a_standard_cache_decodes_from_its_state(first_layer: str) -> None:
+    """Patched MiniMax over transformers' DynamicCache and StaticCache (eager): a prompt,
+    then one token at a time, gives the logits of the whole sequence run at once. Its
+    lightning layers decode from the state their prefill left, which they mark as there
+    (transformers marks it on a convolution update, which they make none of); without
+    the mark each decode starts from an empty state."""
+    from transformers import DynamicCache, StaticCache
+
+    from ttpu.compat import CACHE_KEYWORD
+    from ttpu.patches import apply_patches
+
+    second = "linear_attention" if first_layer == "full_attention" else "full_attention"
+    stock, _ = tiny_causal_lm("minimax", block_size=4, layer_types=[first_layer, second])
+    patched = copy.deepcopy(stock)
+    apply_patches(patched)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(3, 100, (2, 12)))
+    positions = torch.arange(12).expand(2, -1)
+    with torch.no_grad():
+        expected = stock(ids).logits[:, 8:]
+        for cache in (DynamicCache(config=patched.config), StaticCache(config=patched.config, max_cache_len=12)):
+            run = functools.partial(patched, use_cache=True, **{CACHE_KEYWORD: cache})
+            run(ids[:, :8], position_ids=positions[:, :8])  # the prefill: lightning blocks of 4
+            actual = torch.cat([run(ids[:, i : i + 1], position_ids=positions[:, i : i + 1]).logits
+                                for i in range(8, 12)], dim=1)
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)

@@ -70,12 +70,15 @@ def test_repetition_penalty_and_min_new_tokens_as_transformers() -> None:
         torch.testing.assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "minimax"])
-def test_hybrid_models_greedy_matches_transformers(model_type: str) -> None:
-    """Linear-attention layers beside attention layers, their states in transformers'
-    StaticCache on the XLA device: Qwen3-Next's convolution and recurrent states, and
-    MiniMax's recurrent state alone (in the standard cache by ttpu's patches, which mark
-    the layer's previous state themselves: transformers marks it on a convolution update)."""
+@pytest.mark.parametrize("model_type", ["qwen3_next", "minimax", "mpt", "xglm", "trocr", "mvp"])
+def test_cached_greedy_matches_transformers(model_type: str) -> None:
+    """transformers' StaticCache on the XLA device, its length a device tensor: linear-
+    attention layers beside attention layers (Qwen3-Next's convolution and recurrent
+    states; MiniMax's recurrent state alone, in the standard cache by ttpu's patches,
+    which mark the layer's previous state themselves: transformers marks it on a
+    convolution update), and the patched modules that read that length (MPT's ALiBi bias
+    sliced by the keys' length, XGLM's sinusoidal table, TrOCR's and MVP's learned
+    positions added to it)."""
     torch.manual_seed(0)
     module = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
     eager = copy.deepcopy(module)  # from_model patches the module it wraps

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ttpu.patches.registry import Patch, forward_patch, instances_of, register
@@ -357,6 +358,8 @@ def projected_attention_through_the_interface(
     if attend is None or key_value_states is not None or not self.is_decoder or kwargs.get("attn_prompt") is not None:
         return type(self).forward(self, hidden_states, key_value_states, **kwargs)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name before transformers 5.24
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
     batch, length = hidden_states.shape[:2]
     query, key, value = (projection(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
                          for projection in (self.q_proj, self.k_proj, self.v_proj))
@@ -379,16 +382,18 @@ _interface_patch("mpt", MPT_ATTENTION, mpt_attention_at_cache_positions,
 
 @contextlib.contextmanager
 def _mpt_mask_of_nothing_while_tracing(module: torch.nn.Module) -> Iterator[None]:
-    """MPT's ``create_causal_mask``, where transformers builds no mask (an attention
-    function with no mask function, as the paged one), returns a mask that masks nothing
-    (MPT's masks are True where masked) instead of None, which MptModel cannot convert."""
+    """MPT's ``create_causal_mask``, where transformers builds no mask for a positional
+    attention function (which takes none), returns a mask that masks nothing (MPT's masks
+    are True where masked) instead of None, which MptModel cannot convert."""
     from transformers.models.mpt import modeling_mpt
 
     stock = modeling_mpt.create_causal_mask
 
-    def causal_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
-        mask = stock(*args, **kwargs)
-        return torch.zeros((), dtype=torch.bool) if mask is None else mask
+    def causal_mask(*args: Any, config: Any, **kwargs: Any) -> torch.Tensor:
+        mask = stock(*args, config=config, **kwargs)
+        if mask is None and config._attn_implementation in POSITIONAL_ATTENTION:
+            return torch.zeros((), dtype=torch.bool)
+        return mask
 
     modeling_mpt.create_causal_mask = causal_mask
     try:

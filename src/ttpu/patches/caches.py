@@ -9,27 +9,20 @@ token).
   (building a ``DynamicCache`` for its config when it needs one), and its lightning
   layers read and write their state through that cache's recurrent-state API, so the
   model is a hybrid of linear and full attention as ttpu carries them (Qwen3-Next's kind).
+  A MiniMaxCache given to it is used as before.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from ttpu.compat import CACHE_KEYWORD
 from ttpu.patches.registry import forward_patch, register
 
 MINIMAX = "transformers.models.minimax.modeling_minimax"
-
-
-def _cache_argument(module: torch.nn.Module) -> str:
-    """The name ``module``'s forward takes its cache by (``past_key_values`` before
-    transformers 5.24)."""
-    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
 
 
 class _LinearStates:
@@ -48,39 +41,36 @@ class _LinearStates:
         self._cache.layers[layer_idx].has_previous_state[0] = True
 
 
+def _given_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache in a forward's keyword arguments, under either of its names
+    (``past_key_values`` before transformers 5.24), moved to this version's name."""
+    caches = [kwargs.pop(name) for name in ("cache", "past_key_values") if name in kwargs]
+    kwargs[CACHE_KEYWORD] = next((c for c in caches if c is not None), None)
+    return kwargs[CACHE_KEYWORD]
+
+
 def minimax_lightning_attention_on_a_standard_cache(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``MiniMaxLightningAttention.forward``, its state kept by a standard cache's
     linear-attention layer (a MiniMaxCache is used as it is)."""
-    name = _cache_argument(self)
-    cache = kwargs.get(name)
+    cache = _given_cache(kwargs)
     if isinstance(cache, Cache) and not hasattr(cache, "get_linear_cache"):
-        kwargs[name] = _LinearStates(cache)
+        kwargs[CACHE_KEYWORD] = _LinearStates(cache)
     return type(self).forward(self, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def _any_cache_is_minimax_s() -> Iterator[None]:
-    """MiniMaxModel's check that its cache is a MiniMaxCache passes for any ``Cache``."""
-    import transformers.models.minimax.modeling_minimax as modeling
-
-    own = modeling.MiniMaxCache
-    modeling.MiniMaxCache = Cache
-    try:
-        yield
-    finally:
-        modeling.MiniMaxCache = own
 
 
 def minimax_model_on_a_standard_cache(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``MiniMaxModel.forward`` (keyword arguments) over any ``Cache``; where it would
     build a MiniMaxCache, a ``DynamicCache`` for its config (linear-attention layers for
-    its lightning layers)."""
-    name = _cache_argument(self)
+    its lightning layers). The stock forward reads ``use_cache`` only to build or check
+    its own cache (its layers use whatever cache they are given, and it returns it), so
+    a standard cache goes in with ``use_cache=False``."""
+    cache = _given_cache(kwargs)
     use_cache = kwargs.get("use_cache")
-    if (self.config.use_cache if use_cache is None else use_cache) and kwargs.get(name) is None:
-        kwargs[name] = DynamicCache(config=self.config)
-    with _any_cache_is_minimax_s():
-        return type(self).forward(self, *args, **kwargs)
+    if cache is None and (self.config.use_cache if use_cache is None else use_cache):
+        cache = kwargs[CACHE_KEYWORD] = DynamicCache(config=self.config)
+    if isinstance(cache, Cache) and not hasattr(cache, "get_linear_cache"):
+        kwargs["use_cache"] = False
+    return type(self).forward(self, *args, **kwargs)
 
 
 for _suffix, _forward in (("MiniMaxLightningAttention", minimax_lightning_attention_on_a_standard_cache),
