@@ -208,8 +208,10 @@ def test_generate_with_a_local_window_matches_transformers(patched: bool, monkey
         ("xglm", {}),  # sinusoidal positions from a table grown by the cache's length
         ("trocr", {}),  # learned positions numbered from the cache's length
         ("mvp", {}),  # the same, and an attention module shared with its encoder
+        ("git", {}),  # BERT's names; its cached step reads the cache's length, which the paged step gives none
     ],
-    ids=["gpt_neo", "falcon-mqa", "falcon-gqa", "falcon-alibi", "gpt_neox_japanese", "bloom", "mpt", "xglm", "trocr", "mvp"],
+    ids=["gpt_neo", "falcon-mqa", "falcon-gqa", "falcon-alibi", "gpt_neox_japanese", "bloom", "mpt", "xglm", "trocr", "mvp",
+         "git"],
 )
 def test_modules_that_compute_attention_themselves_are_paged(model_type: str, changes: dict[str, Any]) -> None:
     """Attention modules that compute their scores themselves reach the serving engine's

@@ -11,7 +11,7 @@ transformers' ``AttentionInterface``.
 - Under an attention function of :data:`POSITIONAL_ATTENTION` (ttpu's paged attention,
   which finds each token's keys by its position itself and takes no mask), GPT-Neo, Falcon
   (before transformers 5.25; from 5.25 an ALiBi Falcon only adds its slopes),
-  GPT-NeoX-Japanese, BLOOM, MPT, XGLM, TrOCR and MVP hand their queries, keys and values to
+  GPT-NeoX-Japanese, BLOOM, MPT, XGLM, TrOCR, MVP and GIT hand their queries, keys and values to
   that function instead, with their own scaling, GPT-Neo's local window and BLOOM's,
   MPT's and Falcon's ALiBi slopes (the function adds each head's slope times the key's
   distance from the query: their own biases, up to a constant per query, which the
@@ -373,6 +373,32 @@ for _model_type, _attention in (("xglm", "transformers.models.xglm.modeling_xglm
                                 ("trocr", "transformers.models.trocr.modeling_trocr.TrOCRAttention"),
                                 ("mvp", "transformers.models.mvp.modeling_mvp.MvpAttention")):
     _interface_patch(_model_type, _attention, projected_attention_through_the_interface, needs_config=True)
+
+
+def git_attention_through_the_interface(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cache: Any | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``GitSelfAttention.forward`` (BERT's names, computing its scores itself); under a
+    positional attention function, the queries, keys and values of its text tokens go to
+    that function (ttpu's steps carry no image tokens)."""
+    attend = positional_attention(self.config)
+    if attend is None:
+        return type(self).forward(self, hidden_states, attention_mask, cache, **kwargs)
+    batch, length = hidden_states.shape[:2]
+    query, key, value = (projection(hidden_states).view(batch, length, -1, self.attention_head_size).transpose(1, 2)
+                         for projection in (self.query, self.key, self.value))
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    output, weights = attend(self, query, key, value, None, scaling=self.attention_head_size**-0.5)
+    return output.reshape(batch, length, self.all_head_size), weights
+
+
+_interface_patch("git", "transformers.models.git.modeling_git.GitSelfAttention", git_attention_through_the_interface,
+                 needs_config=True)
 
 
 MPT_ATTENTION = "transformers.models.mpt.modeling_mpt.MptAttention"

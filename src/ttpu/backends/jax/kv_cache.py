@@ -94,9 +94,11 @@ class CacheState(NamedTuple):
 
 class CacheLayout(NamedTuple):
     """Per-layer cache layout of a model. ``recompute``, when set, says why generation
-    cannot carry a cache for it (the forward returns none, the model keeps a cache class
-    of its own, its cached step reads a traced value in Python): each step
-    then runs the forward over the whole sequence (no layers)."""
+    cannot carry this dense cache for it (the forward returns none, the model keeps a
+    cache class of its own, its cached step reads a traced value in Python): each step
+    then runs the forward over the whole sequence, unless the paged step (which gives
+    the model no cache object) carries the ``layers`` the model's own cache showed
+    (kept when only the dense cached step failed)."""
 
     layers: tuple[LayerLayout, ...]
     recompute: str = ""
@@ -120,7 +122,7 @@ class CacheLayout(NamedTuple):
         """A zeroed cache for ``batch`` sequences of up to ``max_length`` positions, each
         array created directly in its sharded layout (unplaced inside a trace: ``None``)."""
         layers = []
-        for layer in self.layers:
+        for layer in () if self.recompute else self.layers:  # recomputing carries none
             arrays = {}
             for name, array in layer.arrays:
                 shape = array.full_shape(batch, max_length)
@@ -178,15 +180,15 @@ def probe_layout(
             if not isinstance(exc.__cause__, jax.errors.ConcretizationTypeError):
                 raise
             where = [line.split(": ", 1)[1] for line in str(exc).splitlines() if "failing line:" in line]
-            return _recompute(f"its cached step reads a traced value in Python ({', '.join(where[:1])})")
+            reason = f"its cached step reads a traced value in Python ({', '.join(where[:1])})"
+            return {**_recompute(reason), "layers": layers}
         return {"layers": layers}
 
     found = Executables(probe, name="cache_layout", store=store).output_shapes(
         params, jax.ShapeDtypeStruct((1, 1), jnp.int32)
     )
-    if "recompute" in found:
-        return CacheLayout((), recompute=next(iter(found["recompute"])))
-    return CacheLayout(tuple(_layer_layout(layer) for layer in found["layers"]))
+    layers = tuple(_layer_layout(layer) for layer in found.get("layers", ()))
+    return CacheLayout(layers, recompute=next(iter(found.get("recompute", [""]))))
 
 
 def _recompute(reason: str) -> dict[str, Any]:

@@ -330,7 +330,7 @@ class PagedModel:
         self._takes_positions = "position_ids" in inspect.signature(module.forward).parameters
         self._position_modules: list[torch.nn.Module] = []  # fed the step's positions (forwards without position_ids)
         name = type(module).__name__
-        if layout.recompute or not all(_served(layer) for layer in layout.layers):
+        if not layout.layers or not all(_served(layer) for layer in layout.layers):
             raise NotPageable(
                 f"the paged cache holds attention keys and values, recurrent states, both or nothing; "
                 f"{name} has {layout.describe()}"
