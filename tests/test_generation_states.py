@@ -129,18 +129,40 @@ def test_a_model_generate_cannot_carry_a_cache_for_recomputes_each_step(
     module = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
     eager = copy.deepcopy(module)
     model = AutoModelForTPU.from_model(module)
-    ids, mask = left_padded(PROMPTS, pad=0)
+    # Unpadded: transformers' GIT widens a cached step's mask over image tokens a text-only
+    # batch has none of, which shifts a left-padded row's mask onto its padding.
+    ids = np.array([PROMPTS[2], [p + 3 for p in PROMPTS[2]]])
     with torch.no_grad():
-        expected = eager.generate(
-            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=16,
-            do_sample=False, pad_token_id=0,
-        ).numpy()
+        expected = eager.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False, pad_token_id=0).numpy()
     with caplog.at_level("WARNING", logger="ttpu"):
-        actual = model.generate(ids, mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        actual = model.generate(ids, np.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
     np.testing.assert_array_equal(actual, expected)
     layout = model.decoder().layout
     assert reason in layout.describe() and "recomputes the whole sequence" in layout.describe()
     assert "recomputes the whole sequence at every step" in caplog.text and reason in caplog.text
+
+
+def test_a_model_whose_dense_step_fails_generates_on_the_paged_step(caplog) -> None:
+    """GIT's dense cached step reads the cache's length in Python; the layout keeps its
+    cache's layers, and the paged step (which gives the model no cache object) carries
+    them: transformers' tokens, and no warning that generation recomputes."""
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(tiny_config("git")).eval()
+    eager = copy.deepcopy(module)
+    model = AutoModelForTPU.from_model(module)
+    # Unpadded: transformers' GIT widens a cached step's mask over image tokens a text-only
+    # batch has none of, which shifts a left-padded row's mask onto its padding.
+    ids = np.array([PROMPTS[2], [p + 3 for p in PROMPTS[2]]])
+    with torch.no_grad():
+        expected = eager.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False, pad_token_id=0).numpy()
+    with caplog.at_level("WARNING", logger="ttpu"):
+        actual = model.generate(ids, np.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(actual, expected)
+    layout = model.decoder().layout
+    assert "its cached step reads a traced value in Python (modeling_git.py" in layout.recompute and layout.layers
+    assert "which a paged step may carry" in layout.describe()
+    assert model.decoder().paged_for(len(PROMPTS), 16, 64) is not None
+    assert "recomputes the whole sequence" not in caplog.text
 
 
 def test_causal_lms_named_otherwise_generate_and_an_unbounded_context_is_no_limit() -> None:

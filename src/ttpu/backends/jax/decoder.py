@@ -106,17 +106,24 @@ class JaxDecoder(Decoder):
         store = forward.program_store
         self._step_inputs = CachedStepInputs(module)
         self.layout = probe_layout(forward.call_traced, forward.params, store, self._probe_step)
-        if self.layout.recompute:
-            logger.warning(
-                "generate() on %s recomputes the whole sequence at every step (O(length) per token): %s",
-                type(module).__name__, self.layout.recompute,
-            )
+        self._said_recompute = False
+        if self.layout.recompute and not self.layout.layers:  # with layers, the paged step may carry them
+            self._say_recompute()
         self._prefill = Executables(
             self._prefill_program, static_argnums=(5, 6), donate_argnums=(1,), name="prefill", store=store
         )
         self._advance = Executables(
             self._advance_program, static_argnums=(4,), donate_argnums=(1,), name="decode", store=store
         )
+
+    def _say_recompute(self) -> None:
+        """Warn, once, that generation recomputes the whole sequence at every step."""
+        if not self._said_recompute:
+            logger.warning(
+                "generate() on %s recomputes the whole sequence at every step (O(length) per token): %s",
+                type(self._module).__name__, self.layout.recompute,
+            )
+            self._said_recompute = True
 
     @property
     def compile_count(self) -> int:
@@ -145,6 +152,8 @@ class JaxDecoder(Decoder):
         paged = self.paged_for(batch, length, max_length)
         if paged is not None and paged.has_states and _has_holes(prompt_mask):
             paged = None  # a recurrent layer runs a masked token as a zeroed step; the paged rows drop it
+        if paged is None and self.layout.recompute:
+            self._say_recompute()
         prompt = None
         if paged is None:
             cache = self.layout.empty(batch, max_length, place)

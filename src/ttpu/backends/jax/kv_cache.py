@@ -106,7 +106,12 @@ class CacheLayout(NamedTuple):
     def describe(self) -> str:
         """What the compiled loop carries per layer, for ``ttpu doctor``."""
         if self.recompute:
-            return f"none: {self.recompute}; each step recomputes the whole sequence (O(length) per token)"
+            kept = f" (the model's cache has {self._kinds()}, which a paged step may carry)" if self.layers else ""
+            return f"none: {self.recompute}; each step recomputes the whole sequence (O(length) per token){kept}"
+        return self._kinds()
+
+    def _kinds(self) -> str:
+        """The layers counted by kind ("2 full attention layers")."""
         counts: dict[str, int] = {}
         for layer in self.layers:
             attention, linear = KEYS in layer.names, any(n.startswith((CONV, RECURRENT)) for n in layer.names)
