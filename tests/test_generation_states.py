@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ttpu import AutoModelForTPU
+from ttpu import AutoModelForTPU, TPUModel
 from ttpu.backends.jax.kv_cache import CONV, INDEXER, KEYS, RECURRENT, UNWRITTEN, VALUES
 from ttpu.coverage import tiny_config
 from ttpu.patches import registry
@@ -125,18 +125,8 @@ def test_a_model_generate_cannot_carry_a_cache_for_recomputes_each_step(
     Python, MiniMax without its patches refuses any cache but its own: each step runs the
     forward over the whole (masked) token buffer, in the same compiled loop, and says why."""
     monkeypatch.setattr(registry, "PATCHES", [p for p in registry.PATCHES if not p.name.startswith("minimax.")])
-    torch.manual_seed(0)
-    module = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
-    eager = copy.deepcopy(module)
-    model = AutoModelForTPU.from_model(module)
-    # Unpadded: transformers' GIT widens a cached step's mask over image tokens a text-only
-    # batch has none of, which shifts a left-padded row's mask onto its padding.
-    ids = np.array([PROMPTS[2], [p + 3 for p in PROMPTS[2]]])
-    with torch.no_grad():
-        expected = eager.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False, pad_token_id=0).numpy()
     with caplog.at_level("WARNING", logger="ttpu"):
-        actual = model.generate(ids, np.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
-    np.testing.assert_array_equal(actual, expected)
+        model = generates_as_transformers(model_type, *left_padded(PROMPTS, pad=0))
     layout = model.decoder().layout
     assert reason in layout.describe() and "recomputes the whole sequence" in layout.describe()
     assert "recomputes the whole sequence at every step" in caplog.text and reason in caplog.text
@@ -146,23 +136,30 @@ def test_a_model_whose_dense_step_fails_generates_on_the_paged_step(caplog) -> N
     """GIT's dense cached step reads the cache's length in Python; the layout keeps its
     cache's layers, and the paged step (which gives the model no cache object) carries
     them: transformers' tokens, and no warning that generation recomputes."""
-    torch.manual_seed(0)
-    module = AutoModelForCausalLM.from_config(tiny_config("git")).eval()
-    eager = copy.deepcopy(module)
-    model = AutoModelForTPU.from_model(module)
     # Unpadded: transformers' GIT widens a cached step's mask over image tokens a text-only
     # batch has none of, which shifts a left-padded row's mask onto its padding.
     ids = np.array([PROMPTS[2], [p + 3 for p in PROMPTS[2]]])
-    with torch.no_grad():
-        expected = eager.generate(torch.from_numpy(ids), max_new_tokens=16, do_sample=False, pad_token_id=0).numpy()
     with caplog.at_level("WARNING", logger="ttpu"):
-        actual = model.generate(ids, np.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
-    np.testing.assert_array_equal(actual, expected)
+        model = generates_as_transformers("git", ids, np.ones_like(ids))
     layout = model.decoder().layout
     assert "its cached step reads a traced value in Python (modeling_git.py" in layout.recompute and layout.layers
     assert "which a paged step may carry" in layout.describe()
     assert model.decoder().paged_for(len(PROMPTS), 16, 64) is not None
     assert "recomputes the whole sequence" not in caplog.text
+
+
+def generates_as_transformers(model_type: str, ids: np.ndarray, mask: np.ndarray, backend: str = "jax") -> TPUModel:
+    """A tiny random ``model_type`` whose 16 greedy tokens after ``ids`` (``mask``) on
+    ``backend`` are checked equal to transformers'; the ttpu model, for its decoder."""
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    eager = copy.deepcopy(module)  # from_model patches the module it wraps
+    model = AutoModelForTPU.from_model(module, backend=backend)
+    settings = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = eager.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings).numpy()
+    np.testing.assert_array_equal(model.generate(ids, mask, **settings), expected)
+    return model
 
 
 def test_causal_lms_named_otherwise_generate_and_an_unbounded_context_is_no_limit() -> None:

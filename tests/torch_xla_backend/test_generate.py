@@ -4,8 +4,6 @@ sampling code."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -25,16 +23,9 @@ from test_generation import (  # noqa: F401 (pytest collects these here, on torc
     test_stream_yields_the_generated_text,
 )
 from test_generation_states import PROMPTS as STATE_PROMPTS
-from test_generation_states import left_padded
-from transformers import (
-    AutoModelForCausalLM,
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-)
+from test_generation_states import generates_as_transformers, left_padded
+from transformers import LogitsProcessorList, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-from ttpu import AutoModelForTPU
-from ttpu.coverage import tiny_config
 from ttpu.generation.config import GenerationSettings
 
 
@@ -79,12 +70,4 @@ def test_cached_greedy_matches_transformers(model_type: str) -> None:
     convolution update), and the patched modules that read that length (MPT's ALiBi bias
     sliced by the keys' length, XGLM's sinusoidal table, TrOCR's and MVP's learned
     positions added to it)."""
-    torch.manual_seed(0)
-    module = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
-    eager = copy.deepcopy(module)  # from_model patches the module it wraps
-    ids, mask = left_padded(STATE_PROMPTS, pad=0)
-    settings = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        expected = eager.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **settings).numpy()
-    actual = AutoModelForTPU.from_model(module, backend="torch_xla").generate(ids, mask, **settings)
-    np.testing.assert_array_equal(actual, expected)
+    generates_as_transformers(model_type, *left_padded(STATE_PROMPTS, pad=0), backend="torch_xla")
