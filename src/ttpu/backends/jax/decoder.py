@@ -107,8 +107,6 @@ class JaxDecoder(Decoder):
         self._step_inputs = CachedStepInputs(module)
         self.layout = probe_layout(forward.call_traced, forward.params, store, self._probe_step)
         self._said_recompute = False
-        if self.layout.recompute and not self.layout.layers:  # with layers, the paged step may carry them
-            self._say_recompute()
         self._prefill = Executables(
             self._prefill_program, static_argnums=(5, 6), donate_argnums=(1,), name="prefill", store=store
         )
@@ -152,7 +150,7 @@ class JaxDecoder(Decoder):
         paged = self.paged_for(batch, length, max_length)
         if paged is not None and paged.has_states and _has_holes(prompt_mask):
             paged = None  # a recurrent layer runs a masked token as a zeroed step; the paged rows drop it
-        if paged is None and self.layout.recompute:
+        if paged is None and self.layout.recompute:  # (with the cache's layers, the paged step may carry them)
             self._say_recompute()
         prompt = None
         if paged is None:
