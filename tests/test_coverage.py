@@ -57,9 +57,9 @@ def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
          "generate": {"eager": True, "matches": False, "stage": "compare"},
          "serve": {"eager": True, "matches": False, "stage": "ttpu", "error": {
              "type": "RuntimeError", "message": "aten::foo has no lowering"}}},
-        {"model_type": "indexer", "eager": True, "matches": True, "generate": ok, "serve": {
-            **ok, "recomputes": "the paged cache holds attention keys and values, recurrent states, both or nothing; "
-                                "X has 2 full attention + indexer layers"}},
+        {"model_type": "lengthy", "eager": True, "matches": True, "generate": ok, "serve": {
+            **ok, "recomputes": "XForCausalLM fails one request per row (the model reads its cache's length (for "
+                                "positions or masks), and the paged cache's requests each have their own)"}},
         {"model_type": "broken", "eager": True, "matches": True,
          "generate": {"eager": False, "matches": False, "stage": "eager"}},
         {"model_type": "encoder", "eager": True, "matches": True},
@@ -77,9 +77,10 @@ def test_report_has_the_generate_column_and_its_causes(tmp_path) -> None:
     assert "| encoder |" in text and "| - |" in text
     assert (summary["serve_eager"], summary["serve_matches"], summary["serve_of_generating"]) == (3, 2, 2)
     assert summary["serve_causes"] == {"op without lowering: aten::foo": 1}
-    assert summary["serve_recomputed"] == 1 and summary["serve_recomputed_causes"] == {"indexer layers": 1}
+    assert summary["serve_recomputed"] == 1
+    assert summary["serve_recomputed_causes"] == {"the model reads its cache's length": 1}
     assert "serve: 2 / 3 = 66.7%" in text and "2 of the 2 whose static `generate` matches; 1 of the served" in text
-    assert "| indexer layers | 1 | indexer |" in text and "yes (recomputes)" in text
+    assert "| the model reads its cache's length | 1 | lengthy |" in text and "yes (recomputes)" in text
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ import pytest
 
 from ttpu.backends.jax.attention import dot_product_attention
 from ttpu.backends.jax.paged_attention import (
-    PagedBatch, attend, pallas_paged_attention, query_blocks, ragged_arguments, per_device, write_kv,
-    xla_paged_attention,
+    PagedBatch, attend, pallas_paged_attention, query_blocks, ragged_arguments, per_device, sparse_paged_attention,
+    write_kv, xla_paged_attention,
 )
 
 BLOCK, BLOCKS, KV_HEADS, Q_HEADS, DIM = 4, 32, 2, 4, 8
@@ -110,6 +110,11 @@ def run_step(contexts: list[int], news: list[int], seed: int, kernel=SMALL_CHUNK
             mask &= np.arange(total)[None, :] > query_positions - window
         if options.get("attention_chunk"):
             mask &= np.arange(total)[None, :] // options["attention_chunk"] == query_positions // options["attention_chunk"]
+        if options.get("indices") is not None:  # each token sees the positions chosen for it only
+            chosen = np.zeros_like(mask)
+            for query_row, picked in enumerate(np.asarray(options["indices"])[start : start + new]):
+                chosen[query_row, picked[picked < total]] = True
+            mask &= chosen
         mask = mask[None, None]
         if options.get("alibi_slopes") is not None:  # additive: each head's slope times the key's distance
             bias = np.asarray(options["alibi_slopes"])[:, None, None] * (np.arange(total)[None, :] - query_positions)
@@ -161,6 +166,47 @@ ALIBI_SLOPES = jnp.asarray([0.5, 0.25, 0.125, 0.0625])[:Q_HEADS]
 )
 def test_paged_attention_matches_dense_attention(contexts, news, options) -> None:
     run_step(contexts, news, seed=len(contexts), **options)
+
+
+def chosen_positions(contexts: list[int], news: list[int], k: int, seed: int) -> jax.Array:
+    """Per token of :func:`random_step`'s step (padding last), ``k`` distinct positions
+    of its request's block table, its own among them, some past it (a DSA indexer's
+    top-k when fewer than ``k`` positions are visible: masked, as transformers does)."""
+    rng = np.random.default_rng(seed)
+    width = max(-(-(c + n) // BLOCK) for c, n in zip(contexts, news)) * BLOCK
+    own = [p for c, n in zip(contexts, news) for p in range(c, c + n)] + [0, 0, 0]
+    picks = [[p, *rng.choice([q for q in range(width) if q != p], k - 1, replace=False)] for p in own]
+    return jnp.asarray(np.asarray(picks, np.int32))
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}],
+                         ids=["plain", "softcap-sinks"])
+def test_sparse_attention_reads_only_each_tokens_chosen_positions(options) -> None:
+    """The sparse kernel (a sparse-attention indexer's top-k positions per token) against
+    dense attention masked to each token's chosen positions up to its own, on decodes,
+    a new prompt and a chunk after cached positions together."""
+    indices = chosen_positions(*MIXED, k=5, seed=2)
+    run_step(*MIXED, seed=4, kernel=sparse_paged_attention, indices=indices, **options)
+
+
+def test_sparse_attention_splits_its_indices_with_the_tokens() -> None:
+    """The sparse kernel in a shard_map over heads (tensor axis) and replicas (data axis,
+    as generate() splits a batch): each replica's tokens keep their own chosen positions."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+    steps = [random_step(*MIXED, seed=seed) for seed in (6, 7)]
+    chosen = [chosen_positions(*MIXED, k=5, seed=seed) for seed in (6, 7)]
+    joined = [np.concatenate([getattr(step, name) for step in steps]) for name in ("query", "new_keys", "new_values", "pool")]
+    batch = PagedBatch(*(jnp.concatenate(parts) for parts in zip(*(step.batch for step in steps))))
+    split = compiled(per_device(sparse_paged_attention, mesh, "tensor", replica_axes="data"))
+    out, _ = split(jnp.asarray(joined[0]), jnp.asarray(joined[3]), batch, (jnp.asarray(joined[1]), jnp.asarray(joined[2])),
+                   scale=DIM**-0.5, indices=jnp.concatenate(chosen))
+    for half, (step, indices) in enumerate(zip(steps, chosen)):
+        alone, _ = attend(sparse_paged_attention, jnp.asarray(step.query), jnp.asarray(step.pool), step.batch,
+                          (jnp.asarray(step.new_keys), jnp.asarray(step.new_values)), scale=DIM**-0.5, indices=indices)
+        tokens = step.query.shape[0]
+        np.testing.assert_allclose(np.asarray(out)[half * tokens:(half + 1) * tokens], alone, rtol=2e-5, atol=2e-5)
 
 
 def test_one_context_chunk_gives_what_many_give() -> None:

@@ -86,24 +86,32 @@ def test_a_batch_split_over_data_axes_splits_the_paged_pools_by_block(strategy, 
     assert [shape for shape in collectives if re.search(r"\bb?f\d+\[", shape)] == [], collectives
 
 
-def test_a_hybrid_batch_split_over_data_and_tensor_axes_runs_the_paged_step() -> None:
-    """A tiny Qwen3-Next (gated delta nets beside attention) under 2d: the paged step with
-    state slots gives one device's tokens. Its chunked delta rule solves triangular systems,
-    which jaxlib's LAPACK kernel did by waiting on XLA:CPU's thread pool from inside it:
-    with every device running it at once, this prefill hung (ttpu's solve_triangular
-    lowering runs none)."""
+@pytest.mark.parametrize("model_type, strategy, changes",
+                         [("qwen3_next", "2d", {}), ("deepseek_v32", "dp", {"index_n_heads": 16})])
+def test_a_batch_stepped_in_rows_splits_over_data_axes(model_type: str, strategy: str, changes: dict) -> None:
+    """Models whose paged step runs one request per row, split by data parallelism: a
+    tiny Qwen3-Next (gated delta nets beside attention) under 2d, its state slots beside
+    the pools; a tiny DeepSeek-V3.2 under dp, each replica's rows reading their indexer
+    keys from its own part of the indexer pools (16 positions, past the indexer's top 8).
+    Both give one device's tokens. Qwen3-Next's chunked delta rule solves triangular
+    systems, which jaxlib's LAPACK kernel did by waiting on XLA:CPU's thread pool from
+    inside it: with every device running it at once, this prefill hung (ttpu's
+    solve_triangular lowering runs none)."""
     from transformers import AutoModelForCausalLM
 
     from ttpu.coverage import tiny_config
 
+    config = tiny_config(model_type)
+    for name, value in changes.items():
+        setattr(config, name, value)
     torch.manual_seed(0)
-    module = AutoModelForCausalLM.from_config(tiny_config("qwen3_next")).eval()
-    ids = np.random.default_rng(3).integers(1, 64, (8, 6))
+    module = AutoModelForCausalLM.from_config(config).eval()
+    ids = np.random.default_rng(3).integers(1, 64, (8, 10))
     single = AutoModelForTPU.from_model(module)
-    model = AutoModelForTPU.from_model(module, parallelism="2d")
-    paged = model.decoder().paged_for(8, 6, 16)
-    assert paged is not None and paged.has_states
-    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=4), single.generate(ids, max_new_tokens=4))
+    model = AutoModelForTPU.from_model(module, parallelism=strategy)
+    paged = model.decoder().paged_for(8, 10, 16)
+    assert paged is not None and paged.in_rows
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=6), single.generate(ids, max_new_tokens=6))
 
 
 def llama(layers: int = 2, **overrides) -> LlamaForCausalLM:

@@ -74,7 +74,6 @@ _GENERATE_CAUSES: list[tuple[str, re.Pattern]] = [
 # why the serving engine recomputes a model's sequences instead of paging its cache
 _RECOMPUTE_CAUSES: list[tuple[str, re.Pattern]] = [
     ("no cache to page (generate recomputes too)", re.compile(r"paged cache holds .* has none:")),
-    ("indexer layers", re.compile(r"paged cache holds .* indexer")),
     ("layer kinds it does not keep", re.compile(r"paged cache holds")),
     ("attention outside AttentionInterface",
      re.compile(r"does not run with the paged attention|never calls transformers' attention")),

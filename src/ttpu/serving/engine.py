@@ -67,9 +67,10 @@ class LLMEngine:
         )
         whole = self.runner.whole_prompts
         if whole and config.enable_prefix_caching:
-            logger.info("prefix caching is off for %s: it caches no keys and values per block (%s)",
-                        type(model.torch_module).__name__,
-                        "recurrent states per request" if self.runner.has_states else "nothing cached")
+            logger.info("prefix caching is off for %s: %s", type(model.torch_module).__name__,
+                        "it keeps recurrent states per request, not per block" if self.runner.has_states
+                        else "its steps run whole prompts in rows (sparse-attention indexers)" if self.runner.in_rows
+                        else "it caches nothing (each step recomputes its requests' sequences)")
         self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and not whole,
                                  state_slots=self.runner.state_slots)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,

@@ -5,11 +5,12 @@ of tokens from many requests (:class:`~ttpu.backends.jax.paged.PagedModel`, the 
 donated to each step. Steps are padded to buckets of tokens and of requests (powers of
 two), so a running engine compiles one program per bucket pair.
 
-Models with recurrent layers run one request per row (:class:`~ttpu.backends.jax.paged.RowGrid`):
-a step of whole new prompts, or a step of decodes.
+Models with recurrent layers or sparse-attention indexers run one request per row
+(:class:`~ttpu.backends.jax.paged.RowGrid`): a step of whole new prompts, or a step of
+decodes.
 
 Models whose cache or attention the paged pools cannot hold (no cache, a cache class of
-their own, indexer keys, positions counted from the cache's length, attention outside the
+their own, positions counted from the cache's length, attention outside the
 interface) are found at construction and recomputed instead: each step runs its requests'
 whole sequences, one per row, through the model's uncached forward.
 """
@@ -93,6 +94,7 @@ class ModelRunner:
         except NotPageable as reason:
             self._paged, self.recompute_reason = None, str(reason)
         self.has_states = self._paged is not None and self._paged.has_states
+        self.in_rows = self._paged is not None and self._paged.in_rows
         self.state_slots = max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
         self.cache = self._empty()
         if self.recompute_reason is not None:
@@ -103,8 +105,8 @@ class ModelRunner:
     @property
     def whole_prompts(self) -> bool:
         """Whether steps run one request per row, so prompts are prefilled whole, in steps
-        of their own (recurrent states; recomputed sequences)."""
-        return self.has_states or self.recompute_reason is not None
+        of their own (recurrent states; sparse-attention indexers; recomputed sequences)."""
+        return self.in_rows or self.recompute_reason is not None
 
     def _empty(self) -> CacheArrays:
         if self._paged is None:
@@ -152,7 +154,7 @@ class ModelRunner:
             return [(rows * length, rows) for length in _powers(MIN_TOKEN_BUCKET, self.max_model_len)
                     for rows in _powers(1, self.max_num_seqs)
                     if rows == 1 or rows * length <= self.max_num_batched_tokens]
-        if not self.has_states:
+        if not self.in_rows:
             tokens = _powers(MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             requests = _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)
             least = functools.partial(bucket, smallest=MIN_TOKEN_BUCKET, largest=self.max_num_batched_tokens)
@@ -175,7 +177,7 @@ class ModelRunner:
         zeros = np.zeros(tokens, np.int32)
         tables = np.zeros((requests, self.blocks_per_request), np.int32)
         batch = PagedBatch(positions, zeros, zeros, tables)
-        grid = RowGrid(np.zeros(requests, np.int32)) if self.has_states else None
+        grid = RowGrid(np.zeros(requests, np.int32)) if self.in_rows else None
         return StepInputs(np.zeros(tokens, np.int32), positions, batch, np.zeros(requests, np.int32), [], grid)
 
     def prepare(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]],
@@ -185,7 +187,7 @@ class ModelRunner:
         its row) over the requests' ``state_slots`` (request id -> slot; unread otherwise)."""
         if self.recompute_reason is not None:
             return self._sequences(out)
-        if not self.has_states:
+        if not self.in_rows:
             tokens = bucket(out.num_tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             return self._flat(out, block_ids, tokens, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs))
         decodes = all(chunk.start > 0 and chunk.count == 1 for chunk in out.chunks)
@@ -198,7 +200,7 @@ class ModelRunner:
             rows = bucket(len(out.chunks), 1, self.max_num_seqs)
         inputs = self._flat(out, block_ids, rows * length, rows, row_length=length)
         slots = np.zeros(rows, np.int32)
-        slots[: len(out.chunks)] = [state_slots[chunk.request.id] for chunk in out.chunks]
+        slots[: len(out.chunks)] = [state_slots.get(chunk.request.id, 0) for chunk in out.chunks]  # 0: no states
         return dataclasses.replace(inputs, grid=RowGrid(slots))
 
     def _sequences(self, out: SchedulerOutput) -> StepInputs:

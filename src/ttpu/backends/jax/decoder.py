@@ -61,7 +61,7 @@ class PromptStep(NamedTuple):
 
     batch: PagedBatch  # row r writes into the blocks of its block table
     last_tokens: jax.Array  # [batch] each row's last real token in the step
-    grid: RowGrid | None  # models with recurrent state: the rows as they are
+    grid: RowGrid | None  # models stepped in rows (recurrent state, indexers): the rows as they are
 
 
 class DecodeState(NamedTuple):
@@ -163,7 +163,7 @@ class JaxDecoder(Decoder):
                                  self._replica_axes(batch))
             cache = PagedCache(arrays, place.put(tables, ()), place.put(np.int32(0), ()))
             prompt = jax.tree.map(lambda v: place.put(v, ()),
-                                  _prompt_step(prompt_mask, tables, replicas, paged.has_states))
+                                  _prompt_step(prompt_mask, tables, replicas, paged.in_rows))
         state = self._prefill(
             self._forward.params, cache, place.batch(input_ids.astype(np.int32)),
             place.batch(prompt_mask.astype(np.int32)), sampling, mode, max_length, prompt,
@@ -260,7 +260,7 @@ class JaxDecoder(Decoder):
         rows = jnp.arange(batch, dtype=jnp.int32)
         slots = cache.tables[rows, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         paged = self.paged_model()
-        grid = RowGrid(rows + 1) if paged.has_states else None
+        grid = RowGrid(rows + 1) if paged.in_rows else None
         columns = jnp.full_like(positions, cache.length)  # the tokens' indices in the buffer, left padding counted
         local = PagedBatch(positions, slots, rows % (batch // self._replicas(batch)), cache.tables)  # rows per replica
         arrays, logits = paged.logits(params, cache.arrays, ids, local, None, grid, columns,

@@ -20,9 +20,17 @@ token per row). The model sees transformers' own linear-attention cache layers o
 rows' states, gathered from their slots and written back after the step; attention
 layers still go through the paged pools.
 
+Models with sparse-attention indexers (DSA: DeepSeek-V3.2, GLM-MoE-DSA, ...) score each
+query against every indexer key of its own sequence, then attend to the top-k positions
+only. Each indexer keeps its keys in a paged pool of its own, numbered by the same block
+tables as the attention's; their steps run in rows too, the model's cache handing each
+row's whole sequence of indexer keys to its indexer, the model given each query's mask
+over its row's positions, and the attention reading each query's top-k positions from
+the pools (:func:`~ttpu.backends.jax.paged_attention.sparse_paged_attention`).
+
 :class:`PagedModel` finds out, when it is built, whether the pools can carry a model
-(:class:`NotPageable` says why not: no cache, a cache class of its own, indexer keys,
-positions counted from the cache's length, attention outside the interface).
+(:class:`NotPageable` says why not: no cache, a cache class of its own, positions
+counted from the cache's length, attention outside the interface).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from ttpu.backends.base import CachedStepInputs
 from ttpu.backends.jax.environment import to_traced
 from ttpu.backends.jax.executables import Executables
 from ttpu.backends.jax.kv_cache import (
-    CONV, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer,
+    CONV, INDEXER, KEYS, RECURRENT, UNWRITTEN, VALUES, CacheLayout, LayerLayout, TracedLinearLayer,
 )
 from ttpu.backends.jax.paged_attention import PagedBatch, attend, paged_attention_kernel, per_device
 from ttpu.backends.jax.torchax_compat import import_torchax
@@ -73,6 +81,7 @@ class CacheArrays(NamedTuple):
 
     pools: tuple[jax.Array, ...]
     states: tuple[dict[str, jax.Array], ...]
+    indexers: tuple[jax.Array, ...] = ()  # per layer with a sparse-attention indexer: its keys' pool [num_blocks, block_size, dim]
 
 
 Call = tuple[int, int]  # an attention call of a step: its layer, and its number among that layer's calls
@@ -103,7 +112,7 @@ class _Step:
     batch: PagedBatch | None
     mesh: Mesh | None = None
     heads_axes: tuple[str | None, ...] = ()  # per pool: the mesh axis its heads are split over
-    grid: RowGrid | None = None  # rows of tokens, one request per row (models with recurrent state)
+    grid: RowGrid | None = None  # rows of tokens, one request per row (models with recurrent state or indexers)
     new_rows: int | None = None  # the step's tokens are rows of this many, each a new prompt (attending within its row)
     replica_axes: Axis = None  # mesh axes the requests and the pools' blocks split over (a replica's own pool each)
     pool_of: Mapping[Call, int] = field(default_factory=dict)  # the pool each call that writes keys writes
@@ -142,12 +151,16 @@ def paged_attention_forward(
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function over the step's paged pools; ``query``, ``key``,
     ``value`` are [rows, heads, length, dim]: one row of the step's tokens, or (with a
     grid) one row per request. ``alibi_slopes`` [heads] (from ALiBi models' patched
-    attention modules) bias each score by the key's distance from the query."""
+    attention modules) bias each score by the key's distance from the query.
+    ``indices`` [rows, length, k] (a sparse-attention indexer's top-k positions, as
+    transformers hands them to its sparse kernels) limit each query to those positions
+    of its request."""
     step = _current_step.get()
     rows, length = query.shape[0], query.shape[2]
     q, k, v = (_tokens(x) for x in (query, key, value))  # [tokens, heads, dim], the batch's order
@@ -165,15 +178,20 @@ def paged_attention_forward(
     pool = step.pools[index]
     padded = functools.partial(_pad_last, size=pool.shape[-1])  # keys and values of unequal widths share the pool's
     written = (padded(k), padded(v)) if source == this else None  # a call given another's keys finds them written
-    options = {"scale": scaling if scaling is not None else q.shape[-1] ** -0.5, "sliding_window": sliding_window,
-               "softcap": softcap}
+    options: dict[str, Any] = {"scale": scaling if scaling is not None else q.shape[-1] ** -0.5}
+    if sliding_window is not None:
+        options["sliding_window"] = sliding_window
+    if softcap is not None:
+        options["softcap"] = softcap
     if s_aux is not None:
         options["sinks"] = torchax.interop.jax_view(s_aux)
     if alibi_slopes is not None:
         options["alibi_slopes"] = torchax.interop.jax_view(alibi_slopes)
     if chunk is not None:
         options["attention_chunk"] = chunk
-    if step.new_rows is not None:
+    if indices is not None:  # read from the pool whatever the step (which holds the step's keys already)
+        options["indices"] = torchax.interop.jax_view(indices).reshape(-1, indices.shape[-1])
+    elif step.new_rows is not None:
         options["new_rows"] = step.new_rows
     kernel = paged_attention_kernel(options)
     if step.mesh is not None and step.mesh.size > 1:
@@ -248,7 +266,7 @@ def _positions_fed(modules: list[torch.nn.Module], positions: jax.Array | None) 
 
 class RowGrid(NamedTuple):
     """A step's tokens are rows, one request per row, in the batch's order (models with
-    recurrent state): a step of whole new prompts, each left-padded in its row (padding
+    recurrent state or sparse-attention indexers): a step of whole new prompts, each left-padded in its row (padding
     at position -1; each row attends within itself), or of one decode per row."""
 
     state_slots: jax.Array  # [rows] each row's recurrent-state slot (0, padding's, for padding rows)
@@ -263,7 +281,7 @@ def _served(layer: LayerLayout) -> bool:
     states, both, or nothing (a layer without attention or state, or one a text-only
     forward never writes, as cross-attention)."""
     kept = {n for n in layer.names if n.startswith((CONV, RECURRENT))} | {UNWRITTEN}
-    return layer.names - kept in ({KEYS, VALUES}, frozenset())
+    return layer.names - kept in ({KEYS, VALUES}, {KEYS, VALUES, INDEXER}, frozenset())
 
 
 class _PagedLayer(DynamicLayer):
@@ -284,6 +302,28 @@ class _PagedLayer(DynamicLayer):
         )
 
 
+class _PagedIndexedLayer(_PagedLayer):
+    """An attention layer with a sparse-attention indexer (DSA) in a step over rows: its
+    new indexer keys go into its paged pool (``pool``, [num_blocks, block_size, dim]) at
+    the tokens' slots, and it hands back each row's whole sequence of them, read through
+    the row's block table: [rows, table positions, dim], position ``p`` at index ``p``
+    (the step's mask hides those past each query's own)."""
+
+    def __init__(self, pool: jax.Array, batch: PagedBatch, replicas: int) -> None:
+        super().__init__()
+        self.pool, self._batch, self._replicas = pool, batch, replicas
+
+    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        keys = torchax.interop.jax_view(indexer_key_states)  # [rows, length, dim]
+        blocks, block_size, dim = self.pool.shape
+        rows, tokens = keys.shape[0], self._batch.slots.shape[0]
+        part = blocks // self._replicas  # each replica's part of the pool numbers its blocks from its own null block
+        slots = self._batch.slots + jnp.arange(tokens) // (tokens // self._replicas) * part * block_size
+        tables = self._batch.block_tables + (jnp.arange(rows) // (rows // self._replicas) * part)[:, None]
+        self.pool = self.pool.at[slots // block_size, slots % block_size].set(keys.reshape(tokens, dim).astype(self.pool.dtype))
+        return to_traced(self.pool[tables].reshape(rows, -1, dim))
+
+
 class _PagedLinearLayer(TracedLinearLayer):
     """A recurrent layer beside paged attention layers: transformers 5.25 counts its
     length itself (and asks layer 0 for the cache's), but each request has its own."""
@@ -299,16 +339,20 @@ class _PagedHybridLayer(_PagedLinearLayer, _PagedLayer):
         TracedLinearLayer.__init__(self, arrays, layout, empty)
 
 
-def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, empty: bool) -> Cache:
+def _rows_cache(states: tuple[dict[str, jax.Array], ...], layout: CacheLayout, empty: bool,
+                indexed: Mapping[int, _PagedIndexedLayer]) -> Cache:
     """transformers' cache over the rows' recurrent ``states`` (traced), attention layers
-    paged, layers with neither transformers' dummy layer."""
+    paged (those with an indexer: ``indexed``, by layer), layers with neither
+    transformers' dummy layer."""
     layers: list[Any] = []
     linear = _PagedLinearLayer if any(KEYS in layer.names for layer in layout.layers) else TracedLinearLayer
-    for arrays, layer in zip(states, layout.layers):
+    for index, (arrays, layer) in enumerate(zip(states, layout.layers)):
         traced = {name: to_traced(a) for name, a in arrays.items()}
         attention = KEYS in layer.names
         if traced:
             layers.append(_PagedHybridLayer(traced, layer, empty) if attention else linear(traced, layer, empty))
+        elif index in indexed:
+            layers.append(indexed[index])
         else:
             layers.append(_PagedLayer() if attention else DummyLayer())
     return Cache(layers=layers)
@@ -337,6 +381,9 @@ class PagedModel:
             )
         self._attention = [KEYS in layer.names for layer in layout.layers]
         self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
+        self._indexers = {i: dict(layer.arrays)[INDEXER] for i, layer in enumerate(layout.layers) if INDEXER in layer.names}
+        if self.has_states and self._indexers:
+            raise NotPageable(f"{name} has recurrent states and indexer keys, which no step over rows carries together yet")
         if any(self._attention) and not self._takes_positions:
             self._position_modules = positional_embeddings(module)
         found = Executables(self._probe, name="paged_step_probe", store=forward.program_store).output_shapes(
@@ -356,6 +403,13 @@ class PagedModel:
         return floor if getattr(config, "attn_temperature_tuning", False) and floor else None
 
     @property
+    def in_rows(self) -> bool:
+        """Whether its steps run one request per row (:class:`RowGrid`): models with
+        recurrent states, or with sparse-attention indexers (which score each query
+        against its own request's keys)."""
+        return self.has_states or bool(self._indexers)
+
+    @property
     def writers(self) -> list[Call]:
         """The attention calls that write keys and values, each into its own pool."""
         return list(self._pool_of)
@@ -368,7 +422,7 @@ class PagedModel:
             calls = self._attention_calls(params, ids)
             self._check_positions(calls)
             self._use_calls(calls)
-            if self.has_states:
+            if self.in_rows:
                 self._check_step("one request per row")
             elif any(len(layer) > 1 for layer in calls.values()):  # calls the probe numbered must match a real step's
                 self._check_step("paged")
@@ -402,9 +456,10 @@ class PagedModel:
 
     def empty(self, num_blocks: int, block_size: int, state_slots: int, replica_axes: Axis = None) -> CacheArrays:
         """Zeroed pools of ``num_blocks`` blocks (block 0 is the null block padding writes
-        into) and recurrent states of ``state_slots`` slots (slot 0 is padding's, besides).
-        With ``replica_axes``, each pool's blocks split over those mesh axes: one pool of
-        ``num_blocks / replicas`` blocks per replica, with its own null block."""
+        into), as many for each indexer's keys, and recurrent states of ``state_slots``
+        slots (slot 0 is padding's, besides). With ``replica_axes``, each pool's blocks
+        split over those mesh axes: one pool of ``num_blocks / replicas`` blocks per
+        replica, with its own null block."""
         place = self._forward.placement
         pools = tuple(self._pool(call, axis, num_blocks, block_size, replica_axes)
                       for call, axis in zip(self._pools, self._heads_axes))
@@ -413,7 +468,10 @@ class PagedModel:
              for n, a in layer.arrays if n.startswith((CONV, RECURRENT))}
             for layer in self._layout.layers
         )
-        return CacheArrays(pools, states)
+        spec = (replica_axes,) if replica_axes else ()
+        indexers = tuple(jnp.zeros((num_blocks, block_size, a.shape[-1]), a.dtype, device=place.sharding(spec))
+                         for a in self._indexers.values())
+        return CacheArrays(pools, states, indexers)
 
     def _pool(self, call: AttentionCall, heads_axis: str | None, num_blocks: int, block_size: int,
               replica_axes: Axis) -> jax.Array:
@@ -451,14 +509,15 @@ class PagedModel:
         step = _Step(list(cache.pools), batch, place.mesh, self._heads_axes, grid, new_rows, replica_axes,
                      self._pool_of)
         if grid is not None:
-            logits, states = self._rows_traced(step, params, cache.states, ids)
-            return CacheArrays(tuple(step.pools), states), logits
+            replicas = place.plan.mesh.split(replica_axes)
+            logits, states, indexers = self._rows_traced(step, params, cache, ids, replicas)
+            return CacheArrays(tuple(step.pools), states, indexers), logits
         inputs = {"input_ids": to_traced(ids[None]), "use_cache": False}
         if self._keeps_logits and sampling_rows is not None:  # the vocabulary projection of the sampling tokens only
             inputs["logits_to_keep"] = to_traced(sampling_rows)
         logits = self._logits_traced(step, params, inputs, jnp.maximum(batch.positions, 0), embedded)[0]
         logits = logits if self._keeps_logits or sampling_rows is None else logits[sampling_rows]
-        return CacheArrays(tuple(step.pools), cache.states), logits
+        return CacheArrays(tuple(step.pools), cache.states, cache.indexers), logits
 
     def _check_step(self, how: str) -> None:
         """Trace (not compile) a step of new prompts and one of decodes, so that a model
@@ -468,7 +527,7 @@ class PagedModel:
             positions = np.full(tokens, -1, np.int32)
             zeros = np.zeros(tokens, np.int32)
             batch = PagedBatch(positions, zeros, zeros, np.zeros((rows, 1), np.int32))
-            grid = RowGrid(np.zeros(rows, np.int32)) if self.has_states else None
+            grid = RowGrid(np.zeros(rows, np.int32)) if self.in_rows else None
             message = trace_error(self.logits, self._forward.params, cache, zeros, batch, np.zeros(rows, np.int32), grid)
             if message is not None:
                 raise NotPageable(f"{type(self._module).__name__} fails {how} ({message})")
@@ -484,6 +543,8 @@ class PagedModel:
         step = _Step(None, None)
         try:
             inputs = {"input_ids": to_traced(ids), "use_cache": False}
+            if self._indexers:  # their indexers index a mask transformers builds none of for the paged attention
+                inputs["attention_mask"] = to_traced(jnp.tril(jnp.ones((1, 1, ids.shape[1], ids.shape[1]), bool)))
             self._logits_traced(step, params, inputs, ids[0] * 0 if any(attention) else None)
         except Exception as error:  # noqa: BLE001  the model's own code raised: say which and why
             raise NotPageable(
@@ -504,7 +565,7 @@ class PagedModel:
         problems += [
             f"layer {i} is {kind!r} attention, whose window reaches attention only through a mask"
             for i, kind in enumerate(kinds)
-            if kind not in ("full_attention", "global", "attention", "hybrid") and i in step.calls
+            if kind not in ("full_attention", "global", "attention", "hybrid", "indexed_attention") and i in step.calls
             and any(c.sliding_window is None and c.attention_chunk is None for c in step.calls[i])
         ]
         if problems:
@@ -514,12 +575,16 @@ class PagedModel:
             )
         return step.calls
 
-    def _rows_traced(self, step: _Step, params: Any, states: tuple[dict[str, jax.Array], ...], ids: jax.Array):
-        """The logits [rows, vocab] of each row's last token, and the state slots after
-        the rows ran: new prompts start from empty states, decodes from their slots'."""
+    def _rows_traced(self, step: _Step, params: Any, arrays: CacheArrays, ids: jax.Array, replicas: int):
+        """The logits [rows, vocab] of each row's last token, the state slots and the
+        indexers' pools after the rows ran: new prompts start from empty states, decodes
+        from their slots'. With indexers, the model is given each query's mask over its
+        row's positions ([rows, 1, length, table positions]) in place of transformers'
+        (built from a cache length the rows do not share)."""
         grid = step.grid
         rows = grid.state_slots.shape[0]
         length = ids.shape[0] // rows
+        states = arrays.states
 
         positions = step.batch.positions.reshape(rows, length)
         empty = length > 1  # prompts are scheduled whole (decodes are one token)
@@ -527,8 +592,14 @@ class PagedModel:
             {n: jnp.zeros((rows, *a.shape[1:]), a.dtype) if empty else a[grid.state_slots] for n, a in layer.items()}
             for layer in states
         )
-        cache = _rows_cache(before, self._layout, empty)
-        mask = (positions >= 0).astype(jnp.int32)  # recurrent layers zero a prompt's padding (a decode has none)
+        indexed = {i: _PagedIndexedLayer(pool, step.batch, replicas) for i, pool in zip(self._indexers, arrays.indexers)}
+        cache = _rows_cache(before, self._layout, empty, indexed)
+        if indexed:
+            keys = jnp.arange(step.batch.block_tables.shape[1] * arrays.indexers[0].shape[1])
+            mask = (keys <= positions[..., None]) & (positions >= 0)[..., None]
+            mask = mask[:, None]
+        else:
+            mask = (positions >= 0).astype(jnp.int32)  # recurrent layers zero a prompt's padding (a decode has none)
         inputs = self._step_inputs(to_traced(ids.reshape(rows, length)), to_traced(mask), cache,
                                    to_traced(jnp.maximum(positions, 0)))
         logits = self._logits_traced(step, params, inputs)[:, -1]
@@ -540,7 +611,9 @@ class PagedModel:
              for n, a in layer.items()}
             for i, layer in enumerate(states)
         )
-        return logits, states
+        spec = self._forward.placement.sharding((step.replica_axes,) if step.replica_axes else ())
+        indexers = tuple(jax.lax.with_sharding_constraint(layer.pool, spec) for layer in indexed.values())
+        return logits, states, indexers
 
     def _logits_traced(self, step: _Step, params: Any, inputs: dict[str, Any], positions: jax.Array | None = None,
                        embedded: jax.Array | None = None) -> jax.Array:

@@ -1,6 +1,7 @@
 """Attention over a paged KV cache, behind one interface with two kernels: the XLA one
 (gather by block table), the default on CPU and GPU, and jax's Pallas
-``ragged_paged_attention`` on TPU.
+``ragged_paged_attention`` on TPU; and a sparse one for the steps whose attention a
+sparse-attention indexer limits to each token's top-k positions (any platform).
 
 One layer's pool is ``[num_blocks, block_size, 2 * kv_heads, head_dim]``, the Pallas
 kernel's layout: a key head at each even index, its value head at the odd one after it.
@@ -47,6 +48,7 @@ def write_kv(pool: jax.Array, keys: jax.Array, values: jax.Array, slots: jax.Arr
 
 
 PER_HEAD_OPTIONS = ("sinks", "alibi_slopes")  # kernel options holding a value per query head
+PER_TOKEN_OPTIONS = ("indices",)  # kernel options holding values per token (split as the tokens are)
 CONTEXT_CHUNK = 128  # cached positions the XLA kernel gathers per query block per loop iteration
 MAX_QUERY_BLOCK = 16  # queries of one request that share one read of its context
 QUERY_BLOCK_GROUP = 8  # query blocks whose contexts one turn of the context loop reads
@@ -380,18 +382,60 @@ def ragged_arguments(batch: PagedBatch) -> tuple[jax.Array, jax.Array, jax.Array
     return context_lens.astype(jnp.int32), batch.block_tables, query_starts, num_requests
 
 
+def sparse_paged_attention(
+    query: jax.Array,
+    pool: jax.Array,
+    batch: PagedBatch,
+    *,
+    scale: float,
+    indices: jax.Array,
+    softcap: float | None = None,
+    sinks: jax.Array | None = None,
+) -> jax.Array:
+    """Each token's attention [tokens, q_heads, dim] over the positions ``indices``
+    [tokens, k] of its request that are ``<=`` its own: a sparse-attention indexer's
+    top-k choice (DeepSeek-V3.2's DSA; a choice past the token's position, which its
+    indexer makes when fewer than k positions are visible, is masked out as transformers'
+    causal mask does). Each token gathers its k keys and values from the pool (which
+    holds the step's already), so a step costs ``tokens x k`` whatever the contexts'
+    lengths."""
+    blocks, block_size, heads, dim = pool.shape
+    tokens, q_heads = query.shape[:2]
+    kv = heads // 2
+    tables = batch.block_tables[batch.rows]  # [tokens, blocks per request]
+    chosen = jnp.clip(indices, 0, tables.shape[1] * block_size - 1)
+    slots = jnp.take_along_axis(tables, chosen // block_size, axis=1) * block_size + chosen % block_size
+    pairs = pool.reshape(blocks * block_size, heads, dim)[slots]  # [tokens, k, 2 * kv, dim]
+    q = query.reshape(tokens, kv, q_heads // kv, dim)
+    scores = jnp.einsum("thgd,tnhd->thgn", q, pairs[:, :, 0::2], preferred_element_type=jnp.float32) * scale
+    scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+    visible = (indices >= 0) & (indices <= batch.positions[:, None])  # [tokens, k]
+    scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    high = scores.max(axis=-1)
+    weights = jnp.exp(scores - high[..., None])
+    weighted = jnp.einsum("thgn,tnhd->thgd", weights.astype(pool.dtype), pairs[:, :, 1::2],
+                          preferred_element_type=jnp.float32)
+    return _normalized(high, weights.sum(axis=-1), weighted, sinks, query)
+
+
 @functools.cache
 def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
 XLA_ONLY_OPTIONS = ("sinks", "attention_chunk", "alibi_slopes", "new_rows")  # what the Pallas kernel does not take
+SPARSE_OPTIONS = ("scale", "indices", "softcap", "sinks")  # what the sparse kernel takes
 
 
 def paged_attention_kernel(options: Mapping[str, Any]) -> Callable[..., jax.Array]:
     """The kernel for this platform that takes ``options`` (the keyword arguments it will
-    be called with): Pallas on TPU, unless one of :data:`XLA_ONLY_OPTIONS` is set; XLA
-    elsewhere."""
+    be called with): with ``indices``, the sparse one (any platform); else Pallas on
+    TPU, unless one of :data:`XLA_ONLY_OPTIONS` is set; XLA elsewhere."""
+    if options.get("indices") is not None:
+        unsupported = [name for name, value in options.items() if value is not None and name not in SPARSE_OPTIONS]
+        if unsupported:
+            raise InvalidArgumentError(f"the sparse paged attention (top-k indices) takes no {', '.join(unsupported)}")
+        return sparse_paged_attention
     if _on_tpu() and all(options.get(name) is None for name in XLA_ONLY_OPTIONS):
         return pallas_paged_attention
     return xla_paged_attention
@@ -426,6 +470,7 @@ def per_device(
       heads (a pool interleaves each key head with its value head, so every device holds
       whole pairs; with GQA, its query heads are those of its key heads). Without (a pool
       of too few heads to split, or a mesh with no tensor axis), every device holds them whole.
+    - Per-token options (a sparse kernel's ``indices``) split as the tokens do.
     - With ``replica_axes`` (the mesh axes a batch is split over), the step's tokens and
       requests split over them as they come, and each pool by block: every replica holds
       its own pool, its own null block 0 first, which its requests' block tables and slots
@@ -435,9 +480,10 @@ def per_device(
     def run(query: jax.Array, pool: jax.Array, batch: PagedBatch, written: tuple[jax.Array, jax.Array] | None = None,
             **options: Any) -> tuple[jax.Array, jax.Array]:
         per_head = {name: options.pop(name) for name in PER_HEAD_OPTIONS if options.get(name) is not None}
+        per_token = {name: options.pop(name) for name in PER_TOKEN_OPTIONS if options.get(name) is not None}
 
-        def local(query, pool, batch, written, per_head) -> tuple[jax.Array, jax.Array]:
-            return attend(kernel, query, pool, batch, written, **options, **per_head)
+        def local(query, pool, batch, written, per_head, per_token) -> tuple[jax.Array, jax.Array]:
+            return attend(kernel, query, pool, batch, written, **options, **per_head, **per_token)
 
         if heads_axis is not None and (pool.shape[2] // 2) % mesh.shape[heads_axis]:
             raise InvalidArgumentError(
@@ -446,7 +492,7 @@ def per_device(
         tokens, blocks = P(replica_axes, heads_axis), P(replica_axes, None, heads_axis)
         split = jax.shard_map(local, mesh=mesh, out_specs=(tokens, blocks), check_vma=False,
                               in_specs=(tokens, blocks, P(replica_axes), None if written is None else tokens,
-                                        {n: P(heads_axis) for n in per_head}))
-        return split(query, pool, batch, written, per_head)
+                                        {n: P(heads_axis) for n in per_head}, {n: P(replica_axes) for n in per_token}))
+        return split(query, pool, batch, written, per_head, per_token)
 
     return run
