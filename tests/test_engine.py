@@ -66,16 +66,21 @@ def test_requests_batched_continuously_give_transformers_greedy_tokens(name: str
     assert engine.runner.compile_count <= 2  # one program per (token, request) bucket pair used
 
 
-def tiny_causal_lm(model_type: str, **changes: Any):
-    """transformers' model of ``model_type`` from the coverage sweep's tiny config (with
-    ``changes``), random weights."""
+def tiny_module(model_type: str, **changes: Any) -> torch.nn.Module:
+    """transformers' causal LM of ``model_type`` from the coverage sweep's tiny config
+    (with ``changes``), random weights."""
     from ttpu.coverage.configs import tiny_config
     from ttpu.coverage.run import _build, _causal_lm_class, config_for_class
 
     cls = _causal_lm_class(model_type)
     config = config_for_class(cls, tiny_config(model_type, True))
     config.update(changes)
-    module = _build(cls, config)
+    return _build(cls, config)
+
+
+def tiny_causal_lm(model_type: str, **changes: Any):
+    """:func:`tiny_module`, and ttpu's model of it."""
+    module = tiny_module(model_type, **changes)
     return copy.deepcopy(module), AutoModelForTPU.from_model(module)
 
 
@@ -199,16 +204,23 @@ def test_sparse_attention_indexers_keep_their_keys_in_paged_pools(model_type: st
     choice) score each query against its request's indexer keys: the engine keeps those
     in paged pools beside the keys and values and steps the requests in rows, and each
     token attends to the 8 positions its indexer picks. transformers' greedy tokens for
-    prompts of up to 40 tokens (well past 8), under a pool small enough to preempt."""
+    prompts of up to 40 tokens (well past 8), under a pool small enough to preempt; and
+    with a cached prefix of 3 blocks, whose keys, values and indexer keys the later
+    prompts read without computing them."""
     # 16 indexer heads: with the tiny config's 4, random weights leave many keys' scores at exactly 0 (ties)
     eager, model = tiny_causal_lm(model_type, index_n_heads=16, **changes)
     config = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64, block_size=4, num_blocks=24)
     engine = LLMEngine(model, config)
     assert engine.runner.recompute_reason is None and engine.runner.in_rows and not engine.runner.has_states
-    assert len(engine.runner.cache.indexers) == indexers
+    assert len(engine.runner.cache.indexers) == indexers and engine.kv.prefix_caching
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]
     assert engine.scheduler.preemptions > 0
+    first, *rest = prompts(seed=1, prefix=list(range(40, 52)))  # 3 full blocks shared
+    assert serve(engine, [first]) == [expected_tokens(eager, first)]
+    hits = engine.kv.stats.hit
+    assert serve(engine, rest) == [expected_tokens(eager, p) for p in rest]
+    assert engine.kv.stats.hit - hits >= 3 * 4 * len(rest)
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
@@ -448,10 +460,12 @@ def test_presence_and_frequency_penalties_count_only_output_tokens() -> None:
     assert np.asarray(sampling.sample(jnp.asarray(logits), rows, mode).tokens).tolist() == [int(np.argmax(expected)), vocab - 1]
 
 
-@pytest.mark.parametrize("architecture, parallelism", [("llama", "tp"), ("llama", "2d"), ("bloom", "tp")])
+@pytest.mark.parametrize("architecture, parallelism",
+                         [("llama", "tp"), ("llama", "2d"), ("bloom", "tp"), ("deepseek_v32", "tp")])
 def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(architecture: str, parallelism: str) -> None:
     """On 8 virtual devices: each device holds its share of the heads of every pool (and of
-    BLOOM's ALiBi slopes), and the tokens are transformers'."""
+    BLOOM's ALiBi slopes; DeepSeek-V3.2's sparse kernel reads its own heads at each
+    token's chosen positions, its indexer pools whole), and the tokens are transformers'."""
     from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -460,8 +474,10 @@ def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(architecture: str,
             vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=8, max_position_embeddings=128, pad_token_id=0,
         )).eval()
-    else:
+    elif architecture == "bloom":
         module = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8, pad_token_id=0)).eval()
+    else:  # 16 indexer heads: see test_sparse_attention_indexers_keep_their_keys_in_paged_pools
+        module = tiny_module(architecture, num_attention_heads=8, num_key_value_heads=8, index_n_heads=16)
     eager = copy.deepcopy(module)
     model = AutoModelForTPU.from_model(module, parallelism=parallelism)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))

@@ -217,10 +217,21 @@ def test_with_whole_prefills_a_step_is_new_prompts_or_decodes() -> None:
     assert sorted(s.kv.state_slot(r.id) for r in s.running) == [1, 2, 3, 4]
 
 
-def test_whole_prefills_need_a_kv_manager_without_prefix_caching() -> None:
-    with pytest.raises(InvalidArgumentError, match="without prefix caching"):
-        Scheduler(KVBlockManager(20, BLOCK, prefix_caching=True, state_slots=4), 4, 16, 44,
-                  whole_prefills=lambda rows, longest: rows * longest)
+def test_whole_prefills_with_prefix_caching_admit_what_the_prefix_leaves() -> None:
+    """As the engine builds it for a model stepped in rows whose pools hold its whole
+    cache per block (sparse-attention indexers): a new prompt is admitted whole but for
+    the full blocks an earlier request registered, and the step's padded size counts
+    only that remainder."""
+    kv = KVBlockManager(20, BLOCK, prefix_caching=True)
+    s = Scheduler(kv, 4, 8, 44, whole_prefills=lambda rows, longest: rows * longest)
+    shared = list(range(10, 18))  # 2 full blocks
+    s.add(request("a", [*shared, 5], max_tokens=1))
+    assert step(s)[0] == [("a", 0, 9)]  # alone past the budget: one prompt always fits
+    assert not s.has_work
+    s.add(request("b", [*shared, 6, 7], max_tokens=1))
+    s.add(request("c", [*shared, 8], max_tokens=1))
+    assert step(s)[0] == [("b", 8, 2), ("c", 8, 1)]  # two rows of 2: within the budget of 8
+    assert kv.stats.hit == 2 * len(shared)
 
 
 @pytest.mark.parametrize("seed", range(10))

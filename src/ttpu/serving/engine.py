@@ -66,12 +66,11 @@ class LLMEngine:
             model, num_blocks, block_size, max_model_len, max_num_batched_tokens, max_num_seqs
         )
         whole = self.runner.whole_prompts
-        if whole and config.enable_prefix_caching:
+        if config.enable_prefix_caching and not self.runner.caches_prefixes:
             logger.info("prefix caching is off for %s: %s", type(model.torch_module).__name__,
                         "it keeps recurrent states per request, not per block" if self.runner.has_states
-                        else "its steps run whole prompts in rows (sparse-attention indexers)" if self.runner.in_rows
                         else "it caches nothing (each step recomputes its requests' sequences)")
-        self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and not whole,
+        self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and self.runner.caches_prefixes,
                                  state_slots=self.runner.state_slots)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,
                                    whole_prefills=self.runner.prefill_tokens if whole else None,

@@ -95,6 +95,8 @@ class ModelRunner:
             self._paged, self.recompute_reason = None, str(reason)
         self.has_states = self._paged is not None and self._paged.has_states
         self.in_rows = self._paged is not None and self._paged.in_rows
+        # whether the pools hold all it caches, per block, and its steps can start after a cached prefix
+        self.caches_prefixes = self._paged is not None and (not self.in_rows or self._paged.caches_prefixes)
         self.state_slots = max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
         self.cache = self._empty()
         if self.recompute_reason is not None:
@@ -191,8 +193,12 @@ class ModelRunner:
             tokens = bucket(out.num_tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             return self._flat(out, block_ids, tokens, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs))
         decodes = all(chunk.start > 0 and chunk.count == 1 for chunk in out.chunks)
-        if not decodes and not all(c.start == 0 and c.count == c.request.num_tokens for c in out.chunks):
-            raise InvalidArgumentError("a step over rows is either whole new prompts or one decode token per request")
+        if not decodes and not all(c.start + c.count == c.request.num_tokens and (c.start == 0 or self.caches_prefixes)
+                                   for c in out.chunks):
+            raise InvalidArgumentError(
+                "a step over rows is either whole new prompts (their remainders after a cached prefix, where the "
+                "model allows prefix caching) or one decode token per request"
+            )
         if decodes:
             length, rows = 1, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs)
         else:

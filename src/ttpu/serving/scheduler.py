@@ -9,9 +9,11 @@ request fits or is itself the one preempted. Waiting requests are admitted, olde
 only in steps that preempted nothing, while the budget, ``max_num_seqs`` and the pool allow.
 
 Models with recurrent layers (SSM, linear attention) keep one state per request that only
-a whole prompt, computed from an empty state, leaves exact under padding. For them
-(``whole_prefills``) prompts are not chunked and a step is either new prompts or decodes:
-waiting requests are admitted whole when they can be, else the running ones decode.
+a whole prompt, computed from an empty state, leaves exact under padding; models with
+sparse-attention indexers step in rows too. For them (``whole_prefills``) prompts are not
+chunked and a step is either new prompts or decodes: waiting requests are admitted whole
+(what a cached prefix leaves of them, where the KV manager caches prefixes: the engine
+turns that off for recurrent states) when they can be, else the running ones decode.
 Models the engine recomputes (``decodes_recompute``) run the same way, and a decode
 step, which runs each request's whole sequence, is also kept within the budget; the
 running requests left out of one go first in the next.
@@ -70,8 +72,6 @@ class Scheduler:
                 f"a KV pool of {kv.pool.capacity} blocks of {kv.block_size} tokens cannot hold one request of "
                 f"max_model_len={max_model_len}: give it more blocks (memory) or lower max_model_len"
             )
-        if whole_prefills is not None and kv.prefix_caching:
-            raise InvalidArgumentError("whole prefills start from an empty state: they take a KV manager without prefix caching")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

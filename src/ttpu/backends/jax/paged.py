@@ -101,6 +101,7 @@ class AttentionCall(NamedTuple):
     alibi: bool
     reads: Call | None  # the call whose keys and values it was given, if another's (Gemma 3n's KV-shared layers)
     whole: bool  # its keys and values are the step's tokens' (as many as its queries)
+    sparse: bool  # given an indexer's top-k positions (the sparse kernel reads every position from the pool)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def paged_attention_forward(
     if step.pools is None:
         call = AttentionCall(k.shape[1], k.shape[2], v.shape[2], str(k.dtype), sliding_window, chunk,
                              alibi_slopes is not None, None if source == this else source,
-                             k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0])
+                             k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0], indices is not None)
         step.calls.setdefault(module.layer_idx, []).append(call)
         return to_traced(jnp.zeros((rows, length, q.shape[1], v.shape[2]), q.dtype)), None
     index = step.pool_of.get(source)
@@ -391,7 +392,7 @@ class PagedModel:
         outcome = json.loads(next(iter(found)))  # what the probe found (stored: a later process traces nothing)
         if "refused" in outcome:
             raise NotPageable(outcome["refused"])
-        self._use_calls({int(layer): [AttentionCall(*c[:7], None if c[7] is None else tuple(c[7]), c[8]) for c in calls]
+        self._use_calls({int(layer): [AttentionCall(*c[:7], None if c[7] is None else tuple(c[7]), *c[8:]) for c in calls]
                          for layer, calls in outcome["calls"].items()})
 
     @property
@@ -408,6 +409,15 @@ class PagedModel:
         recurrent states, or with sparse-attention indexers (which score each query
         against its own request's keys)."""
         return self.has_states or bool(self._indexers)
+
+    @property
+    def caches_prefixes(self) -> bool:
+        """Whether a row of its steps may start after positions its request already holds
+        in the pools (a cached prefix): models stepped in rows for their indexers only,
+        whose every attention call reads all its positions from the pools (the sparse
+        kernel). A recurrent state is not kept per block, and a call attending within
+        its row (a step of new prompts, ``new_rows``) would miss the prefix."""
+        return bool(self._indexers) and not self.has_states and all(c.sparse for c in self._calls)
 
     @property
     def writers(self) -> list[Call]:
@@ -447,7 +457,8 @@ class PagedModel:
             )
 
     def _use_calls(self, calls: dict[int, list[AttentionCall]]) -> None:
-        """Give each attention call that writes keys a pool."""
+        """Keep the calls, and give each attention call that writes keys a pool."""
+        self._calls = [call for layer in calls.values() for call in layer]
         writers = [(i, n) for i in sorted(calls) for n, call in enumerate(calls[i]) if call.reads is None]
         self._pools = [calls[i][n] for i, n in writers]
         self._pool_of = {call: index for index, call in enumerate(writers)}  # each call that writes keys: its pool
