@@ -359,11 +359,12 @@ def test_a_stored_step_is_not_taken_for_another_engines_step() -> None:
     assert rows == [4, 8]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mamba2", "bert"])
+@pytest.mark.parametrize("model_type", ["llama", "mamba2", "deepseek_v32", "bert"])
 def test_after_the_warm_up_no_mix_of_requests_compiles(model_type: str) -> None:
     """Every (token, request) bucket pair and every sampler mode compile up front; then
     200 requests of random lengths and settings, arriving over time, compile nothing
-    (Mamba-2's steps run as rows: new prompts or decodes; BERT's recompute whole sequences)."""
+    (Mamba-2's and DeepSeek-V3.2's steps run as rows: new prompts, or what their cached
+    prefixes leave of them, or decodes; BERT's recompute whole sequences)."""
     import random
 
     _, model = build(model_type) if model_type == "llama" else tiny_causal_lm(model_type)
