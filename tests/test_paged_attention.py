@@ -189,6 +189,35 @@ def test_sparse_attention_reads_only_each_tokens_chosen_positions(options) -> No
     run_step(*MIXED, seed=4, kernel=sparse_paged_attention, indices=indices, **options)
 
 
+@pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}],
+                         ids=["plain", "softcap-sinks"])
+def test_sparse_attention_over_rows_gives_what_each_tokens_gather_gives(options) -> None:
+    """``row_width``: rows of 8 new tokens, one request each (left-padded; the second row
+    after 5 cached positions), each row's block table read once under its tokens' chosen
+    positions: the attention each token's own gather gives (checked against dense above)."""
+    rng = np.random.default_rng(8)
+    width, cached, news, k = 8, [0, 5, 0], [6, 3, 8], 5
+    tables = 1 + np.arange(3 * 4, dtype=np.int32).reshape(3, 4)  # 16 positions per row
+    positions = np.full((3, width), -1, np.int32)
+    for row, (before, new) in enumerate(zip(cached, news)):
+        positions[row, width - new:] = np.arange(before, before + new)
+    rows = np.repeat(np.arange(3, dtype=np.int32), width).reshape(positions.shape)
+    slots = np.where(positions >= 0, tables[rows, np.maximum(positions, 0) // BLOCK] * BLOCK + positions % BLOCK, 0)
+    batch = PagedBatch(*(jnp.asarray(a.reshape(-1)) for a in (positions, slots, rows)), jnp.asarray(tables))
+    query = jnp.asarray(rng.normal(size=(positions.size, Q_HEADS, DIM)), jnp.float32)
+    keys, values = (jnp.asarray(rng.normal(size=(positions.size, KV_HEADS, DIM)), jnp.float32) for _ in range(2))
+    pool = write_kv(jnp.asarray(rng.normal(size=(BLOCKS, BLOCK, 2 * KV_HEADS, DIM)), jnp.float32), keys, values,
+                    batch.slots)  # cached positions hold random keys already
+    own = np.maximum(positions.reshape(-1), 0)
+    indices = jnp.asarray([[p, *rng.choice([q for q in range(16) if q != p], k - 1, replace=False)] for p in own],
+                          jnp.int32)
+    gathered = sparse_paged_attention(query, pool, batch, scale=DIM**-0.5, indices=indices, **options)
+    by_rows = sparse_paged_attention(query, pool, batch, scale=DIM**-0.5, indices=indices, row_width=width, **options)
+    real = positions.reshape(-1) >= 0
+    np.testing.assert_allclose(np.asarray(by_rows)[real], np.asarray(gathered)[real], rtol=2e-5, atol=2e-5)
+    assert np.isfinite(np.asarray(by_rows)).all()  # padding tokens too
+
+
 def test_sparse_attention_splits_its_indices_with_the_tokens() -> None:
     """The sparse kernel in a shard_map over heads (tensor axis) and replicas (data axis,
     as generate() splits a batch): each replica's tokens keep their own chosen positions."""

@@ -81,7 +81,7 @@ class CacheArrays(NamedTuple):
 
     pools: tuple[jax.Array, ...]
     states: tuple[dict[str, jax.Array], ...]
-    indexers: tuple[jax.Array, ...] = ()  # per layer with a sparse-attention indexer: its keys' pool [num_blocks, block_size, dim]
+    indexers: tuple[jax.Array, ...] = ()  # per layer with an indexer: its keys' pool [num_blocks, block_size, dim]
 
 
 Call = tuple[int, int]  # an attention call of a step: its layer, and its number among that layer's calls
@@ -192,6 +192,8 @@ def paged_attention_forward(
         options["attention_chunk"] = chunk
     if indices is not None:  # read from the pool whatever the step (which holds the step's keys already)
         options["indices"] = torchax.interop.jax_view(indices).reshape(-1, indices.shape[-1])
+        if step.grid is not None:
+            options["row_width"] = length
     elif step.new_rows is not None:
         options["new_rows"] = step.new_rows
     kernel = paged_attention_kernel(options)
@@ -267,8 +269,8 @@ def _positions_fed(modules: list[torch.nn.Module], positions: jax.Array | None) 
 
 class RowGrid(NamedTuple):
     """A step's tokens are rows, one request per row, in the batch's order (models with
-    recurrent state or sparse-attention indexers): a step of whole new prompts, each left-padded in its row (padding
-    at position -1; each row attends within itself), or of one decode per row."""
+    recurrent state or sparse-attention indexers): a step of new prompts, each
+    left-padded in its row (padding at position -1), or of one decode per row."""
 
     state_slots: jax.Array  # [rows] each row's recurrent-state slot (0, padding's, for padding rows)
 
@@ -278,9 +280,9 @@ class NotPageable(Exception):
 
 
 def _served(layer: LayerLayout) -> bool:
-    """Whether the engine keeps ``layer``'s cache: attention keys and values, recurrent
-    states, both, or nothing (a layer without attention or state, or one a text-only
-    forward never writes, as cross-attention)."""
+    """Whether the engine keeps ``layer``'s cache: attention keys and values (and indexer
+    keys), recurrent states, both, or nothing (a layer without attention or state, or one
+    a text-only forward never writes, as cross-attention)."""
     kept = {n for n in layer.names if n.startswith((CONV, RECURRENT))} | {UNWRITTEN}
     return layer.names - kept in ({KEYS, VALUES}, {KEYS, VALUES, INDEXER}, frozenset())
 
@@ -321,7 +323,8 @@ class _PagedIndexedLayer(_PagedLayer):
         part = blocks // self._replicas  # each replica's part of the pool numbers its blocks from its own null block
         slots = self._batch.slots + jnp.arange(tokens) // (tokens // self._replicas) * part * block_size
         tables = self._batch.block_tables + (jnp.arange(rows) // (rows // self._replicas) * part)[:, None]
-        self.pool = self.pool.at[slots // block_size, slots % block_size].set(keys.reshape(tokens, dim).astype(self.pool.dtype))
+        new = keys.reshape(tokens, dim).astype(self.pool.dtype)
+        self.pool = self.pool.at[slots // block_size, slots % block_size].set(new)
         return to_traced(self.pool[tables].reshape(rows, -1, dim))
 
 
@@ -382,9 +385,10 @@ class PagedModel:
             )
         self._attention = [KEYS in layer.names for layer in layout.layers]
         self.has_states = any(layer.state_indices(CONV) or layer.state_indices(RECURRENT) for layer in layout.layers)
-        self._indexers = {i: dict(layer.arrays)[INDEXER] for i, layer in enumerate(layout.layers) if INDEXER in layer.names}
+        self._indexers = {i: dict(layer.arrays)[INDEXER]  # each indexer layer's keys: [LENGTH, dim]
+                          for i, layer in enumerate(layout.layers) if INDEXER in layer.names}
         if self.has_states and self._indexers:
-            raise NotPageable(f"{name} has recurrent states and indexer keys, which no step over rows carries together yet")
+            raise NotPageable(f"{name} has recurrent states and indexer keys, which no step over rows carries together")
         if any(self._attention) and not self._takes_positions:
             self._position_modules = positional_embeddings(module)
         found = Executables(self._probe, name="paged_step_probe", store=forward.program_store).output_shapes(
@@ -603,12 +607,12 @@ class PagedModel:
             {n: jnp.zeros((rows, *a.shape[1:]), a.dtype) if empty else a[grid.state_slots] for n, a in layer.items()}
             for layer in states
         )
-        indexed = {i: _PagedIndexedLayer(pool, step.batch, replicas) for i, pool in zip(self._indexers, arrays.indexers)}
+        indexed = {i: _PagedIndexedLayer(pool, step.batch, replicas)
+                   for i, pool in zip(self._indexers, arrays.indexers)}
         cache = _rows_cache(before, self._layout, empty, indexed)
-        if indexed:
+        if indexed:  # [rows, 1, length, table positions]: each query sees its row's positions up to its own
             keys = jnp.arange(step.batch.block_tables.shape[1] * arrays.indexers[0].shape[1])
-            mask = (keys <= positions[..., None]) & (positions >= 0)[..., None]
-            mask = mask[:, None]
+            mask = ((keys <= positions[..., None]) & (positions >= 0)[..., None])[:, None]
         else:
             mask = (positions >= 0).astype(jnp.int32)  # recurrent layers zero a prompt's padding (a decode has none)
         inputs = self._step_inputs(to_traced(ids.reshape(rows, length)), to_traced(mask), cache,

@@ -391,14 +391,21 @@ def sparse_paged_attention(
     indices: jax.Array,
     softcap: float | None = None,
     sinks: jax.Array | None = None,
+    row_width: int | None = None,
 ) -> jax.Array:
     """Each token's attention [tokens, q_heads, dim] over the positions ``indices``
     [tokens, k] of its request that are ``<=`` its own: a sparse-attention indexer's
     top-k choice (DeepSeek-V3.2's DSA; a choice past the token's position, which its
     indexer makes when fewer than k positions are visible, is masked out as transformers'
-    causal mask does). Each token gathers its k keys and values from the pool (which
-    holds the step's already), so a step costs ``tokens x k`` whatever the contexts'
-    lengths."""
+    causal mask does). The pool holds the step's keys already. Each token gathers its k
+    keys and values, so a step of decodes costs ``tokens x k`` whatever the contexts'
+    lengths. With ``row_width`` > 1 (the step's tokens are rows of that many, one
+    request per row, as block tables: new prompts), each row instead reads its request's
+    block table once and its queries attend to it under their chosen positions' mask:
+    the queries of a prompt share their keys, where gathering would read them once per
+    query."""
+    if row_width is not None and row_width > 1:
+        return _sparse_rows(query, pool, batch, scale, indices, softcap, sinks, row_width)
     blocks, block_size, heads, dim = pool.shape
     tokens, q_heads = query.shape[:2]
     kv = heads // 2
@@ -418,13 +425,39 @@ def sparse_paged_attention(
     return _normalized(high, weights.sum(axis=-1), weighted, sinks, query)
 
 
+def _sparse_rows(query: jax.Array, pool: jax.Array, batch: PagedBatch, scale: float, indices: jax.Array,
+                 softcap: float | None, sinks: jax.Array | None, width: int) -> jax.Array:
+    """:func:`sparse_paged_attention` over rows of ``width`` tokens, each row one
+    request's (row ``r``: block table ``r``), reading each row's table once; scores laid
+    out heads first, as a dense attention's."""
+    blocks, block_size, heads, dim = pool.shape
+    tokens, q_heads = query.shape[:2]
+    kv, rows, span = heads // 2, tokens // width, batch.block_tables.shape[1] * block_size
+    context = pool[batch.block_tables].reshape(rows, span, heads, dim)  # [rows, positions, 2 * kv, dim]
+    q = query.reshape(rows, width, kv, q_heads // kv, dim)
+    scores = jnp.einsum("rwhgd,rnhd->rhgwn", q, context[:, :, 0::2], preferred_element_type=jnp.float32) * scale
+    scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+    chosen = jnp.zeros((tokens, span), bool).at[jnp.arange(tokens)[:, None], jnp.clip(indices, 0, span - 1)].set(True)
+    visible = chosen & (jnp.arange(span) <= batch.positions[:, None])  # a padding token (position -1) sees nothing
+    scores = jnp.where(visible.reshape(rows, 1, 1, width, span), scores, jnp.finfo(jnp.float32).min)
+    high = scores.max(axis=-1)
+    weights = jnp.exp(scores - high[..., None])
+    weighted = jnp.einsum("rhgwn,rnhd->rwhgd", weights.astype(pool.dtype), context[:, :, 1::2],
+                          preferred_element_type=jnp.float32)
+    def by_token(state: jax.Array) -> jax.Array:  # [rows, kv, g, width] -> [tokens, kv, g]
+        return jnp.moveaxis(state, 3, 1).reshape(tokens, kv, q_heads // kv)
+
+    return _normalized(by_token(high), by_token(weights.sum(axis=-1)), weighted.reshape(tokens, kv, q_heads // kv, dim),
+                       sinks, query)
+
+
 @functools.cache
 def _on_tpu() -> bool:
     return jax.default_backend() == "tpu"
 
 
 XLA_ONLY_OPTIONS = ("sinks", "attention_chunk", "alibi_slopes", "new_rows")  # what the Pallas kernel does not take
-SPARSE_OPTIONS = ("scale", "indices", "softcap", "sinks")  # what the sparse kernel takes
+SPARSE_OPTIONS = ("scale", "indices", "softcap", "sinks", "row_width")  # what the sparse kernel takes
 
 
 def paged_attention_kernel(options: Mapping[str, Any]) -> Callable[..., jax.Array]:
