@@ -207,8 +207,7 @@ def test_sparse_attention_indexers_keep_their_keys_in_paged_pools(model_type: st
     prompts of up to 40 tokens (well past 8), under a pool small enough to preempt; and
     with a cached prefix of 3 blocks, whose keys, values and indexer keys the later
     prompts read without computing them."""
-    # 16 indexer heads: with the tiny config's 4, random weights leave many keys' scores at exactly 0 (ties)
-    eager, model = tiny_causal_lm(model_type, index_n_heads=16, **changes)
+    eager, model = tiny_causal_lm(model_type, **changes)
     config = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64, block_size=4, num_blocks=24)
     engine = LLMEngine(model, config)
     assert engine.runner.recompute_reason is None and engine.runner.in_rows and not engine.runner.has_states
@@ -477,8 +476,8 @@ def test_tensor_parallel_engine_splits_the_pool_over_kv_heads(architecture: str,
         )).eval()
     elif architecture == "bloom":
         module = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=8, pad_token_id=0)).eval()
-    else:  # 16 indexer heads: see test_sparse_attention_indexers_keep_their_keys_in_paged_pools
-        module = tiny_module(architecture, num_attention_heads=8, num_key_value_heads=8, index_n_heads=16)
+    else:
+        module = tiny_module(architecture, num_attention_heads=8, num_key_value_heads=8)
     eager = copy.deepcopy(module)
     model = AutoModelForTPU.from_model(module, parallelism=parallelism)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=128, max_num_batched_tokens=16, block_size=4))
