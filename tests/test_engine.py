@@ -204,13 +204,14 @@ def test_sparse_attention_indexers_keep_their_keys_in_paged_pools(model_type: st
     choice) score each query against its request's indexer keys: the engine keeps those
     in paged pools beside the keys and values and steps the requests in rows, and each
     token attends to the 8 positions its indexer picks. transformers' greedy tokens for
-    prompts of up to 40 tokens (well past 8), under a pool small enough to preempt; and
-    with a cached prefix of 3 blocks, whose keys, values and indexer keys the later
-    prompts read without computing them."""
+    prompts of up to 40 tokens (well past 8) under a 16-token budget (prompts computed in
+    chunks) and a pool small enough to preempt; and with a cached prefix of 3 blocks,
+    whose keys, values and indexer keys the later prompts read without computing them."""
     eager, model = tiny_causal_lm(model_type, **changes)
-    config = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64, block_size=4, num_blocks=24)
+    config = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, block_size=4, num_blocks=24)
     engine = LLMEngine(model, config)
     assert engine.runner.recompute_reason is None and engine.runner.in_rows and not engine.runner.has_states
+    assert engine.scheduler.chunked_prefills and max(tokens for tokens, _ in engine.runner.buckets()) == 16
     assert len(engine.runner.cache.indexers) == indexers and engine.kv.prefix_caching
     batch = prompts()
     assert serve(engine, batch) == [expected_tokens(eager, p) for p in batch]

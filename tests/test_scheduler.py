@@ -252,6 +252,44 @@ def test_random_traffic_with_whole_prefills_keeps_one_state_slot_per_running_req
     assert s.kv.used_blocks == 0 and s.kv.used_state_slots == 0
 
 
+def chunked_prefills_scheduler(budget: int, num_blocks: int = 80, max_model_len: int = 64) -> Scheduler:
+    """As the engine builds it for a model with sparse-attention indexers: rows of prompt
+    chunks, prefix caching on, no state slots."""
+    return Scheduler(KVBlockManager(num_blocks, BLOCK), 4, budget, max_model_len,
+                     whole_prefills=lambda rows, longest: rows * longest, chunked_prefills=True)
+
+
+def test_chunked_prefills_cut_prompts_to_the_padded_budget_and_finish_them_before_decodes() -> None:
+    s = chunked_prefills_scheduler(budget=8)
+    s.add(request("a", [5] * 3, max_tokens=4))
+    s.add(request("b", [6] * 10, max_tokens=4))
+    # a's 3 tokens, then b's rows padded to the longest: 2 x 4 fits 8, so b's first chunk is 4.
+    assert step(s)[0] == [("a", 0, 3), ("b", 0, 4)]
+    assert step(s)[0] == [("b", 4, 6)]  # b's rest before any decode (a waits)
+    assert step(s)[0] == [("a", 3, 1), ("b", 10, 1)]
+    s.add(request("long", [7] * 20, max_tokens=2))
+    assert step(s)[0] == [("long", 0, 8)]  # alone past the budget: cut to it
+    assert step(s)[0] == [("long", 8, 8)]
+    assert step(s)[0] == [("long", 16, 4)]
+    long = next(r for r in s.running if r.id == "long")
+    assert long.output_token_ids == [7]  # only the last chunk sampled
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_traffic_with_chunked_prefills_keeps_every_step_within_the_padded_budget(seed: int) -> None:
+    rng = random.Random(seed)
+    s = chunked_prefills_scheduler(budget=rng.choice([8, 16, 32]), num_blocks=14, max_model_len=44)
+
+    def check(out: SchedulerOutput) -> None:
+        counts = [c.count for c in out.chunks]
+        if max(counts, default=1) > 1:  # prompt rows (a decode, or what a prefix leaves, may be one token)
+            assert len(counts) * max(counts) <= s.max_num_batched_tokens
+        assert all(c.start + c.count <= c.request.num_tokens for c in out.chunks)
+
+    random_traffic(s, rng, check)
+    assert s.kv.used_blocks == 0
+
+
 def test_recomputed_decodes_keep_their_whole_sequences_within_the_budget_and_take_turns() -> None:
     """A decode of a recomputed model runs its request's whole sequence: a step of them
     fits the budget (one always runs), and those left out go first in the next step."""

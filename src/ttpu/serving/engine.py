@@ -74,7 +74,8 @@ class LLMEngine:
                                  state_slots=self.runner.state_slots)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,
                                    whole_prefills=self.runner.prefill_tokens if whole else None,
-                                   decodes_recompute=self.runner.recompute_reason is not None)
+                                   decodes_recompute=self.runner.recompute_reason is not None,
+                                   chunked_prefills=self.runner.chunked_prefills)
         generation_config = model.torch_module.generation_config
         eos = generation_config.eos_token_id
         self.vocab_size = model.torch_module.get_input_embeddings().num_embeddings

@@ -53,8 +53,7 @@ def bucket(count: int, smallest: int, largest: int) -> int:
 @dataclass(frozen=True)
 class StepInputs:
     """One step's padded host arrays; ``sampling_rows[i]`` is the token whose logits
-    pick request ``sampling_ids[i]``'s next token (with a ``grid`` it goes unused: row
-    ``i``'s last token picks it)."""
+    pick request ``sampling_ids[i]``'s next token (with a ``grid``, the last of its row)."""
 
     ids: np.ndarray
     positions: np.ndarray
@@ -97,6 +96,7 @@ class ModelRunner:
         self.in_rows = self._paged is not None and self._paged.in_rows
         # whether the pools hold all it caches, per block, and its steps can start after a cached prefix
         self.caches_prefixes = self._paged is not None and (not self.in_rows or self._paged.caches_prefixes)
+        self.chunked_prefills = self.in_rows and self.caches_prefixes  # rows of prompt chunks (indexers)
         self.state_slots = max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
         self.cache = self._empty()
         if self.recompute_reason is not None:
@@ -150,8 +150,9 @@ class ModelRunner:
         """Every (token, request) bucket pair a step can be padded to. In one row: ``r``
         requests scheduled means at least ``r`` tokens, so a pair needs ``tokens >`` half
         of ``requests``. In rows: decodes (one token per row), and new prompts padded to
-        a length whose rows the scheduler fits in the token budget. Recomputed: the same
-        rows of whole sequences, for new prompts and decodes alike."""
+        a length whose rows the scheduler fits in the token budget (a whole prompt of any
+        length alone, unless prompts are chunked). Recomputed: the same rows of whole
+        sequences, for new prompts and decodes alike."""
         if self.recompute_reason is not None:
             return [(rows * length, rows) for length in _powers(MIN_TOKEN_BUCKET, self.max_model_len)
                     for rows in _powers(1, self.max_num_seqs)
@@ -162,15 +163,16 @@ class ModelRunner:
             least = functools.partial(bucket, smallest=MIN_TOKEN_BUCKET, largest=self.max_num_batched_tokens)
             return [(t, r) for t in tokens for r in requests if t >= least(r // 2 + 1)]
         pairs = [(rows, rows) for rows in _powers(MIN_REQUEST_BUCKET, self.max_num_seqs)]
+        budget = max(self.max_num_batched_tokens, MIN_TOKEN_BUCKET)
         for length in _powers(MIN_TOKEN_BUCKET, self.max_model_len):
             pairs += [(rows * length, rows) for rows in _powers(1, self.max_num_seqs)
-                      if rows == 1 or rows * length <= self.max_num_batched_tokens]
+                      if (rows == 1 and not self.chunked_prefills) or rows * length <= budget]
         return pairs
 
     def prefill_tokens(self, prompts: int, longest: int) -> int:
-        """The tokens of a step of ``prompts`` whole new prompts, the longest ``longest``
-        tokens, padded to its rows (models with recurrent state: the scheduler keeps them
-        within the budget)."""
+        """The tokens of a step of ``prompts`` prompts (or chunks), the longest ``longest``
+        tokens, padded to its rows (models stepped in rows: the scheduler keeps them within
+        the budget)."""
         return bucket(prompts, 1, self.max_num_seqs) * bucket(longest, MIN_TOKEN_BUCKET, self.max_model_len)
 
     def empty_step(self, tokens: int, requests: int) -> StepInputs:
@@ -193,11 +195,11 @@ class ModelRunner:
             tokens = bucket(out.num_tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             return self._flat(out, block_ids, tokens, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs))
         decodes = all(chunk.start > 0 and chunk.count == 1 for chunk in out.chunks)
-        if not decodes and not all(c.start + c.count == c.request.num_tokens and (c.start == 0 or self.caches_prefixes)
+        if not decodes and not all(self.chunked_prefills or (c.start == 0 and c.count == c.request.num_tokens)
                                    for c in out.chunks):
             raise InvalidArgumentError(
-                "a step over rows is either whole new prompts (their remainders after a cached prefix, where the "
-                "model allows prefix caching) or one decode token per request"
+                "a step over rows is either whole new prompts or one decode token per request (prompt chunks and "
+                "prompts after a cached prefix where the model's rows may start after computed positions)"
             )
         if decodes:
             length, rows = 1, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs)

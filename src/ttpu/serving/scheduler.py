@@ -10,10 +10,13 @@ only in steps that preempted nothing, while the budget, ``max_num_seqs`` and the
 
 Models with recurrent layers (SSM, linear attention) keep one state per request that only
 a whole prompt, computed from an empty state, leaves exact under padding; models with
-sparse-attention indexers step in rows too. For them (``whole_prefills``) prompts are not
-chunked and a step is either new prompts or decodes: waiting requests are admitted whole
-(what a cached prefix leaves of them, where the KV manager caches prefixes: the engine
-turns that off for recurrent states) when they can be, else the running ones decode.
+sparse-attention indexers step in rows too. For them (``whole_prefills``) a step is
+either prompts or decodes, its rows padded to one length: waiting requests are admitted
+whole (what a cached prefix leaves of them, where the KV manager caches prefixes: the
+engine turns that off for recurrent states) when they can be, else the running ones
+decode. With ``chunked_prefills`` (indexers: a row may start after computed positions), a
+prompt too long for the budget is computed in chunks instead, prompts still being
+prefilled going first.
 Models the engine recomputes (``decodes_recompute``) run the same way, and a decode
 step, which runs each request's whole sequence, is also kept within the budget; the
 running requests left out of one go first in the next.
@@ -58,10 +61,12 @@ class Scheduler:
     """The waiting queue, the running requests and their KV blocks."""
 
     def __init__(self, kv: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 whole_prefills: Callable[[int, int], int] | None = None, decodes_recompute: bool = False) -> None:
-        """``whole_prefills`` (models with recurrent layers, or recomputed): the tokens a
-        step of ``n`` whole prompts, the longest ``longest`` tokens, takes once padded;
-        such steps are kept within the budget (one prompt always fits).
+                 whole_prefills: Callable[[int, int], int] | None = None, decodes_recompute: bool = False,
+                 chunked_prefills: bool = False) -> None:
+        """``whole_prefills`` (models stepped in rows, or recomputed): the tokens a step of
+        ``n`` prompts, the longest ``longest`` tokens, takes once padded; such steps are
+        kept within the budget (one whole prompt always fits, or with
+        ``chunked_prefills`` the chunk of it that does, at least the smallest padded step's).
         ``decodes_recompute`` (with ``whole_prefills``): a decode runs its request's whole
         sequence, so a step of decodes is kept within the budget the same way (one
         request always fits; those left out go first in the next step)."""
@@ -78,6 +83,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.whole_prefills = whole_prefills
         self.decodes_recompute = decodes_recompute
+        self.chunked_prefills = chunked_prefills
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -112,9 +118,12 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        if self.whole_prefills is not None:  # a step of new prompts if any is admitted, else one of decodes
-            self._admit(out, self.max_num_batched_tokens)
-            if not out.chunks:
+        if self.whole_prefills is not None:  # a step of prompts if any is scheduled, else one of decodes
+            if self.chunked_prefills:
+                self._continue_prefills(out)
+            if not out.preempted:
+                self._admit(out, self.max_num_batched_tokens)
+            if not out.chunks and not out.preempted:
                 self._schedule_running(out, self.max_num_batched_tokens)
             return out
         budget = self._schedule_running(out, self.max_num_batched_tokens)
@@ -133,32 +142,71 @@ class Scheduler:
                     self.running = self.running[index:] + self.running[:index]  # the rest go first next step
                     break
             count = min(request.num_tokens - request.computed, budget)
-            while self.kv.allocate(request.id, request.tokens, request.computed, count) is None:
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is request:
-                    break
-            if request.status is RequestStatus.PREEMPTED:
+            if not self._allocate_or_preempt(out, request, count):
                 break
             out.chunks.append(ScheduledChunk(request, request.computed, count))
             budget -= count
             index += 1
         return budget
 
+    def _continue_prefills(self, out: SchedulerOutput) -> None:
+        """The next chunks of the running requests still being prefilled (more than one
+        token left to compute), within the padded budget, preempting when the pool runs out."""
+        index = 0
+        while index < len(self.running):
+            request = self.running[index]
+            left = request.num_tokens - request.computed
+            if left > 1:
+                count = self._prefill_chunk(out, left)
+                if count == 0 or not self._allocate_or_preempt(out, request, count):
+                    break
+                out.chunks.append(ScheduledChunk(request, request.computed, count))
+            index += 1
+
+    def _allocate_or_preempt(self, out: SchedulerOutput, request: Request, count: int) -> bool:
+        """Blocks for ``count`` more tokens of running ``request``, preempting the most
+        recently arrived running requests (``request`` itself, last) until they fit;
+        whether ``request`` got them."""
+        while self.kv.allocate(request.id, request.tokens, request.computed, count) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _prefill_chunk(self, out: SchedulerOutput, left: int) -> int:
+        """How many of ``left`` prompt tokens a row joining the step's prefill rows takes:
+        all, if the step padded to its longest row still fits the budget (a first row
+        always fits whole, or with ``chunked_prefills`` up to the budget or the smallest
+        padded step); with ``chunked_prefills``, else the most that fit; 0 if none do."""
+        rows, longest = len(out.chunks), max((chunk.count for chunk in out.chunks), default=0)
+
+        def cost(count: int) -> int:
+            return self.whole_prefills(rows + 1, max(longest, count))
+
+        limit = max(self.max_num_batched_tokens, cost(1)) if rows == 0 else self.max_num_batched_tokens
+        if cost(left) <= limit or (rows == 0 and not self.chunked_prefills):
+            return left
+        if not self.chunked_prefills:
+            return 0
+        low, high = 0, left - 1  # the largest count that fits (0: none)
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if cost(middle) <= limit else (low, middle - 1)
+        return low
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Waiting requests, oldest first, while the budget, the seats and the pool allow.
-        With ``whole_prefills`` each takes its whole prompt, and the step's padded size
-        must fit the budget (one prompt always does)."""
-        longest = 0
+        With ``whole_prefills`` each takes its whole prompt (or its first chunk), and the
+        step's padded size must fit the budget (:meth:`_prefill_chunk`)."""
         while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             prefix = self.kv.computed_prefix(request.tokens)
             computed = len(prefix) * self.kv.block_size
             if self.whole_prefills is not None:
-                count = request.num_tokens - computed
-                longest = max(longest, count)
-                if out.chunks and self.whole_prefills(len(out.chunks) + 1, longest) > self.max_num_batched_tokens:
+                count = self._prefill_chunk(out, request.num_tokens - computed)
+                if count == 0:
                     break
             elif budget > 0:
                 count = min(request.num_tokens - computed, budget)

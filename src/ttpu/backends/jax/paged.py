@@ -506,7 +506,7 @@ class PagedModel:
         """Inside a trace: the cache after the step's tokens ``ids`` [tokens] (where
         ``batch`` places them) and the logits [sampling tokens, vocab] of the tokens at
         ``sampling_rows`` (indices into the whole step's tokens; None: every token; with a
-        ``grid``, of each row's last token instead).
+        ``grid``, the last token of the row each names, each row's last token for None).
         ``embedded`` [tokens], if given, are the positions that models numbering positions
         themselves embed (transformers counts left padding there), in place of the tokens'.
         With ``new_rows``, the tokens are rows of that many, each one request's whole
@@ -526,6 +526,8 @@ class PagedModel:
         if grid is not None:
             replicas = place.plan.mesh.split(replica_axes)
             logits, states, indexers = self._rows_traced(step, params, cache, ids, replicas)
+            if sampling_rows is not None:  # the rows whose last tokens sample (a prompt chunk short of its end does not)
+                logits = logits[sampling_rows // (ids.shape[0] // grid.state_slots.shape[0])]
             return CacheArrays(tuple(step.pools), states, indexers), logits
         inputs = {"input_ids": to_traced(ids[None]), "use_cache": False}
         if self._keeps_logits and sampling_rows is not None:  # the vocabulary projection of the sampling tokens only
