@@ -3,7 +3,7 @@ weights) with its indexer keys paged (each token attends to its indexer's top-k
 positions through the pools), against the same engine recomputing each request's whole
 sequence at every step (how it served these models before their indexers were paged) and
 transformers' ``generate`` on the same requests in one left-padded batch, measured in
-one run. Every way gives every request the same greedy tokens (checked).
+one run; each engine prints for how many requests its greedy tokens are transformers'.
 
     python benchmarks/sparse_attention.py [--requests 16] [--prompt-len 64,256] [--new-tokens 32]
 """

@@ -209,8 +209,9 @@ def test_sparse_attention_over_rows_gives_what_each_tokens_gather_gives(options)
     pool = write_kv(jnp.asarray(rng.normal(size=(BLOCKS, BLOCK, 2 * KV_HEADS, DIM)), jnp.float32), keys, values,
                     batch.slots)  # cached positions hold random keys already
     own = np.maximum(positions.reshape(-1), 0)
-    indices = jnp.asarray([[p, *rng.choice([q for q in range(16) if q != p], k - 1, replace=False)] for p in own],
-                          jnp.int32)
+    indices = np.asarray([[p, *rng.choice([q for q in range(16) if q != p], k - 1, replace=False)] for p in own])
+    indices[::3, -1] = -1  # some choices left empty (flash-MLA's padding)
+    indices = jnp.asarray(indices, jnp.int32)
     gathered = sparse_paged_attention(query, pool, batch, scale=DIM**-0.5, indices=indices, **options)
     by_rows = sparse_paged_attention(query, pool, batch, scale=DIM**-0.5, indices=indices, row_width=width, **options)
     real = positions.reshape(-1) >= 0

@@ -92,8 +92,10 @@ def test_a_batch_stepped_in_rows_splits_over_data_axes(model_type: str, strategy
     """Models whose paged step runs one request per row, split by data parallelism: a
     tiny Qwen3-Next (gated delta nets beside attention) under 2d, its state slots beside
     the pools; a tiny DeepSeek-V3.2 under dp, each replica's rows reading their indexer
-    keys from its own part of the indexer pools (16 positions, past the indexer's top 8).
-    Both give one device's tokens. Qwen3-Next's chunked delta rule solves triangular
+    keys from its own part of the indexer pools (16 positions, past the indexer's top 8),
+    so that no indexer key crosses devices while decoding (XLA still gathers the inputs
+    of a top-k over a split batch, the MoE router's scores and the indexer's alike: a
+    few numbers per row). Both give one device's tokens. Qwen3-Next's chunked delta rule solves triangular
     systems, which jaxlib's LAPACK kernel did by waiting on XLA:CPU's thread pool from
     inside it: with every device running it at once, this prefill hung (ttpu's
     solve_triangular lowering runs none)."""
@@ -109,6 +111,12 @@ def test_a_batch_stepped_in_rows_splits_over_data_axes(model_type: str, strategy
     paged = model.decoder().paged_for(8, 10, 16)
     assert paged is not None and paged.in_rows
     np.testing.assert_array_equal(model.generate(ids, max_new_tokens=6), single.generate(ids, max_new_tokens=6))
+    if strategy == "dp":  # no collective moves arrays of indexer keys ([..., index_head_dim])
+        (decode,) = model.decoder()._advance._compiled.values()
+        collectives = re.findall(r"= (.+?) (?:all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+                                 r"(?:-start)?\(", decode.as_text())
+        width = module.config.index_head_dim
+        assert [shape for shape in collectives if re.search(rf"\bb?f\d+\[[\d,]*,{width}\]", shape)] == [], collectives
 
 
 def llama(layers: int = 2, **overrides) -> LlamaForCausalLM:

@@ -85,6 +85,7 @@ _RECOMPUTE_CAUSES: list[tuple[str, re.Pattern]] = [
     ("the model numbers positions itself", re.compile(r"takes no position_ids")),
     ("attention temperature from the cache's length", re.compile(r"temperature tuning counts positions")),
     ("fails one request per row", re.compile(r"fails one request per row")),
+    ("recurrent states beside indexer keys", re.compile(r"has recurrent states and indexer keys")),
 ]
 
 

@@ -68,8 +68,7 @@ class LLMEngine:
         whole = self.runner.whole_prompts
         if config.enable_prefix_caching and not self.runner.caches_prefixes:
             logger.info("prefix caching is off for %s: %s", type(model.torch_module).__name__,
-                        "it keeps recurrent states per request, not per block" if self.runner.has_states
-                        else "it caches nothing (each step recomputes its requests' sequences)")
+                        self.runner.prefix_caching_refusal)
         self.kv = KVBlockManager(num_blocks, block_size, config.enable_prefix_caching and self.runner.caches_prefixes,
                                  state_slots=self.runner.state_slots)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, max_model_len,

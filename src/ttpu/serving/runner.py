@@ -6,8 +6,8 @@ donated to each step. Steps are padded to buckets of tokens and of requests (pow
 two), so a running engine compiles one program per bucket pair.
 
 Models with recurrent layers or sparse-attention indexers run one request per row
-(:class:`~ttpu.backends.jax.paged.RowGrid`): a step of whole new prompts, or a step of
-decodes.
+(:class:`~ttpu.backends.jax.paged.RowGrid`): a step of new prompts (of prompt chunks
+and what cached prefixes leave of prompts, for the indexers), or a step of decodes.
 
 Models whose cache or attention the paged pools cannot hold (no cache, a cache class of
 their own, positions counted from the cache's length, attention outside the
@@ -94,8 +94,7 @@ class ModelRunner:
             self._paged, self.recompute_reason = None, str(reason)
         self.has_states = self._paged is not None and self._paged.has_states
         self.in_rows = self._paged is not None and self._paged.in_rows
-        # whether the pools hold all it caches, per block, and its steps can start after a cached prefix
-        self.caches_prefixes = self._paged is not None and (not self.in_rows or self._paged.caches_prefixes)
+        self.prefix_caching_refusal = self._prefix_caching_refusal()
         self.chunked_prefills = self.in_rows and self.caches_prefixes  # rows of prompt chunks (indexers)
         self.state_slots = max_num_seqs if self.has_states else 0  # one per seat, besides padding's slot 0
         self.cache = self._empty()
@@ -103,6 +102,22 @@ class ModelRunner:
             self._check_recompute()
         self._step = Executables(self._step_program, static_argnums=(6,), donate_argnums=(1,), name="serving_step",
                                  store=self._forward.program_store, background_warm_up=False)
+
+    def _prefix_caching_refusal(self) -> str | None:
+        """Why requests cannot start after cached prefix blocks, or None if they can (the
+        pools hold all the model caches, per block, and its steps can start past computed
+        positions)."""
+        if self._paged is None:
+            return "it caches nothing (each step recomputes its requests' sequences)"
+        if self.has_states:
+            return "it keeps recurrent states per request, not per block"
+        if self.in_rows and not self._paged.caches_prefixes:
+            return "an attention call without its indexer's choice attends within each row of new prompts only"
+        return None
+
+    @property
+    def caches_prefixes(self) -> bool:
+        return self.prefix_caching_refusal is None
 
     @property
     def whole_prompts(self) -> bool:
@@ -187,8 +202,9 @@ class ModelRunner:
     def prepare(self, out: SchedulerOutput, block_ids: Mapping[str, list[int]],
                 state_slots: Mapping[str, int]) -> StepInputs:
         """The scheduled chunks as padded arrays (tokens and requests rounded up to
-        buckets); for a model with recurrent state, as rows instead (each request's chunk at the end of
-        its row) over the requests' ``state_slots`` (request id -> slot; unread otherwise)."""
+        buckets); for a model stepped in rows, as rows instead (each request's chunk at the
+        end of its row) over the requests' ``state_slots`` (request id -> slot; read for
+        recurrent states only)."""
         if self.recompute_reason is not None:
             return self._sequences(out)
         if not self.in_rows:
@@ -208,7 +224,8 @@ class ModelRunner:
             rows = bucket(len(out.chunks), 1, self.max_num_seqs)
         inputs = self._flat(out, block_ids, rows * length, rows, row_length=length)
         slots = np.zeros(rows, np.int32)
-        slots[: len(out.chunks)] = [state_slots.get(chunk.request.id, 0) for chunk in out.chunks]  # 0: no states
+        if self.has_states:
+            slots[: len(out.chunks)] = [state_slots[chunk.request.id] for chunk in out.chunks]
         return dataclasses.replace(inputs, grid=RowGrid(slots))
 
     def _sequences(self, out: SchedulerOutput) -> StepInputs:

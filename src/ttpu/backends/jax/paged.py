@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -310,22 +310,31 @@ class _PagedIndexedLayer(_PagedLayer):
     new indexer keys go into its paged pool (``pool``, [num_blocks, block_size, dim]) at
     the tokens' slots, and it hands back each row's whole sequence of them, read through
     the row's block table: [rows, table positions, dim], position ``p`` at index ``p``
-    (the step's mask hides those past each query's own)."""
+    (the step's mask hides those past each query's own). With ``replica_axes``, each
+    replica does so for its own rows in its own part of the pool (numbered from its own
+    null block, as the attention pools' are): no value crosses devices."""
 
-    def __init__(self, pool: jax.Array, batch: PagedBatch, replicas: int) -> None:
+    def __init__(self, pool: jax.Array, batch: PagedBatch, mesh: Mesh | None, replica_axes: Axis) -> None:
         super().__init__()
-        self.pool, self._batch, self._replicas = pool, batch, replicas
+        self.pool, self._batch, self._mesh, self._replica_axes = pool, batch, mesh, replica_axes
 
     def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
-        keys = torchax.interop.jax_view(indexer_key_states)  # [rows, length, dim]
-        blocks, block_size, dim = self.pool.shape
-        rows, tokens = keys.shape[0], self._batch.slots.shape[0]
-        part = blocks // self._replicas  # each replica's part of the pool numbers its blocks from its own null block
-        slots = self._batch.slots + jnp.arange(tokens) // (tokens // self._replicas) * part * block_size
-        tables = self._batch.block_tables + (jnp.arange(rows) // (rows // self._replicas) * part)[:, None]
-        new = keys.reshape(tokens, dim).astype(self.pool.dtype)
-        self.pool = self.pool.at[slots // block_size, slots % block_size].set(new)
-        return to_traced(self.pool[tables].reshape(rows, -1, dim))
+        run = _write_and_read_indexer
+        if self._replica_axes is not None:
+            split = P(self._replica_axes)
+            run = jax.shard_map(run, mesh=self._mesh, in_specs=(split,) * 4, out_specs=(split, split), check_vma=False)
+        keys = torchax.interop.jax_view(indexer_key_states)
+        self.pool, context = run(self.pool, keys, self._batch.slots, self._batch.block_tables)
+        return to_traced(context)
+
+
+def _write_and_read_indexer(pool: jax.Array, keys: jax.Array, slots: jax.Array, tables: jax.Array):
+    """``pool`` [blocks, block_size, dim] with the rows' new indexer ``keys`` [rows,
+    length, dim] written at ``slots`` [rows * length], and each row's whole sequence of
+    them [rows, table positions, dim] read through its row of block ``tables``."""
+    blocks, block_size, dim = pool.shape
+    pool = pool.at[slots // block_size, slots % block_size].set(keys.reshape(-1, dim).astype(pool.dtype))
+    return pool, pool[tables].reshape(tables.shape[0], -1, dim)
 
 
 class _PagedLinearLayer(TracedLinearLayer):
@@ -453,7 +462,7 @@ class PagedModel:
             return
         alibi_only = not self._position_modules and all(c.alibi for layer in calls.values() for c in layer)
         if not alibi_only and (
-                self.has_states or not self._position_modules
+                self.in_rows or not self._position_modules
                 or any("position_ids" not in inspect.signature(m.forward).parameters for m in self._position_modules)):
             raise NotPageable(
                 f"{type(self._module).__name__}.forward takes no position_ids (it numbers positions itself, from 0 or "
@@ -511,7 +520,8 @@ class PagedModel:
         themselves embed (transformers counts left padding there), in place of the tokens'.
         With ``new_rows``, the tokens are rows of that many, each one request's whole
         prompt (padding anywhere in it): each row attends within itself only, densely (a
-        ``grid``'s rows of more than one token are such rows). With ``replica_axes``, the
+        ``grid``'s rows of more than one token are such rows; for an indexer model's, which
+        may start after computed positions, its calls read those from the pools). With ``replica_axes``, the
         tokens and requests split over those mesh axes as the pools' blocks do
         (:meth:`empty`): each replica's requests number its own blocks, and their rows in
         ``batch`` count from 0 in each replica."""
@@ -524,8 +534,7 @@ class PagedModel:
         step = _Step(list(cache.pools), batch, place.mesh, self._heads_axes, grid, new_rows, replica_axes,
                      self._pool_of)
         if grid is not None:
-            replicas = place.plan.mesh.split(replica_axes)
-            logits, states, indexers = self._rows_traced(step, params, cache, ids, replicas)
+            logits, states, indexers = self._rows_traced(step, params, cache, ids)
             if sampling_rows is not None:  # the rows whose last tokens sample (a prompt chunk short of its end does not)
                 logits = logits[sampling_rows // (ids.shape[0] // grid.state_slots.shape[0])]
             return CacheArrays(tuple(step.pools), states, indexers), logits
@@ -592,7 +601,7 @@ class PagedModel:
             )
         return step.calls
 
-    def _rows_traced(self, step: _Step, params: Any, arrays: CacheArrays, ids: jax.Array, replicas: int):
+    def _rows_traced(self, step: _Step, params: Any, arrays: CacheArrays, ids: jax.Array):
         """The logits [rows, vocab] of each row's last token, the state slots and the
         indexers' pools after the rows ran: new prompts start from empty states, decodes
         from their slots'. With indexers, the model is given each query's mask over its
@@ -609,7 +618,7 @@ class PagedModel:
             {n: jnp.zeros((rows, *a.shape[1:]), a.dtype) if empty else a[grid.state_slots] for n, a in layer.items()}
             for layer in states
         )
-        indexed = {i: _PagedIndexedLayer(pool, step.batch, replicas)
+        indexed = {i: _PagedIndexedLayer(pool, step.batch, step.mesh, step.replica_axes)
                    for i, pool in zip(self._indexers, arrays.indexers)}
         cache = _rows_cache(before, self._layout, empty, indexed)
         if indexed:  # [rows, 1, length, table positions]: each query sees its row's positions up to its own

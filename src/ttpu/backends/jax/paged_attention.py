@@ -397,7 +397,7 @@ def sparse_paged_attention(
     [tokens, k] of its request that are ``<=`` its own: a sparse-attention indexer's
     top-k choice (DeepSeek-V3.2's DSA; a choice past the token's position, which its
     indexer makes when fewer than k positions are visible, is masked out as transformers'
-    causal mask does). The pool holds the step's keys already. Each token gathers its k
+    causal mask does, and -1 chooses nothing). The pool holds the step's keys already. Each token gathers its k
     keys and values, so a step of decodes costs ``tokens x k`` whatever the contexts'
     lengths. With ``row_width`` > 1 (the step's tokens are rows of that many, one
     request per row, as block tables: new prompts), each row instead reads its request's
@@ -437,7 +437,8 @@ def _sparse_rows(query: jax.Array, pool: jax.Array, batch: PagedBatch, scale: fl
     q = query.reshape(rows, width, kv, q_heads // kv, dim)
     scores = jnp.einsum("rwhgd,rnhd->rhgwn", q, context[:, :, 0::2], preferred_element_type=jnp.float32) * scale
     scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
-    chosen = jnp.zeros((tokens, span), bool).at[jnp.arange(tokens)[:, None], jnp.clip(indices, 0, span - 1)].set(True)
+    picked = jnp.where(indices >= 0, indices, span)  # -1 (a kernel's padding of the choice) picks nothing
+    chosen = jnp.zeros((tokens, span), bool).at[jnp.arange(tokens)[:, None], picked].set(True, mode="drop")
     visible = chosen & (jnp.arange(span) <= batch.positions[:, None])  # a padding token (position -1) sees nothing
     scores = jnp.where(visible.reshape(rows, 1, 1, width, span), scores, jnp.finfo(jnp.float32).min)
     high = scores.max(axis=-1)
