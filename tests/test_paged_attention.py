@@ -189,12 +189,14 @@ def test_sparse_attention_reads_only_each_tokens_chosen_positions(options) -> No
     run_step(*MIXED, seed=4, kernel=sparse_paged_attention, indices=indices, **options)
 
 
+@pytest.mark.parametrize("context_chunk", [128, BLOCK], ids=["one-read", "chunk-per-block"])
 @pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "sinks": jnp.linspace(-1.0, 1.0, Q_HEADS)}],
                          ids=["plain", "softcap-sinks"])
-def test_sparse_attention_over_rows_gives_what_each_tokens_gather_gives(options) -> None:
+def test_sparse_attention_over_rows_gives_what_each_tokens_gather_gives(options, context_chunk: int) -> None:
     """``row_width``: rows of 8 new tokens, one request each (left-padded; the second row
-    after 5 cached positions), each row's block table read once under its tokens' chosen
-    positions: the attention each token's own gather gives (checked against dense above)."""
+    after 5 cached positions), each row's block table read once (or a block at a time,
+    joined by an online softmax) under its tokens' chosen positions: the attention each
+    token's own gather gives (checked against dense above)."""
     rng = np.random.default_rng(8)
     width, cached, news, k = 8, [0, 5, 0], [6, 3, 8], 5
     tables = 1 + np.arange(3 * 4, dtype=np.int32).reshape(3, 4)  # 16 positions per row
@@ -213,7 +215,8 @@ def test_sparse_attention_over_rows_gives_what_each_tokens_gather_gives(options)
     indices[::3, -1] = -1  # some choices left empty (flash-MLA's padding)
     indices = jnp.asarray(indices, jnp.int32)
     gathered = sparse_paged_attention(query, pool, batch, scale=DIM**-0.5, indices=indices, **options)
-    by_rows = sparse_paged_attention(query, pool, batch, scale=DIM**-0.5, indices=indices, row_width=width, **options)
+    by_rows = sparse_paged_attention(query, pool, batch, scale=DIM**-0.5, indices=indices, row_width=width,
+                                     context_chunk=context_chunk, **options)
     real = positions.reshape(-1) >= 0
     np.testing.assert_allclose(np.asarray(by_rows)[real], np.asarray(gathered)[real], rtol=2e-5, atol=2e-5)
     assert np.isfinite(np.asarray(by_rows)).all()  # padding tokens too

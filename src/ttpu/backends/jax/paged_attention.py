@@ -392,6 +392,7 @@ def sparse_paged_attention(
     softcap: float | None = None,
     sinks: jax.Array | None = None,
     row_width: int | None = None,
+    context_chunk: int = CONTEXT_CHUNK,
 ) -> jax.Array:
     """Each token's attention [tokens, q_heads, dim] over the positions ``indices``
     [tokens, k] of its request that are ``<=`` its own: a sparse-attention indexer's
@@ -401,11 +402,12 @@ def sparse_paged_attention(
     keys and values, so a step of decodes costs ``tokens x k`` whatever the contexts'
     lengths. With ``row_width`` > 1 (the step's tokens are rows of that many, one
     request per row, as block tables: new prompts), each row instead reads its request's
-    block table once and its queries attend to it under their chosen positions' mask:
+    block table once (in chunks of ``context_chunk`` positions, up to the furthest one
+    the step reaches) and its queries attend to it under their chosen positions' mask:
     the queries of a prompt share their keys, where gathering would read them once per
     query."""
     if row_width is not None and row_width > 1:
-        return _sparse_rows(query, pool, batch, scale, indices, softcap, sinks, row_width)
+        return _sparse_rows(query, pool, batch, scale, indices, softcap, sinks, row_width, context_chunk)
     blocks, block_size, heads, dim = pool.shape
     tokens, q_heads = query.shape[:2]
     kv = heads // 2
@@ -426,30 +428,44 @@ def sparse_paged_attention(
 
 
 def _sparse_rows(query: jax.Array, pool: jax.Array, batch: PagedBatch, scale: float, indices: jax.Array,
-                 softcap: float | None, sinks: jax.Array | None, width: int) -> jax.Array:
+                 softcap: float | None, sinks: jax.Array | None, width: int, context_chunk: int) -> jax.Array:
     """:func:`sparse_paged_attention` over rows of ``width`` tokens, each row one
-    request's (row ``r``: block table ``r``), reading each row's table once; scores laid
-    out heads first, as a dense attention's."""
+    request's (row ``r``: block table ``r``): each row reads its table once, in chunks of
+    about ``context_chunk`` positions up to the furthest position of the step (a bound
+    on the device) joined by an online softmax, so a step holds one chunk's scores at a
+    time, laid out heads first as a dense attention's."""
     blocks, block_size, heads, dim = pool.shape
     tokens, q_heads = query.shape[:2]
-    kv, rows, span = heads // 2, tokens // width, batch.block_tables.shape[1] * block_size
-    context = pool[batch.block_tables].reshape(rows, span, heads, dim)  # [rows, positions, 2 * kv, dim]
+    kv, rows = heads // 2, tokens // width
+    per_chunk, chunks = _context_chunks(batch.block_tables.shape[1], block_size, context_chunk)
+    tables = jnp.pad(batch.block_tables, ((0, 0), (0, chunks * per_chunk - batch.block_tables.shape[1])))
+    span = per_chunk * block_size
+    picked = jnp.where(indices >= 0, indices, chunks * span)  # -1 (a kernel's padding of the choice) picks nothing
+    chosen = jnp.zeros((tokens, chunks * span), bool).at[jnp.arange(tokens)[:, None], picked].set(True, mode="drop")
+    visible = chosen & (jnp.arange(chunks * span) <= batch.positions[:, None])  # padding (position -1) sees nothing
     q = query.reshape(rows, width, kv, q_heads // kv, dim)
-    scores = jnp.einsum("rwhgd,rnhd->rhgwn", q, context[:, :, 0::2], preferred_element_type=jnp.float32) * scale
-    scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
-    picked = jnp.where(indices >= 0, indices, span)  # -1 (a kernel's padding of the choice) picks nothing
-    chosen = jnp.zeros((tokens, span), bool).at[jnp.arange(tokens)[:, None], picked].set(True, mode="drop")
-    visible = chosen & (jnp.arange(span) <= batch.positions[:, None])  # a padding token (position -1) sees nothing
-    scores = jnp.where(visible.reshape(rows, 1, 1, width, span), scores, jnp.finfo(jnp.float32).min)
-    high = scores.max(axis=-1)
-    weights = jnp.exp(scores - high[..., None])
-    weighted = jnp.einsum("rhgwn,rnhd->rwhgd", weights.astype(pool.dtype), context[:, :, 1::2],
-                          preferred_element_type=jnp.float32)
-    def by_token(state: jax.Array) -> jax.Array:  # [rows, kv, g, width] -> [tokens, kv, g]
-        return jnp.moveaxis(state, 3, 1).reshape(tokens, kv, q_heads // kv)
 
-    return _normalized(by_token(high), by_token(weights.sum(axis=-1)), weighted.reshape(tokens, kv, q_heads // kv, dim),
-                       sinks, query)
+    def read(chunk: jax.Array, state: Carry) -> Carry:
+        """``state`` [rows, kv, g, width, ...] joined with the chunk's positions."""
+        context = pool[jax.lax.dynamic_slice_in_dim(tables, chunk * per_chunk, per_chunk, axis=1)]
+        context = context.reshape(rows, span, heads, dim)
+        scores = jnp.einsum("rwhgd,rnhd->rhgwn", q, context[:, :, 0::2], preferred_element_type=jnp.float32) * scale
+        scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+        seen = jax.lax.dynamic_slice_in_dim(visible, chunk * span, span, axis=1).reshape(rows, 1, 1, width, span)
+        scores = jnp.where(seen, scores, jnp.finfo(jnp.float32).min)
+        high = scores.max(axis=-1)
+        weights = jnp.exp(scores - high[..., None])
+        weighted = jnp.einsum("rhgwn,rnhd->rhgwd", weights.astype(pool.dtype), context[:, :, 1::2],
+                              preferred_element_type=jnp.float32)
+        return _merge(state, (high, weights.sum(axis=-1), weighted))
+
+    reached = jnp.max(batch.positions) // span + 1  # the chunks any token of the step reaches
+    high, total, acc = jax.lax.fori_loop(0, reached, read, _empty_state((rows, kv, q_heads // kv, width, dim)))
+
+    def by_token(state: jax.Array) -> jax.Array:  # [rows, kv, g, width, ...] -> [tokens, kv, g, ...]
+        return jnp.moveaxis(state, 3, 1).reshape(tokens, kv, q_heads // kv, *state.shape[4:])
+
+    return _normalized(by_token(high), by_token(total), by_token(acc), sinks, query)
 
 
 @functools.cache
