@@ -81,14 +81,22 @@ def test_mask_function_never_skips_the_causal_mask() -> None:
     assert torch.equal(mask[0, 0], torch.tril(torch.ones(4, 4, dtype=torch.bool)))
 
 
-def test_sparse_key_indices_restrict_attention() -> None:
-    from ttpu.backends.jax.attention import _restrict_to_keys
+@pytest.mark.parametrize("additive", [False, True], ids=["boolean-mask", "additive-mask"])
+def test_sparse_key_indices_restrict_attention(additive: bool) -> None:
+    """DSA's ``indices`` (each query's chosen keys; -1 chooses none) through the
+    registered attention: eager attention under the mask restricted to them."""
+    import torchax
 
     q, k, v, mask = inputs(q_len=7, kv_len=7)
-    indices = np.stack([np.arange(7) // 2, np.arange(7)], axis=-1)[None].repeat(2, 0)  # [2, 7, 2]
-    allowed = np.zeros((2, 1, 7, 7), bool)
-    np.put_along_axis(allowed[:, 0], indices, True, axis=-1)
+    indices = np.stack([np.arange(7) // 2, np.arange(7), np.full(7, -1)], axis=-1)[None].repeat(2, 0)  # [2, 7, 3]
+    allowed = np.zeros((2, 1, 7, 8), bool)
+    np.put_along_axis(allowed[:, 0], np.where(indices >= 0, indices, 7), True, axis=-1)
+    allowed = allowed[..., :7]
     expected = eager_reference(q, k, v, mask & allowed, 0.25)
-    combined = _restrict_to_keys(jnp.asarray(mask), jnp.asarray(indices), 7)
-    actual = dot_product_attention(*map(jnp.asarray, (q, k, v)), combined, scale=0.25)
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-5)
+    given = np.where(mask, 0.0, np.finfo(np.float32).min).astype(np.float32) if additive else mask
+    forward = AttentionInterface()[ATTENTION_NAME]
+    with torchax.default_env():
+        tensors = [torch.from_numpy(a).to("jax") for a in (q, k, v, given, indices)]
+        out, _ = forward(torch.nn.Module(), *tensors[:4], scaling=0.25, indices=tensors[4])
+        actual = np.asarray(torchax.interop.jax_view(out))
+    np.testing.assert_allclose(actual.transpose(0, 2, 1, 3), expected.transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-5)

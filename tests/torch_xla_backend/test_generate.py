@@ -61,13 +61,14 @@ def test_repetition_penalty_and_min_new_tokens_as_transformers() -> None:
         torch.testing.assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "minimax", "mpt", "xglm", "trocr", "mvp"])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "minimax", "mpt", "xglm", "trocr", "mvp", "deepseek_v32"])
 def test_cached_greedy_matches_transformers(model_type: str) -> None:
     """transformers' StaticCache on the XLA device, its length a device tensor: linear-
     attention layers beside attention layers (Qwen3-Next's convolution and recurrent
     states; MiniMax's recurrent state alone, in the standard cache by ttpu's patches,
     which mark the layer's previous state themselves: transformers marks it on a
-    convolution update), and the patched modules that read that length (MPT's ALiBi bias
+    convolution update), the patched modules that read that length (MPT's ALiBi bias
     sliced by the keys' length, XGLM's sinusoidal table, TrOCR's and MVP's learned
-    positions added to it)."""
+    positions added to it), and DeepSeek-V3.2's sparse attention (its indexer's keys in
+    the static cache, its top-k ``indices`` restricting ttpu's torch_xla attention's mask)."""
     generates_as_transformers(model_type, *left_padded(STATE_PROMPTS, pad=0), backend="torch_xla")

@@ -1,6 +1,7 @@
 """Attention masks as both backends' attention implementations take them: the mask
-function registered with transformers, and the mask's shape for grouped-query scores
-(jax arrays and torch tensors alike: both index and reshape the same way)."""
+function registered with transformers, a mask restricted to a sparse-attention
+indexer's chosen keys, and the mask's shape for grouped-query scores (jax arrays and
+torch tensors alike: both index and reshape the same way)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ def mask_for_groups(mask: Array, kv_heads: int) -> Array:
     if mask.shape[1] == 1:
         return mask[:, :, None]
     return mask.reshape(mask.shape[0], kv_heads, -1, *mask.shape[2:])
+
+
+def restricted_to_indices(mask: torch.Tensor | None, indices: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """``mask`` ([batch, 1|heads, q, kv], boolean or additive; None: all visible) where
+    each query also sees only the key positions ``indices`` [batch, q, k] names: a
+    sparse-attention indexer's top-k, as DeepSeek's DSA hands it to attention functions
+    other than eager and SDPA (which apply it to the mask themselves). -1 names none.
+    Torch operations, so both backends run the same ones (torchax lowers them)."""
+    picked = torch.where(indices >= 0, indices, kv_len).long()  # -1: a column past the keys, dropped below
+    allowed = torch.zeros((*indices.shape[:-1], kv_len + 1), dtype=torch.bool, device=indices.device)
+    allowed = allowed.scatter(-1, picked, True)[..., :kv_len][:, None]
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
 
 
 def materialised_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from ttpu.backends.attention_masks import mask_for_groups, materialised_mask
+from ttpu.backends.attention_masks import mask_for_groups, materialised_mask, restricted_to_indices
 from ttpu.backends.jax.environment import to_traced, tracing_environment
 from ttpu.backends.jax.torchax_compat import import_torchax
 
@@ -116,18 +116,6 @@ def scaled_dot_product_attention(
     return jnp.swapaxes(out, 1, 2).reshape(*lead, *query.shape[-3:-1], value.shape[-1])
 
 
-def _restrict_to_keys(mask: jax.Array | None, indices: jax.Array, kv_len: int) -> jax.Array:
-    """Combine a mask with "each query attends only to these key positions"."""
-    allowed = jnp.zeros((*indices.shape[:-1], kv_len), jnp.bool_)
-    allowed = jnp.put_along_axis(allowed, indices.astype(jnp.int32), True, axis=-1, inplace=False)
-    allowed = allowed[:, None]  # [batch, 1 (heads), q_seq, kv_seq]
-    if mask is None:
-        return allowed
-    if mask.dtype == jnp.bool_:
-        return mask & allowed
-    return jnp.where(allowed, mask, jnp.finfo(jnp.float32).min)
-
-
 def ttpu_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -160,9 +148,9 @@ def ttpu_attention_forward(
     drop = (dropout, tracing_environment().get_and_rotate_prng_key()) if dropout and module.training else None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     view = torchax.interop.jax_view
-    mask = None if attention_mask is None else view(attention_mask)
     if indices is not None:
-        mask = _restrict_to_keys(mask, view(indices), key.shape[2])
+        attention_mask = restricted_to_indices(attention_mask, indices, key.shape[2])
+    mask = None if attention_mask is None else view(attention_mask)
     out = dot_product_attention(
         view(query),
         view(key),

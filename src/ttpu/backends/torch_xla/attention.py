@@ -21,7 +21,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ttpu.backends.attention_masks import mask_for_groups, materialised_mask
+from ttpu.backends.attention_masks import mask_for_groups, materialised_mask, restricted_to_indices
 
 ATTENTION_NAME = "ttpu_xla"
 # Queries shorter than one flash block (a decode step) are not worth the kernel's padding.
@@ -103,15 +103,19 @@ def xla_attention_forward(
     scaling: float | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function (see ``AttentionInterface``) for torch_xla."""
+    """transformers attention function (see ``AttentionInterface``) for torch_xla;
+    ``indices`` (DeepSeek's DSA) restrict each query to those key positions."""
     if dropout and module.training:
         raise NotImplementedError(
             "attention dropout during training is not supported by ttpu's torch_xla attention; "
             "set the model's attention dropout to 0."
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if indices is not None:
+        attention_mask = restricted_to_indices(attention_mask, indices, key.shape[2])
     if kernel_for(_platform(query), query.shape[2], softcap, s_aux) == "flash":
         return flash(query, key, value, attention_mask, scale), None
     return dot_product_attention(query, key, value, attention_mask, scale, softcap, s_aux), None
