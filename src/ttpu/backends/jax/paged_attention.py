@@ -398,9 +398,9 @@ def sparse_paged_attention(
     [tokens, k] of its request that are ``<=`` its own: a sparse-attention indexer's
     top-k choice (DeepSeek-V3.2's DSA; a choice past the token's position, which its
     indexer makes when fewer than k positions are visible, is masked out as transformers'
-    causal mask does, and -1 chooses nothing). The pool holds the step's keys already. Each token gathers its k
-    keys and values, so a step of decodes costs ``tokens x k`` whatever the contexts'
-    lengths. With ``row_width`` > 1 (the step's tokens are rows of that many, one
+    causal mask does, and -1 chooses nothing). The pool holds the step's keys already.
+    Each token gathers its k keys and values, so a step of decodes costs ``tokens x k``
+    whatever the contexts' lengths. With ``row_width`` > 1 (the step's tokens are rows of that many, one
     request per row, as block tables: new prompts), each row instead reads its request's
     block table once (in chunks of ``context_chunk`` positions, up to the furthest one
     the step reaches) and its queries attend to it under their chosen positions' mask:
