@@ -244,17 +244,8 @@ def _read_context(q: jax.Array, flat: jax.Array, tables: jax.Array, earliest: ja
             keys, values = (jnp.swapaxes(flat[:, part::2][slots], 1, 2) for part in (0, 1))
             context = index * span + jnp.arange(span)
             allowed = (context < limit[..., None]) & (context >= since[..., None])  # [group, width, span]
-            allowed = allowed[:, None, None]
-            scores = _context_scores(group_q, keys) * scale
-            scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
-            if slopes is not None:
-                scores = scores + slopes[..., None] * (context - group_positions[..., None])[:, None, None]
-            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-            high = scores.max(axis=-1)
-            weights = jnp.where(allowed, jnp.exp(scores - high[..., None]), 0.0)
-            weighted = jnp.einsum("bhgwn,bhnd->bhgwd", weights.astype(values.dtype), values,
-                                  preferred_element_type=jnp.float32)
-            return _merge(carry, (high, weights.sum(axis=-1), weighted))
+            bias = None if slopes is None else slopes[..., None] * (context - group_positions[..., None])[:, None, None]
+            return _merge(carry, _chunk_softmax(group_q, keys, values, allowed[:, None, None], scale, softcap, bias))
 
         empty = _empty_state(group_q.shape)
         if chunks == 1:
@@ -300,6 +291,23 @@ def _context_scores(queries: jax.Array, keys: jax.Array) -> jax.Array:
         return jnp.einsum("bhgwd,bhnd->bhgwn", queries, keys, preferred_element_type=jnp.float32)
     keys_first = jnp.einsum("bhnd,bhgwd->bhngw", keys, queries, preferred_element_type=jnp.float32)
     return jnp.moveaxis(jax.lax.optimization_barrier(keys_first), 2, -1)
+
+
+def _chunk_softmax(queries: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array, scale: float,
+                   softcap: float | None, bias: jax.Array | None = None) -> Carry:
+    """The softmax state [b, kv, g, width, ...] of query blocks ``queries`` [b, kv, g,
+    width, dim] over one chunk of their context's ``keys`` and ``values`` [b, kv, span,
+    dim], where ``allowed`` ([b, 1, 1, width, span], broadcast): scores scaled,
+    soft-capped, plus ``bias`` (ALiBi's) if any; a query allowed none keeps an empty state."""
+    scores = _context_scores(queries, keys) * scale
+    scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    high = scores.max(axis=-1)
+    weights = jnp.where(allowed, jnp.exp(scores - high[..., None]), 0.0)
+    weighted = jnp.einsum("bhgwn,bhnd->bhgwd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return high, weights.sum(axis=-1), weighted
 
 
 def _visible(keys: jax.Array, queries: jax.Array, earliest: jax.Array) -> jax.Array:
@@ -443,21 +451,16 @@ def _sparse_rows(query: jax.Array, pool: jax.Array, batch: PagedBatch, scale: fl
     picked = jnp.where(indices >= 0, indices, chunks * span)  # -1 (a kernel's padding of the choice) picks nothing
     chosen = jnp.zeros((tokens, chunks * span), bool).at[jnp.arange(tokens)[:, None], picked].set(True, mode="drop")
     visible = chosen & (jnp.arange(chunks * span) <= batch.positions[:, None])  # padding (position -1) sees nothing
-    q = query.reshape(rows, width, kv, q_heads // kv, dim)
+    q = jnp.moveaxis(query.reshape(rows, width, kv, q_heads // kv, dim), 1, 3)  # [rows, kv, g, width, dim]
+    flat, offsets = pool.reshape(blocks * block_size, heads, dim), jnp.arange(block_size)
 
     def read(chunk: jax.Array, state: Carry) -> Carry:
         """``state`` [rows, kv, g, width, ...] joined with the chunk's positions."""
-        context = pool[jax.lax.dynamic_slice_in_dim(tables, chunk * per_chunk, per_chunk, axis=1)]
-        context = context.reshape(rows, span, heads, dim)
-        scores = jnp.einsum("rwhgd,rnhd->rhgwn", q, context[:, :, 0::2], preferred_element_type=jnp.float32) * scale
-        scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+        ids = jax.lax.dynamic_slice_in_dim(tables, chunk * per_chunk, per_chunk, axis=1)
+        slots = (ids[:, :, None] * block_size + offsets).reshape(rows, span)
+        keys, values = (jnp.swapaxes(flat[:, part::2][slots], 1, 2) for part in (0, 1))  # [rows, kv, span, dim]
         seen = jax.lax.dynamic_slice_in_dim(visible, chunk * span, span, axis=1).reshape(rows, 1, 1, width, span)
-        scores = jnp.where(seen, scores, jnp.finfo(jnp.float32).min)
-        high = scores.max(axis=-1)
-        weights = jnp.exp(scores - high[..., None])
-        weighted = jnp.einsum("rhgwn,rnhd->rhgwd", weights.astype(pool.dtype), context[:, :, 1::2],
-                              preferred_element_type=jnp.float32)
-        return _merge(state, (high, weights.sum(axis=-1), weighted))
+        return _merge(state, _chunk_softmax(q, keys, values, seen, scale, softcap))
 
     reached = jnp.max(batch.positions) // span + 1  # the chunks any token of the step reaches
     high, total, acc = jax.lax.fori_loop(0, reached, read, _empty_state((rows, kv, q_heads // kv, width, dim)))
