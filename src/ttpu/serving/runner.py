@@ -211,8 +211,8 @@ class ModelRunner:
             tokens = bucket(out.num_tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
             return self._flat(out, block_ids, tokens, bucket(len(out.chunks), MIN_REQUEST_BUCKET, self.max_num_seqs))
         decodes = all(chunk.start > 0 and chunk.count == 1 for chunk in out.chunks)
-        if not decodes and not all(self.chunked_prefills or (c.start == 0 and c.count == c.request.num_tokens)
-                                   for c in out.chunks):
+        if not (decodes or self.chunked_prefills or all(c.start == 0 and c.count == c.request.num_tokens
+                                                        for c in out.chunks)):
             raise InvalidArgumentError(
                 "a step over rows is either whole new prompts or one decode token per request (prompt chunks and "
                 "prompts after a cached prefix where the model's rows may start after computed positions)"
