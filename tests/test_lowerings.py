@@ -11,7 +11,6 @@ import torch
 
 from ttpu.backends import get_backend
 from ttpu.backends.jax import lowerings
-from ttpu.backends.jax.lowerings import CPU_WEIGHT_FIRST_MAX_ROWS
 from ttpu.backends.jax.environment import to_traced, tracing_environment
 from ttpu.backends.jax.torchax_compat import import_torchax
 
@@ -131,17 +130,21 @@ def test_linear_by_keyword() -> None:
         np.testing.assert_allclose(run_traced(call, x, w, b), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("leading", [(1,), (2, 16), (CPU_WEIGHT_FIRST_MAX_ROWS + 1,), (4, 64)])
-def test_linear_on_cpu_puts_the_weight_first_for_few_rows(leading: tuple[int, ...]) -> None:
-    """A decode step's few rows run as ``weight @ rows.T`` (faster on XLA:CPU), a prefill's
-    many as ``rows @ weight.T``; both give torch's numbers."""
+@pytest.mark.parametrize("weight_first_max_rows", [0, 48])
+@pytest.mark.parametrize("leading", [(1,), (2, 16), (49,), (4, 64)])
+def test_linear_on_cpu_puts_the_weight_first_for_few_rows(
+    leading: tuple[int, ...], weight_first_max_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to ``CPU_WEIGHT_FIRST_MAX_ROWS`` rows (48 before jaxlib 0.10.2, none after) run
+    as ``weight @ rows.T``, more as ``rows @ weight.T``; both give torch's numbers."""
+    monkeypatch.setattr(lowerings, "CPU_WEIGHT_FIRST_MAX_ROWS", weight_first_max_rows)
     rng = np.random.default_rng(5)
     x, w, b = (rng.standard_normal(s, np.float32) for s in ((*leading, 24), (40, 24), (40,)))
     call = torch.nn.functional.linear
     expected = call(*map(torch.from_numpy, (x, w, b))).numpy()
     np.testing.assert_allclose(run_traced(call, x, w, b), expected, rtol=1e-5, atol=1e-5)
     program = jitted(call).lower(x, w, b).as_text()
-    assert ("optimization_barrier" in program) == (math.prod(leading) <= CPU_WEIGHT_FIRST_MAX_ROWS)
+    assert ("optimization_barrier" in program) == (math.prod(leading) <= weight_first_max_rows)
 
 
 def test_copy_from_a_slice() -> None:

@@ -16,7 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
+import jaxlib
 import torch
+from packaging.version import Version
 
 from ttpu.backends.jax.attention import scaled_dot_product_attention
 from ttpu.backends.jax.environment import to_traced
@@ -90,18 +92,20 @@ def arange(
     return jnp.arange(0 if start is None else start, end, 1 if step is None else step, dtype=dtype)
 
 
-# XLA:CPU (jaxlib 0.10) multiplies a few rows by a [out, in] weight 1.4-2x faster as
-# ``weight @ rows.T`` than as ``rows @ weight.T``; about as fast at 64 rows and slower from
-# about 96 (docs/PERFORMANCE.md). Decode steps run tens of rows, prefills hundreds.
-CPU_WEIGHT_FIRST_MAX_ROWS = 48
+# XLA:CPU before jaxlib 0.10.2 multiplied a few rows by a [out, in] weight 1.4-2x faster as
+# ``weight @ rows.T`` than as ``rows @ weight.T`` (about as fast at 64 rows, slower from about
+# 96). From 0.10.2 on, whose YNNPACK kernels take such products, ``rows @ weight.T`` is as fast
+# or faster: Gemma 3's 262k-row lm_head over 32 rows 70 ms against 86 ms weight first, plus
+# 14 ms for the transpose after it (docs/PERFORMANCE.md). Decode steps run tens of rows.
+CPU_WEIGHT_FIRST_MAX_ROWS = 48 if Version(jaxlib.__version__) < Version("0.10.2") else 0
 
 
 def linear(input: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """``torch.nn.functional.linear``, accepting its arguments by keyword too.
 
-    On CPU a product of at most ``CPU_WEIGHT_FIRST_MAX_ROWS`` rows is computed weight
-    first and transposed after; the optimization barrier keeps XLA from folding the
-    transpose back into the product."""
+    On CPU a product of at most ``CPU_WEIGHT_FIRST_MAX_ROWS`` rows (none from jaxlib
+    0.10.2) is computed weight first and transposed after; the optimization barrier keeps
+    XLA from folding the transpose back into the product."""
     rows = math.prod(input.shape[:-1])
     if jax.default_backend() == "cpu" and rows <= CPU_WEIGHT_FIRST_MAX_ROWS:
         out = jnp.moveaxis(jax.lax.optimization_barrier(jnp.einsum("oi,...i->o...", weight, input)), 0, -1)
@@ -190,8 +194,8 @@ LOWERINGS: list[OpLowering] = [
     OpLowering(
         torch.nn.functional.linear,
         "torchax's F.linear takes its weight positionally only, so "
-        "`F.linear(x, weight=w, bias=b)` (I-BERT's quantized linear) fails; on CPU a few "
-        "rows are multiplied weight first, 1.4-2x faster (decode steps)",
+        "`F.linear(x, weight=w, bias=b)` (I-BERT's quantized linear) fails; on CPU before "
+        "jaxlib 0.10.2 a few rows are multiplied weight first, 1.4-2x faster there (decode steps)",
         "tests/test_lowerings.py::test_linear_by_keyword",
         linear,
     ),
