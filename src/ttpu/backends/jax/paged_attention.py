@@ -422,17 +422,12 @@ def sparse_paged_attention(
     tables = batch.block_tables[batch.rows]  # [tokens, blocks per request]
     chosen = jnp.clip(indices, 0, tables.shape[1] * block_size - 1)
     slots = jnp.take_along_axis(tables, chosen // block_size, axis=1) * block_size + chosen % block_size
-    pairs = pool.reshape(blocks * block_size, heads, dim)[slots]  # [tokens, k, 2 * kv, dim]
-    q = query.reshape(tokens, kv, q_heads // kv, dim)
-    scores = jnp.einsum("thgd,tnhd->thgn", q, pairs[:, :, 0::2], preferred_element_type=jnp.float32) * scale
-    scores = scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+    flat = pool.reshape(blocks * block_size, heads, dim)
+    keys, values = (jnp.swapaxes(flat[:, part::2][slots], 1, 2) for part in (0, 1))  # [tokens, kv, k, dim]
+    q = query.reshape(tokens, kv, q_heads // kv, 1, dim)  # a query block of one per token
     visible = (indices >= 0) & (indices <= batch.positions[:, None])  # [tokens, k]
-    scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    high = scores.max(axis=-1)
-    weights = jnp.exp(scores - high[..., None])
-    weighted = jnp.einsum("thgn,tnhd->thgd", weights.astype(pool.dtype), pairs[:, :, 1::2],
-                          preferred_element_type=jnp.float32)
-    return _normalized(high, weights.sum(axis=-1), weighted, sinks, query)
+    state = _chunk_softmax(q, keys, values, visible[:, None, None, None, :], scale, softcap)
+    return _normalized(*(part[:, :, :, 0] for part in state), sinks, query)
 
 
 def _sparse_rows(query: jax.Array, pool: jax.Array, batch: PagedBatch, scale: float, indices: jax.Array,
