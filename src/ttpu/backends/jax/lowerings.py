@@ -92,20 +92,21 @@ def arange(
     return jnp.arange(0 if start is None else start, end, 1 if step is None else step, dtype=dtype)
 
 
-# XLA:CPU before jaxlib 0.10.2 multiplied a few rows by a [out, in] weight 1.4-2x faster as
-# ``weight @ rows.T`` than as ``rows @ weight.T`` (about as fast at 64 rows, slower from about
-# 96). From 0.10.2 on, whose YNNPACK kernels take such products, ``rows @ weight.T`` is as fast
-# or faster: Gemma 3's 262k-row lm_head over 32 rows 70 ms against 86 ms weight first, plus
-# 14 ms for the transpose after it (docs/PERFORMANCE.md). Decode steps run tens of rows.
-CPU_WEIGHT_FIRST_MAX_ROWS = 48 if Version(jaxlib.__version__) < Version("0.10.2") else 0
+# XLA:CPU multiplies a few rows by an [out, in] weight faster as ``weight @ rows.T`` than as
+# ``rows @ weight.T``: before jaxlib 0.10.2 up to about 48 rows (1.4-2x faster; about as fast
+# at 64 rows, slower from about 96). From 0.10.2 on, whose YNNPACK kernels take such
+# products, only up to about 8: Gemma 3's 262k-row lm_head over 32 rows took 70 ms rows
+# first against 86 ms weight first plus 14 ms for the transpose after it, while generate()
+# over 4 prompts ran 71.8 tok/s weight first against 62.7-66.2 rows first (docs/PERFORMANCE.md).
+CPU_WEIGHT_FIRST_MAX_ROWS = 48 if Version(jaxlib.__version__) < Version("0.10.2") else 8
 
 
 def linear(input: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """``torch.nn.functional.linear``, accepting its arguments by keyword too.
 
-    On CPU a product of at most ``CPU_WEIGHT_FIRST_MAX_ROWS`` rows (none from jaxlib
-    0.10.2) is computed weight first and transposed after; the optimization barrier keeps
-    XLA from folding the transpose back into the product."""
+    On CPU a product of at most ``CPU_WEIGHT_FIRST_MAX_ROWS`` rows is computed weight
+    first and transposed after; the optimization barrier keeps XLA from folding the
+    transpose back into the product."""
     rows = math.prod(input.shape[:-1])
     if jax.default_backend() == "cpu" and rows <= CPU_WEIGHT_FIRST_MAX_ROWS:
         out = jnp.moveaxis(jax.lax.optimization_barrier(jnp.einsum("oi,...i->o...", weight, input)), 0, -1)
@@ -194,8 +195,8 @@ LOWERINGS: list[OpLowering] = [
     OpLowering(
         torch.nn.functional.linear,
         "torchax's F.linear takes its weight positionally only, so "
-        "`F.linear(x, weight=w, bias=b)` (I-BERT's quantized linear) fails; on CPU before "
-        "jaxlib 0.10.2 a few rows are multiplied weight first, 1.4-2x faster there (decode steps)",
+        "`F.linear(x, weight=w, bias=b)` (I-BERT's quantized linear) fails; on CPU a few rows "
+        "are multiplied weight first, faster there (decode steps)",
         "tests/test_lowerings.py::test_linear_by_keyword",
         linear,
     ),
