@@ -4,9 +4,11 @@ One workload (random prompt and output lengths, EOS ignored, every request arriv
 once; ``--poisson RATE`` adds a variant arriving as a Poisson process) runs through:
 
 * ``ttpu engine``: :class:`ttpu.serving.engine.LLMEngine` (continuous batching, paged KV,
-  chunked prefill), after its warm-up;
+  chunked prefill), after its warm-up, with a seat per request unless ``--max-num-seqs``
+  says otherwise (vLLM's default of 256 seats would seat them all too);
 * ``hf static bN``: transformers' ``generate`` on left-padded batches of N requests in
-  arrival order, each batch running to its longest output (eager PyTorch);
+  arrival order, each batch running to its longest output (eager PyTorch; ``all``: one
+  batch of every request);
 * ``hf continuous``: transformers' own continuous batching (``init_continuous_batching``,
   each request with its own ``max_new_tokens``);
 * ``ttpu static bN``: ttpu's compiled ``generate()`` on the same batches (after an
@@ -23,7 +25,7 @@ no TPOT. The ratios of ttpu's engine to the others' output tok/s end the table.
 Usage::
 
     python benchmarks/serve.py [--model gemma-3-270m] [--requests 48] [--prompt-len 32,256]
-        [--output-len 16,96] [--static-batches 8,32] [--max-num-seqs 32] [--poisson 2.0] [--json PATH]
+        [--output-len 16,96] [--static-batches 8,32,all] [--max-num-seqs N] [--poisson 2.0] [--json PATH]
 
 The issue's workload is ``--requests 128 --prompt-len 32,512 --output-len 16,256``; the
 defaults are smaller so that the eager baselines finish in minutes on two CPU cores.
@@ -70,8 +72,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--prompt-len", type=_pair, default=(32, 256), help="uniform range, inclusive: LOW,HIGH")
     parser.add_argument("--output-len", type=_pair, default=(16, 96), help="uniform range, inclusive: LOW,HIGH")
-    parser.add_argument("--static-batches", default="8,32", help="batch sizes of the static baselines")
-    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--static-batches", default="8,32,all",
+                        help="batch sizes of the static baselines ('all': every request in one batch)")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="the engine's seats (default: one per request, so all arriving at once run together)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="the engine's max_model_len (default: the workload's longest request)")
@@ -161,7 +165,7 @@ def build_engine(model: Any, workload: Workload, args: argparse.Namespace) -> tu
     from ttpu.serving.engine import EngineConfig, LLMEngine
 
     max_len = args.max_model_len or max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=-(-max_len // 16) * 16,
+    config = EngineConfig(max_num_seqs=args.max_num_seqs or len(workload.prompts), max_model_len=-(-max_len // 16) * 16,
                           max_num_batched_tokens=args.max_num_batched_tokens)
     engine = LLMEngine(model, config)
     log("ttpu engine: warm-up")
@@ -352,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     workload = make_workload(tokenizer, args)
     at_once = workload.at_once()
     log(f"{args.requests} requests: {at_once.prompt_tokens} prompt tokens, {at_once.output_tokens} output tokens")
-    sizes = [int(s) for s in args.static_batches.split(",") if s]
+    sizes = [args.requests if s == "all" else int(s) for s in args.static_batches.split(",") if s]
     poisson = f"poisson {args.poisson}/s"
     module = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     hf = []
