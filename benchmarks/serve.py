@@ -5,7 +5,8 @@ once; ``--poisson RATE`` adds a variant arriving as a Poisson process) runs thro
 
 * ``ttpu engine``: :class:`ttpu.serving.engine.LLMEngine` (continuous batching, paged KV,
   chunked prefill), after its warm-up, with a seat per request unless ``--max-num-seqs``
-  says otherwise (vLLM's default of 256 seats would seat them all too);
+  says otherwise (vLLM's default of 256 seats would seat them all too; its KV pool holds
+  every seat at ``max_model_len``: 128 seats at 2048 tokens take about 10 GB for Gemma 3 270M);
 * ``hf static bN``: transformers' ``generate`` on left-padded batches of N requests in
   arrival order, each batch running to its longest output (eager PyTorch; ``all``: one
   batch of every request);
@@ -356,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     workload = make_workload(tokenizer, args)
     at_once = workload.at_once()
     log(f"{args.requests} requests: {at_once.prompt_tokens} prompt tokens, {at_once.output_tokens} output tokens")
-    sizes = [args.requests if s == "all" else int(s) for s in args.static_batches.split(",") if s]
+    sizes = list(dict.fromkeys(min(args.requests, args.requests if s == "all" else int(s))
+                               for s in args.static_batches.split(",") if s))  # b32 of 8 requests is b8
     poisson = f"poisson {args.poisson}/s"
     module = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     hf = []
@@ -386,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n".join(ratios(rows)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "rows": rows}, f, indent=1)
+            used = {"max_num_seqs": args.max_num_seqs or args.requests, "static_batches": sizes}
+            json.dump({"args": {**vars(args), **used}, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

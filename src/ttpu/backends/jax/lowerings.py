@@ -96,7 +96,7 @@ def arange(
 # ``rows @ weight.T``: before jaxlib 0.10.2 up to about 48 rows (1.4-2x faster; about as fast
 # at 64 rows, slower from about 96). From 0.10.2 on, whose YNNPACK kernels take such
 # products, only up to about 8: Gemma 3's 262k-row lm_head over 32 rows took 70 ms rows
-# first against 86 ms weight first plus 14 ms for the transpose after it, while generate()
+# first against 86 ms weight first (its transpose included), while generate()
 # over 4 prompts ran 71.8 tok/s weight first against 62.7-66.2 rows first (docs/PERFORMANCE.md).
 CPU_WEIGHT_FIRST_MAX_ROWS = 48 if Version(jaxlib.__version__) < Version("0.10.2") else 8
 
